@@ -1,0 +1,423 @@
+//! The input event contract: one validated event, whatever its wire format.
+//!
+//! Decoders (`crate::decode`) turn bytes into an [`Event`]; everything after them
+//! works on this one type. Validation happens here so that JSON and Avro input
+//! obey exactly the same contract.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, UTC. All engine time is event time in this unit.
+pub type Millis = i64;
+
+/// Earliest accepted `occurred_at`: 2000-01-01T00:00:00Z.
+pub const MIN_OCCURRED_AT: Millis = 946_684_800_000;
+/// Latest accepted `occurred_at`: 2100-01-01T00:00:00Z.
+pub const MAX_OCCURRED_AT: Millis = 4_102_444_800_000;
+/// Longest accepted `event_id`, `lead_id` or `anonymous_id`, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+/// Most attributes accepted on one event.
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Longest accepted attribute key or value, in bytes.
+pub const MAX_ATTRIBUTE_LEN: usize = 4096;
+
+/// The family of an input topic; each family has its own event-type vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Website events (`events.web`).
+    Web,
+    /// Advertising pixel events (`events.adpixel`).
+    Adpixel,
+    /// Email engagement events (`events.email`).
+    Email,
+    /// CRM profile and lifecycle events (`events.crm`).
+    Crm,
+}
+
+impl Source {
+    /// All sources, in a fixed order.
+    pub const ALL: [Source; 4] = [Source::Web, Source::Adpixel, Source::Email, Source::Crm];
+
+    /// The lower-case name used in config files, metrics and outputs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Web => "web",
+            Source::Adpixel => "adpixel",
+            Source::Email => "email",
+            Source::Crm => "crm",
+        }
+    }
+
+    /// The event types this source accepts.
+    pub fn types(self) -> &'static [EventType] {
+        use EventType::*;
+        match self {
+            Source::Web => &[
+                PageView,
+                FormSubmit,
+                ContentDownload,
+                BookingStarted,
+                BookingAbandoned,
+                ChatMessage,
+                Identify,
+            ],
+            Source::Adpixel => &[Impression, Click, AddToCart, Conversion],
+            Source::Email => &[
+                Sent,
+                Delivered,
+                Open,
+                Click,
+                Reply,
+                Unsubscribe,
+                Bounce,
+                SpamComplaint,
+            ],
+            Source::Crm => &[ProfileUpdated, LifecycleChanged],
+        }
+    }
+
+    /// Parses a source name as written in config files.
+    pub fn parse(name: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The event-type vocabulary of the contract (see the README's event table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    /// Web: a page was viewed (`url`, `referrer`, `title`).
+    PageView,
+    /// Web: a form was submitted (`form_id`).
+    FormSubmit,
+    /// Web: a document was downloaded (`asset`).
+    ContentDownload,
+    /// Web: a booking was started.
+    BookingStarted,
+    /// Web: a booking was started and abandoned.
+    BookingAbandoned,
+    /// Web: a chat or inbox question.
+    ChatMessage,
+    /// Web: links an `anonymous_id` to a `lead_id`.
+    Identify,
+    /// Ad pixel: an ad impression.
+    Impression,
+    /// Ad pixel or email: a click.
+    Click,
+    /// Ad pixel: an item added to a cart.
+    AddToCart,
+    /// Ad pixel: a conversion (`value`).
+    Conversion,
+    /// Email: a message was sent.
+    Sent,
+    /// Email: a message was delivered.
+    Delivered,
+    /// Email: a message was opened.
+    Open,
+    /// Email: a reply.
+    Reply,
+    /// Email: an unsubscribe.
+    Unsubscribe,
+    /// Email: a bounce (`kind`: hard or soft).
+    Bounce,
+    /// Email: a spam complaint.
+    SpamComplaint,
+    /// CRM: profile attributes changed (industry, company_size, job_title, budget, country, …).
+    ProfileUpdated,
+    /// CRM: lifecycle stage changed (`stage`).
+    LifecycleChanged,
+}
+
+impl EventType {
+    /// The wire name of this type.
+    pub fn as_str(self) -> &'static str {
+        use EventType::*;
+        match self {
+            PageView => "page_view",
+            FormSubmit => "form_submit",
+            ContentDownload => "content_download",
+            BookingStarted => "booking_started",
+            BookingAbandoned => "booking_abandoned",
+            ChatMessage => "chat_message",
+            Identify => "identify",
+            Impression => "impression",
+            Click => "click",
+            AddToCart => "add_to_cart",
+            Conversion => "conversion",
+            Sent => "sent",
+            Delivered => "delivered",
+            Open => "open",
+            Reply => "reply",
+            Unsubscribe => "unsubscribe",
+            Bounce => "bounce",
+            SpamComplaint => "spam_complaint",
+            ProfileUpdated => "profile_updated",
+            LifecycleChanged => "lifecycle_changed",
+        }
+    }
+
+    /// Parses a wire type name for the given source; `None` if that source has no such type.
+    pub fn parse(source: Source, name: &str) -> Option<EventType> {
+        source.types().iter().copied().find(|t| t.as_str() == name)
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an event breaks the contract. Every variant is poison: the event is
+/// dead-lettered with this reason and the partition moves on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContractError {
+    /// `event_id` is missing or empty.
+    #[error("event_id is missing or empty")]
+    MissingEventId,
+    /// Neither `lead_id` nor `anonymous_id` is present.
+    #[error("neither lead_id nor anonymous_id is present")]
+    MissingIdentity,
+    /// An id is longer than [`MAX_ID_LEN`].
+    #[error("{field} is longer than {MAX_ID_LEN} bytes")]
+    IdTooLong {
+        /// The offending field.
+        field: &'static str,
+    },
+    /// `occurred_at` is outside 2000-01-01 .. 2100-01-01.
+    #[error("occurred_at {0} ms is outside 2000-01-01..2100-01-01")]
+    TimestampOutOfRange(Millis),
+    /// `occurred_at` is not RFC 3339.
+    #[error("occurred_at is not an RFC 3339 timestamp: {0}")]
+    BadTimestamp(String),
+    /// `type` is not in the vocabulary of this topic's source.
+    #[error("type {kind:?} is not a {family} event type")]
+    UnknownType {
+        /// The topic's source family.
+        family: Source,
+        /// The type as received.
+        kind: String,
+    },
+    /// Too many attributes, or one too long.
+    #[error(
+        "attributes exceed the limits ({MAX_ATTRIBUTES} entries of at most {MAX_ATTRIBUTE_LEN} bytes)"
+    )]
+    AttributesTooLarge,
+    /// An `identify` event without both ids.
+    #[error("identify needs both lead_id and anonymous_id")]
+    IdentifyWithoutBothIds,
+}
+
+/// One validated input event. Strings borrow from the message where the decoder allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event<'a> {
+    /// Unique id; the de-duplication key.
+    pub event_id: Cow<'a, str>,
+    /// The known lead, if identified.
+    pub lead_id: Option<Cow<'a, str>>,
+    /// The anonymous visitor id, if any.
+    pub anonymous_id: Option<Cow<'a, str>>,
+    /// Event time.
+    pub occurred_at: Millis,
+    /// The family of the topic it came from.
+    pub source: Source,
+    /// The event type.
+    pub kind: EventType,
+    /// String attributes, in message order.
+    pub attributes: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+impl<'a> Event<'a> {
+    /// Checks the contract rules shared by every decoder.
+    pub fn validate(self) -> Result<Self, ContractError> {
+        if self.event_id.is_empty() {
+            return Err(ContractError::MissingEventId);
+        }
+        check_len("event_id", &self.event_id)?;
+        let lead = self.lead_id.as_deref().filter(|s| !s.is_empty());
+        let anon = self.anonymous_id.as_deref().filter(|s| !s.is_empty());
+        if lead.is_none() && anon.is_none() {
+            return Err(ContractError::MissingIdentity);
+        }
+        if let Some(id) = lead {
+            check_len("lead_id", id)?;
+        }
+        if let Some(id) = anon {
+            check_len("anonymous_id", id)?;
+        }
+        if self.kind == EventType::Identify && (lead.is_none() || anon.is_none()) {
+            return Err(ContractError::IdentifyWithoutBothIds);
+        }
+        if !(MIN_OCCURRED_AT..MAX_OCCURRED_AT).contains(&self.occurred_at) {
+            return Err(ContractError::TimestampOutOfRange(self.occurred_at));
+        }
+        if self.attributes.len() > MAX_ATTRIBUTES
+            || self
+                .attributes
+                .iter()
+                .any(|(k, v)| k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN)
+        {
+            return Err(ContractError::AttributesTooLarge);
+        }
+        Ok(Event {
+            lead_id: self.lead_id.filter(|s| !s.is_empty()),
+            anonymous_id: self.anonymous_id.filter(|s| !s.is_empty()),
+            ..self
+        })
+    }
+
+    /// The id the state is kept under: the lead id, else the anonymous id.
+    pub fn subject(&self) -> &str {
+        self.lead_id
+            .as_deref()
+            .or(self.anonymous_id.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// The value of an attribute, if present (the first one wins on repeats).
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// Copies every borrowed string so the event outlives its message.
+    pub fn into_owned(self) -> Event<'static> {
+        let own = |c: Cow<'a, str>| Cow::Owned(c.into_owned());
+        Event {
+            event_id: own(self.event_id),
+            lead_id: self.lead_id.map(own),
+            anonymous_id: self.anonymous_id.map(own),
+            occurred_at: self.occurred_at,
+            source: self.source,
+            kind: self.kind,
+            attributes: self
+                .attributes
+                .into_iter()
+                .map(|(k, v)| (own(k), own(v)))
+                .collect(),
+        }
+    }
+}
+
+fn check_len(field: &'static str, value: &str) -> Result<(), ContractError> {
+    if value.len() > MAX_ID_LEN {
+        Err(ContractError::IdTooLong { field })
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses an RFC 3339 timestamp into milliseconds since the epoch.
+pub fn parse_rfc3339(text: &str) -> Result<Millis, ContractError> {
+    let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| ContractError::BadTimestamp(truncate(text, 64)))?;
+    let millis = parsed.unix_timestamp_nanos() / 1_000_000;
+    Ok(millis as Millis)
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with millisecond precision.
+pub fn format_rfc3339(millis: Millis) -> String {
+    let nanos = i128::from(millis) * 1_000_000;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(t) => {
+            let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
+            format!(
+                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            )
+        }
+        Err(_) => millis.to_string(),
+    }
+}
+
+/// Cuts a string to at most `max` bytes on a character boundary (for error messages).
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event<'static> {
+        Event {
+            event_id: "e1".into(),
+            lead_id: Some("lead-1".into()),
+            anonymous_id: None,
+            occurred_at: parse_rfc3339("2026-11-22T10:00:00Z").unwrap(),
+            source: Source::Web,
+            kind: EventType::PageView,
+            attributes: vec![("url".into(), "https://x/pricing".into())],
+        }
+    }
+
+    #[test]
+    fn valid_event_passes() {
+        let e = sample().validate().unwrap();
+        assert_eq!(e.subject(), "lead-1");
+        assert_eq!(e.attribute("url"), Some("https://x/pricing"));
+    }
+
+    #[test]
+    fn contract_violations_are_named() {
+        let mut e = sample();
+        e.event_id = "".into();
+        assert_eq!(e.validate(), Err(ContractError::MissingEventId));
+        let mut e = sample();
+        e.lead_id = Some("".into());
+        assert_eq!(e.validate(), Err(ContractError::MissingIdentity));
+        let mut e = sample();
+        e.occurred_at = 0;
+        assert_eq!(e.validate(), Err(ContractError::TimestampOutOfRange(0)));
+        let mut e = sample();
+        e.kind = EventType::Identify;
+        assert_eq!(e.validate(), Err(ContractError::IdentifyWithoutBothIds));
+        let mut e = sample();
+        e.lead_id = Some("x".repeat(300).into());
+        assert_eq!(
+            e.validate(),
+            Err(ContractError::IdTooLong { field: "lead_id" })
+        );
+    }
+
+    #[test]
+    fn types_belong_to_their_source() {
+        assert_eq!(
+            EventType::parse(Source::Email, "click"),
+            Some(EventType::Click)
+        );
+        assert_eq!(EventType::parse(Source::Crm, "click"), None);
+        assert_eq!(
+            EventType::parse(Source::Web, "booking_abandoned"),
+            Some(EventType::BookingAbandoned)
+        );
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = parse_rfc3339("2026-11-22T10:00:00.250+01:00").unwrap();
+        assert_eq!(format_rfc3339(t), "2026-11-22T09:00:00.250Z");
+        assert!(parse_rfc3339("yesterday").is_err());
+    }
+}
