@@ -24,3 +24,8 @@
 pub mod decode;
 pub mod engine;
 pub mod event;
+pub mod metrics;
+pub mod output;
+pub mod pipeline;
+pub mod settings;
+pub mod store;

@@ -42,6 +42,15 @@ impl Schedule {
         Some((at, lead))
     }
 
+    /// The leads whose timers are due at or before `until`, earliest first.
+    pub fn due_ids(&self, until: Millis) -> Vec<Arc<str>> {
+        self.by_time
+            .iter()
+            .take_while(|(t, _)| *t <= until)
+            .map(|(_, id)| Arc::clone(id))
+            .collect()
+    }
+
     /// The earliest timer, if any.
     pub fn next_due(&self) -> Option<Millis> {
         self.by_time.first().map(|(t, _)| *t)

@@ -1,0 +1,380 @@
+//! Output events: segment changes, hand-offs and dead letters, with
+//! deterministic event ids and JSON or Avro encoding.
+//!
+//! Event ids are UUID v5 over (kind, rules version, lead, trigger): the same
+//! input always yields the same id, so consumers de-duplicate redeliveries.
+
+use std::collections::BTreeMap;
+
+use apache_avro::Schema;
+use apache_avro::types::Value;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::decode::Format;
+use crate::engine::{Decision, Handoff, Rules, SegmentChange};
+use crate::event::{Millis, format_rfc3339};
+
+/// Namespace of leadscore's deterministic event ids.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6164_7363_6f72_6500_0000_0000_0001);
+
+/// The deterministic id of a segment change.
+pub fn change_id(rules_version: &str, lead: &str, c: &SegmentChange, rules: &Rules) -> Uuid {
+    let trigger = match &c.trigger {
+        Some(t) => format!("event:{t}"),
+        None => format!("time:{}", c.at),
+    };
+    let name = format!(
+        "change\x1f{rules_version}\x1f{lead}\x1f{trigger}\x1f{}",
+        c.to.name(rules)
+    );
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
+}
+
+/// The deterministic id of a hand-off.
+pub fn handoff_id(rules_version: &str, lead: &str, h: &Handoff) -> Uuid {
+    let name = format!("handoff\x1f{rules_version}\x1f{lead}\x1f{}", h.trigger);
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
+}
+
+/// A segment change as published.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct SegmentChangeOut {
+    /// Deterministic id.
+    pub event_id: String,
+    /// Lead.
+    pub lead_id: String,
+    /// Segment before.
+    pub previous_segment: String,
+    /// Segment after.
+    pub segment: String,
+    /// Total score.
+    pub score: f64,
+    /// Engagement score.
+    pub engagement: f64,
+    /// Fit score.
+    pub fit: f64,
+    /// `event`, `decay` or `lifecycle`.
+    pub reason: String,
+    /// Triggering input event, if any.
+    pub trigger_event_id: Option<String>,
+    /// Event time of the change, RFC 3339.
+    pub occurred_at: String,
+    /// Rules version.
+    pub rules_version: String,
+}
+
+/// One signal in a hand-off.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct SignalOut {
+    /// Rule name.
+    pub rule: String,
+    /// Decayed points at hand-off time.
+    pub points: f64,
+    /// Last match, RFC 3339.
+    pub last_at: String,
+    /// Matches.
+    pub count: u32,
+}
+
+/// A hand-off as published.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct HandoffOut {
+    /// Deterministic id.
+    pub event_id: String,
+    /// Lead.
+    pub lead_id: String,
+    /// Total score.
+    pub score: f64,
+    /// Engagement.
+    pub engagement: f64,
+    /// Fit.
+    pub fit: f64,
+    /// Fit grade.
+    pub fit_grade: String,
+    /// Segment at hand-off.
+    pub segment: String,
+    /// Top contributing signals.
+    pub top_signals: Vec<SignalOut>,
+    /// Rule of the signal that crossed the line.
+    pub crossing_signal: Option<String>,
+    /// The event that crossed the line.
+    pub trigger_event_id: String,
+    /// Fit points by rule.
+    pub fit_breakdown: BTreeMap<String, f64>,
+    /// Event time, RFC 3339.
+    pub occurred_at: String,
+    /// Rules version.
+    pub rules_version: String,
+}
+
+/// Which output topic a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// `leads.segment-changes`.
+    SegmentChange,
+    /// `leads.sales-handoffs`.
+    Handoff,
+}
+
+/// One encoded output record, keyed by lead id.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Destination.
+    pub kind: OutputKind,
+    /// Lead id (the message key).
+    pub key: String,
+    /// Encoded payload.
+    pub payload: Vec<u8>,
+    /// Event time of the decision (the message timestamp).
+    pub at: Millis,
+}
+
+/// Encodes decisions into records.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    format: Format,
+    change_schema: Schema,
+    handoff_schema: Schema,
+}
+
+/// Output schemas as shipped in `schemas/`.
+pub fn output_schemas() -> (Schema, Schema) {
+    let parse = |t: &str| Schema::parse_str(t).expect("shipped output schemas parse");
+    (
+        parse(include_str!("../schemas/leads.segment-changes.avsc")),
+        parse(include_str!("../schemas/leads.sales-handoffs.avsc")),
+    )
+}
+
+impl Encoder {
+    /// An encoder for `format`.
+    pub fn new(format: Format) -> Self {
+        let (change_schema, handoff_schema) = output_schemas();
+        Encoder {
+            format,
+            change_schema,
+            handoff_schema,
+        }
+    }
+
+    /// The published form of a decision.
+    pub fn describe(rules: &Rules, lead: &str, d: &Decision) -> Described {
+        let v = &rules.version;
+        match d {
+            Decision::Change(c) => Described::Change(SegmentChangeOut {
+                event_id: change_id(v, lead, c, rules).to_string(),
+                lead_id: lead.to_owned(),
+                previous_segment: c.from.name(rules).to_owned(),
+                segment: c.to.name(rules).to_owned(),
+                score: c.scores.total,
+                engagement: c.scores.engagement,
+                fit: c.scores.fit,
+                reason: c.reason.as_str().to_owned(),
+                trigger_event_id: c.trigger.clone(),
+                occurred_at: format_rfc3339(c.at),
+                rules_version: v.clone(),
+            }),
+            Decision::Handoff(h) => Described::Handoff(HandoffOut {
+                event_id: handoff_id(v, lead, h).to_string(),
+                lead_id: lead.to_owned(),
+                score: h.scores.total,
+                engagement: h.scores.engagement,
+                fit: h.scores.fit,
+                fit_grade: h.scores.grade.as_str().to_owned(),
+                segment: h.segment.name(rules).to_owned(),
+                top_signals: h
+                    .top_signals
+                    .iter()
+                    .map(|s| SignalOut {
+                        rule: s.rule.clone(),
+                        points: s.points,
+                        last_at: format_rfc3339(s.last_at),
+                        count: s.count,
+                    })
+                    .collect(),
+                crossing_signal: h.crossing_rule.clone(),
+                trigger_event_id: h.trigger.clone(),
+                fit_breakdown: h.fit_breakdown.iter().cloned().collect(),
+                occurred_at: format_rfc3339(h.at),
+                rules_version: v.clone(),
+            }),
+        }
+    }
+
+    /// Encodes one decision.
+    pub fn encode(&self, rules: &Rules, lead: &str, d: &Decision) -> Record {
+        let (kind, at) = match d {
+            Decision::Change(c) => (OutputKind::SegmentChange, c.at),
+            Decision::Handoff(h) => (OutputKind::Handoff, h.at),
+        };
+        let described = Encoder::describe(rules, lead, d);
+        let payload = match self.format {
+            Format::Json => described.to_json(),
+            Format::Avro => self.to_avro(&described, d),
+        };
+        Record {
+            kind,
+            key: lead.to_owned(),
+            payload,
+            at,
+        }
+    }
+
+    fn to_avro(&self, described: &Described, d: &Decision) -> Vec<u8> {
+        let s = |v: &str| Value::String(v.to_owned());
+        let opt = |v: &Option<String>| match v {
+            Some(x) => Value::Union(1, Box::new(Value::String(x.clone()))),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        let (schema, record) = match (described, d) {
+            (Described::Change(c), Decision::Change(raw)) => (
+                &self.change_schema,
+                Value::Record(vec![
+                    ("event_id".into(), s(&c.event_id)),
+                    ("lead_id".into(), s(&c.lead_id)),
+                    ("previous_segment".into(), s(&c.previous_segment)),
+                    ("segment".into(), s(&c.segment)),
+                    ("score".into(), Value::Double(c.score)),
+                    ("engagement".into(), Value::Double(c.engagement)),
+                    ("fit".into(), Value::Double(c.fit)),
+                    (
+                        "reason".into(),
+                        Value::Enum(raw.reason as u32, c.reason.clone()),
+                    ),
+                    ("trigger_event_id".into(), opt(&c.trigger_event_id)),
+                    ("occurred_at".into(), Value::TimestampMillis(raw.at)),
+                    ("rules_version".into(), s(&c.rules_version)),
+                ]),
+            ),
+            (Described::Handoff(h), Decision::Handoff(raw)) => (
+                &self.handoff_schema,
+                Value::Record(vec![
+                    ("event_id".into(), s(&h.event_id)),
+                    ("lead_id".into(), s(&h.lead_id)),
+                    ("score".into(), Value::Double(h.score)),
+                    ("engagement".into(), Value::Double(h.engagement)),
+                    ("fit".into(), Value::Double(h.fit)),
+                    ("fit_grade".into(), s(&h.fit_grade)),
+                    ("segment".into(), s(&h.segment)),
+                    (
+                        "top_signals".into(),
+                        Value::Array(
+                            raw.top_signals
+                                .iter()
+                                .map(|sig| {
+                                    Value::Record(vec![
+                                        ("rule".into(), s(&sig.rule)),
+                                        ("points".into(), Value::Double(sig.points)),
+                                        ("last_at".into(), Value::TimestampMillis(sig.last_at)),
+                                        ("count".into(), Value::Long(i64::from(sig.count))),
+                                    ])
+                                })
+                                .collect(),
+                        ),
+                    ),
+                    ("crossing_signal".into(), opt(&h.crossing_signal)),
+                    ("trigger_event_id".into(), s(&h.trigger_event_id)),
+                    (
+                        "fit_breakdown".into(),
+                        Value::Map(
+                            h.fit_breakdown
+                                .iter()
+                                .map(|(k, v)| (k.clone(), Value::Double(*v)))
+                                .collect(),
+                        ),
+                    ),
+                    ("occurred_at".into(), Value::TimestampMillis(raw.at)),
+                    ("rules_version".into(), s(&h.rules_version)),
+                ]),
+            ),
+            _ => unreachable!("described from the same decision"),
+        };
+        apache_avro::to_avro_datum(schema, record)
+            .expect("output records match the shipped schemas")
+    }
+}
+
+/// A decision in its published shape.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Described {
+    /// A segment change.
+    Change(SegmentChangeOut),
+    /// A hand-off.
+    Handoff(HandoffOut),
+}
+
+impl Described {
+    /// JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            Described::Change(c) => serde_json::to_vec(c),
+            Described::Handoff(h) => serde_json::to_vec(h),
+        }
+        .expect("output structs serialize")
+    }
+}
+
+/// Kafka header names on dead-lettered messages (the payload and key are the original bytes).
+pub mod dead_letter_headers {
+    /// Human-readable reason.
+    pub const REASON: &str = "leadscore.reason";
+    /// Error class (`json`, `avro`, `contract`, …).
+    pub const KIND: &str = "leadscore.error.kind";
+    /// Source topic.
+    pub const TOPIC: &str = "leadscore.source.topic";
+    /// Source partition.
+    pub const PARTITION: &str = "leadscore.source.partition";
+    /// Source offset.
+    pub const OFFSET: &str = "leadscore.source.offset";
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::rules::Grade;
+    use crate::engine::{Engine, Reason, Scores, Segment};
+
+    fn change() -> SegmentChange {
+        SegmentChange {
+            from: Segment::Tier(0),
+            to: Segment::Tier(1),
+            scores: Scores {
+                total: 30.0,
+                engagement: 30.0,
+                fit: 0.0,
+                grade: Grade::D,
+            },
+            reason: Reason::Event,
+            trigger: Some("e-1".into()),
+            at: 1_764_000_000_000,
+        }
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_distinct() {
+        let rules = Rules::default_rules();
+        let a = change_id("v1", "lead", &change(), &rules);
+        assert_eq!(a, change_id("v1", "lead", &change(), &rules));
+        assert_ne!(a, change_id("v2", "lead", &change(), &rules));
+        assert_ne!(a, change_id("v1", "other", &change(), &rules));
+    }
+
+    #[test]
+    fn json_and_avro_encode() {
+        let engine = Engine::new(Arc::new(Rules::default_rules()), 16);
+        let rules = engine.rules();
+        let d = Decision::Change(change());
+        let json = Encoder::new(Format::Json).encode(rules, "lead-7", &d);
+        let parsed: SegmentChangeOut = serde_json::from_slice(&json.payload).unwrap();
+        assert_eq!(parsed.previous_segment, "cold");
+        assert_eq!(parsed.segment, "warm");
+        assert_eq!(parsed.occurred_at, "2025-11-24T16:00:00.000Z");
+        let avro = Encoder::new(Format::Avro).encode(rules, "lead-7", &d);
+        let (schema, _) = output_schemas();
+        let back = apache_avro::from_avro_datum(&schema, &mut &avro.payload[..], None).unwrap();
+        assert!(matches!(back, Value::Record(_)));
+    }
+}

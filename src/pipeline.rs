@@ -1,0 +1,520 @@
+//! The processor: batches of input messages in, engine decisions out, state
+//! written behind to the store, offsets released only once durable.
+//!
+//! It knows nothing of rdkafka: messages arrive as [`InMessage`] and outputs
+//! leave through a [`Sink`], so the whole path is tested with in-memory
+//! doubles and driven for real by `crate::kafka`.
+//!
+//! Ownership: a lead belongs to the *shard* equal to its partition number
+//! (input topics are co-partitioned by lead id). Each shard has an
+//! event-time clock (the largest `occurred_at` it has seen) and the decay
+//! timers of its leads; timers fire when the clock passes them, so decay
+//! transitions are a deterministic function of the input.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tracing::{debug, warn};
+
+use crate::decode::{DecodeError, Decoder};
+use crate::engine::schedule::Schedule;
+use crate::engine::{Applied, Decision, Engine, LeadState, Segment};
+use crate::event::{Event, EventType, Millis};
+use crate::metrics::Metrics;
+use crate::output::{Encoder, Record};
+use crate::store::{LeadWrite, Store, StoreError, WriteBatch};
+
+/// One input message, borrowed from the consumer.
+#[derive(Debug, Clone, Copy)]
+pub struct InMessage<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<&'a [u8]>,
+    /// Payload bytes.
+    pub payload: Option<&'a [u8]>,
+    /// Broker timestamp (ms), if any.
+    pub timestamp: Option<i64>,
+}
+
+/// Why the output side failed. Retryable: the batch or flush is tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The producer could not take or deliver a record.
+    #[error("produce failed: {0}")]
+    Produce(String),
+    /// Acknowledgements did not arrive in time.
+    #[error("timed out waiting for {0} output acknowledgements")]
+    Timeout(usize),
+}
+
+/// Where outputs go.
+pub trait Sink: Send {
+    /// Queues an output record.
+    fn send(&mut self, record: &Record) -> Result<(), SinkError>;
+    /// Queues a dead letter: the original key and payload with the reason.
+    fn dead_letter(&mut self, msg: &InMessage<'_>, error: &DecodeError) -> Result<(), SinkError>;
+    /// Waits until every queued record is acknowledged.
+    fn flush(&mut self, timeout: Duration) -> Result<(), SinkError>;
+}
+
+/// Errors of the processor. All are retryable: nothing was committed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The output side failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// A lead held in memory.
+#[derive(Debug, Clone)]
+pub struct Lead {
+    /// Its state.
+    pub state: LeadState,
+    /// Its shard (partition number).
+    pub shard: i32,
+}
+
+/// The in-memory lead map shared with the HTTP server.
+pub type LeadMap = DashMap<Arc<str>, Lead>;
+
+#[derive(Debug, Default)]
+struct Shard {
+    clock: Option<Millis>,
+    schedule: Schedule,
+    /// Input partitions of this shard currently assigned.
+    partitions: HashSet<String>,
+}
+
+/// Processor tuning.
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    /// Flush at least this often.
+    pub flush_interval: Duration,
+    /// Flush as soon as this many leads are dirty.
+    pub flush_max_dirty: usize,
+    /// Longest wait for output acknowledgements.
+    pub ack_timeout: Duration,
+}
+
+/// Offsets made durable by a flush: (topic, partition, next offset).
+pub type Durable = Vec<(String, i32, i64)>;
+
+/// The processor. One per consumer; not shared across threads except under a lock.
+pub struct Processor {
+    engine: Engine,
+    leads: Arc<LeadMap>,
+    store: Arc<dyn Store>,
+    sink: Box<dyn Sink>,
+    decoders: HashMap<String, Decoder>,
+    encoder: Encoder,
+    metrics: Metrics,
+    config: ProcessorConfig,
+    shards: BTreeMap<i32, Shard>,
+    positions: BTreeMap<(String, i32), i64>,
+    dirty: HashSet<Arc<str>>,
+    last_flush: Instant,
+    decisions: Vec<Decision>,
+    state_buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Processor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("leads", &self.leads.len())
+            .field("dirty", &self.dirty.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Processor {
+    /// A processor over the given parts. `decoders` maps input topic → decoder.
+    pub fn new(
+        engine: Engine,
+        leads: Arc<LeadMap>,
+        store: Arc<dyn Store>,
+        sink: Box<dyn Sink>,
+        decoders: HashMap<String, Decoder>,
+        encoder: Encoder,
+        metrics: Metrics,
+        config: ProcessorConfig,
+    ) -> Self {
+        Processor {
+            engine,
+            leads,
+            store,
+            sink,
+            decoders,
+            encoder,
+            metrics,
+            config,
+            shards: BTreeMap::new(),
+            positions: BTreeMap::new(),
+            dirty: HashSet::new(),
+            last_flush: Instant::now(),
+            decisions: Vec::new(),
+            state_buf: Vec::new(),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Leads changed since the last flush.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Takes ownership of input partitions: restores their stored positions
+    /// and their shards' clocks and timers. Returns the offset to resume from
+    /// per partition where the store has one.
+    pub fn assign(&mut self, partitions: &[(String, i32)]) -> Result<Vec<Option<i64>>, StoreError> {
+        let positions = self.store.positions(partitions)?;
+        for ((topic, partition), pos) in partitions.iter().zip(&positions) {
+            let is_new = !self.shards.contains_key(partition);
+            let shard = self.shards.entry(*partition).or_default();
+            shard.partitions.insert(topic.clone());
+            if is_new {
+                shard.clock = self.store.clock(*partition)?;
+                for (lead, at) in self.store.timers(*partition)? {
+                    shard.schedule.set(&Arc::from(lead), Some(at));
+                }
+            }
+            if let Some(p) = pos {
+                self.positions.insert((topic.clone(), *partition), *p);
+            }
+        }
+        self.metrics
+            .timers_pending
+            .set(self.timers_pending() as i64);
+        Ok(positions)
+    }
+
+    /// Gives up input partitions after a successful flush: drops the state of
+    /// shards with no partition left.
+    pub fn release(&mut self, partitions: &[(String, i32)]) {
+        for (topic, partition) in partitions {
+            self.positions.remove(&(topic.clone(), *partition));
+            let gone = match self.shards.get_mut(partition) {
+                Some(shard) => {
+                    shard.partitions.remove(topic);
+                    shard.partitions.is_empty()
+                }
+                None => false,
+            };
+            if gone {
+                self.shards.remove(partition);
+                let rules = self.engine.rules().clone();
+                self.leads.retain(|_, lead| {
+                    let keep = lead.shard != *partition;
+                    if !keep {
+                        self.metrics
+                            .segment_population
+                            .with_label_values(&[Segment::of(&lead.state).name(&rules)])
+                            .dec();
+                    }
+                    keep
+                });
+                self.dirty.retain(|id| self.leads.contains_key(id));
+            }
+        }
+        self.metrics.leads_in_memory.set(self.leads.len() as i64);
+        self.metrics
+            .timers_pending
+            .set(self.timers_pending() as i64);
+    }
+
+    fn timers_pending(&self) -> usize {
+        self.shards.values().map(|s| s.schedule.len()).sum()
+    }
+
+    /// Processes one batch in order. On error nothing has changed and the
+    /// same batch may be retried.
+    pub fn process(&mut self, batch: &[InMessage<'_>]) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        let decoded: Vec<Result<Event<'_>, DecodeError>> = batch
+            .iter()
+            .map(|m| match self.decoders.get(m.topic) {
+                Some(d) => d.decode(m.payload),
+                None => Err(DecodeError::Json(format!(
+                    "no decoder for topic {}",
+                    m.topic
+                ))),
+            })
+            .collect();
+        self.load_missing(batch, &decoded)?;
+
+        let mut consumed: HashMap<(&str, EventType), u64> = HashMap::new();
+        let now_ms = wall_ms();
+        for (m, event) in batch.iter().zip(decoded) {
+            self.positions
+                .insert((m.topic.to_owned(), m.partition), m.offset + 1);
+            let event = match event {
+                Ok(e) => e,
+                Err(error) => {
+                    self.metrics
+                        .decode_failures
+                        .with_label_values(&[m.topic, error.kind()])
+                        .inc();
+                    self.metrics
+                        .dead_lettered
+                        .with_label_values(&[m.topic])
+                        .inc();
+                    debug!(topic = m.topic, partition = m.partition, offset = m.offset, %error, "Dead-lettering message.");
+                    self.sink.dead_letter(m, &error)?;
+                    continue;
+                }
+            };
+            *consumed.entry((m.topic, event.kind)).or_default() += 1;
+            self.fire_timers(m.partition, event.occurred_at)?;
+            let subject: Arc<str> = Arc::from(event.subject());
+            let mut entry = self
+                .leads
+                .get_mut(&subject)
+                .expect("loaded by load_missing");
+            let lead = entry.value_mut();
+            lead.shard = m.partition;
+            self.decisions.clear();
+            let applied = self
+                .engine
+                .apply(&mut lead.state, &event, &mut self.decisions);
+            let next = self.engine.next_transition(&lead.state);
+            drop(entry);
+            if applied == Applied::Duplicate {
+                self.metrics
+                    .duplicates_skipped
+                    .with_label_values(&[m.topic])
+                    .inc();
+                continue;
+            }
+            self.shards
+                .entry(m.partition)
+                .or_default()
+                .schedule
+                .set(&subject, next);
+            self.publish(&subject)?;
+            self.dirty.insert(subject);
+            if let Some(ts) = m.timestamp {
+                if ts > 0 {
+                    self.metrics
+                        .processing_latency_seconds
+                        .observe((now_ms - ts).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+        for ((topic, kind), n) in consumed {
+            self.metrics
+                .events_consumed
+                .with_label_values(&[topic, kind.as_str()])
+                .inc_by(n);
+        }
+        self.metrics.dirty_leads.set(self.dirty.len() as i64);
+        self.metrics.leads_in_memory.set(self.leads.len() as i64);
+        self.metrics
+            .timers_pending
+            .set(self.timers_pending() as i64);
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Advances a shard's clock to `t` and fires every timer due by then.
+    fn fire_timers(&mut self, shard_id: i32, t: Millis) -> Result<(), PipelineError> {
+        let shard = self.shards.entry(shard_id).or_default();
+        let clock = shard.clock.map_or(t, |c| c.max(t));
+        shard.clock = Some(clock);
+        while let Some((at, lead_id)) = self
+            .shards
+            .get_mut(&shard_id)
+            .and_then(|s| s.schedule.pop_due(clock))
+        {
+            let Some(mut entry) = self.leads.get_mut(&lead_id) else {
+                // Loaded by load_missing for every timer due in this batch; a
+                // missing lead here was never stored (nothing to decay).
+                continue;
+            };
+            self.decisions.clear();
+            self.engine
+                .advance(&mut entry.state, at, &mut self.decisions);
+            let next = self.engine.next_transition(&entry.state);
+            drop(entry);
+            if let Some(shard) = self.shards.get_mut(&shard_id) {
+                shard.schedule.set(&lead_id, next);
+            }
+            self.publish(&lead_id)?;
+            self.dirty.insert(lead_id);
+        }
+        Ok(())
+    }
+
+    /// Encodes and sends `self.decisions` for a lead.
+    fn publish(&mut self, lead: &str) -> Result<(), SinkError> {
+        let rules = self.engine.rules().clone();
+        for d in &self.decisions {
+            let record = self.encoder.encode(&rules, lead, d);
+            match d {
+                Decision::Change(c) => {
+                    let (from, to) = (c.from.name(&rules), c.to.name(&rules));
+                    self.metrics
+                        .segment_changes
+                        .with_label_values(&[from, to, c.reason.as_str()])
+                        .inc();
+                    self.metrics
+                        .segment_population
+                        .with_label_values(&[from])
+                        .dec();
+                    self.metrics
+                        .segment_population
+                        .with_label_values(&[to])
+                        .inc();
+                }
+                Decision::Handoff(_) => self.metrics.handoffs.inc(),
+            }
+            self.sink.send(&record)?;
+        }
+        Ok(())
+    }
+
+    /// Loads, in one round trip, every lead this batch touches that is not in
+    /// memory, including leads whose timers fall due within the batch.
+    fn load_missing(
+        &mut self,
+        batch: &[InMessage<'_>],
+        decoded: &[Result<Event<'_>, DecodeError>],
+    ) -> Result<(), StoreError> {
+        let mut wanted: Vec<(Arc<str>, i32)> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut batch_clock: BTreeMap<i32, Millis> = BTreeMap::new();
+        for (m, e) in batch.iter().zip(decoded) {
+            if let Ok(e) = e {
+                let subject = e.subject();
+                let c = batch_clock.entry(m.partition).or_insert(e.occurred_at);
+                *c = (*c).max(e.occurred_at);
+                if !self.leads.contains_key(subject) && seen.insert(subject.to_owned()) {
+                    wanted.push((Arc::from(subject), m.partition));
+                }
+            }
+        }
+        for (shard_id, until) in batch_clock {
+            if let Some(shard) = self.shards.get(&shard_id) {
+                let due = shard.schedule.due_ids(until);
+                for id in due {
+                    if !self.leads.contains_key(&id) && seen.insert(id.to_string()) {
+                        wanted.push((id, shard_id));
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = wanted.iter().map(|(id, _)| &**id).collect();
+        let loaded = self.store.load(&ids)?;
+        let rules = self.engine.rules().clone();
+        for ((id, shard), bytes) in wanted.into_iter().zip(loaded) {
+            let state = match bytes {
+                Some(b) => match self.engine.decode(&b) {
+                    Ok(s) => s,
+                    Err(error) => {
+                        warn!(%error, shard, "Stored lead state unreadable; starting the lead afresh.");
+                        self.engine.new_state()
+                    }
+                },
+                None => self.engine.new_state(),
+            };
+            self.metrics
+                .segment_population
+                .with_label_values(&[Segment::of(&state).name(&rules)])
+                .inc();
+            self.leads.insert(id, Lead { state, shard });
+        }
+        Ok(())
+    }
+
+    /// Whether a flush is due (interval passed or too many dirty leads).
+    pub fn flush_due(&self) -> bool {
+        self.dirty.len() >= self.config.flush_max_dirty
+            || (self.last_flush.elapsed() >= self.config.flush_interval
+                && (!self.dirty.is_empty() || !self.positions.is_empty()))
+    }
+
+    /// Makes everything processed so far durable: waits for output acks,
+    /// writes changed leads, timers, clocks and positions in one transaction.
+    /// Returns the positions that may now be committed.
+    pub fn flush(&mut self) -> Result<Durable, PipelineError> {
+        let started = Instant::now();
+        self.sink.flush(self.config.ack_timeout)?;
+        let mut batch = WriteBatch::default();
+        for id in &self.dirty {
+            let Some(lead) = self.leads.get(id) else {
+                continue;
+            };
+            self.engine.encode(&lead.state, &mut self.state_buf);
+            let timer = self
+                .shards
+                .get(&lead.shard)
+                .and_then(|s| s.schedule.get(id));
+            batch.leads.push(LeadWrite {
+                id: Arc::clone(id),
+                state: self.state_buf.clone(),
+                shard: lead.shard,
+                timer,
+            });
+        }
+        batch.positions = self
+            .positions
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect();
+        batch.clocks = self
+            .shards
+            .iter()
+            .filter_map(|(id, s)| s.clock.map(|c| (*id, c)))
+            .collect();
+        let written = batch.leads.len();
+        if let Err(e) = self.store.write(&batch) {
+            self.metrics
+                .redis_errors
+                .with_label_values(&["write"])
+                .inc();
+            self.metrics.redis_up.set(0);
+            return Err(e.into());
+        }
+        self.metrics.redis_up.set(1);
+        self.dirty.clear();
+        self.last_flush = Instant::now();
+        self.metrics.dirty_leads.set(0);
+        self.metrics.flush_leads.observe(written as f64);
+        self.metrics
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(batch.positions)
+    }
+
+    /// Records that a flush was attempted now (so a failing store is retried
+    /// at the flush interval, not in a busy loop).
+    pub fn defer_flush(&mut self) {
+        self.last_flush = Instant::now();
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests;

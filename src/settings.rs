@@ -1,0 +1,690 @@
+//! One typed configuration, loaded once: built-in defaults, then the config
+//! file, then `LEADSCORE__SECTION__KEY` environment variables. Every problem
+//! is collected and reported together, each under its setting's name.
+//! Nothing else in leadscore reads the environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::decode::Format;
+use crate::engine::Rules;
+use crate::event::Source;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Kafka connection, topics and client properties.
+    pub kafka: KafkaSettings,
+    /// State store.
+    pub redis: RedisSettings,
+    /// In-memory state.
+    pub state: StateSettings,
+    /// Scoring rules.
+    pub scoring: ScoringSettings,
+    /// HTTP server.
+    pub http: HttpSettings,
+    /// Shutdown and rebalance draining.
+    pub shutdown: ShutdownSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Kafka settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group id.
+    pub group_id: String,
+    /// Topic names.
+    pub topics: TopicSettings,
+    /// Wire format per input topic and for the outputs.
+    pub formats: FormatSettings,
+    /// Most messages handled per poll batch.
+    pub batch_max_messages: usize,
+    /// Extra librdkafka properties for the consumer (e.g. `"security.protocol" = "SASL_SSL"`).
+    /// From the environment, `_` in the key becomes `.`.
+    pub consumer: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the producer.
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "leadscore".into(),
+            topics: TopicSettings::default(),
+            formats: FormatSettings::default(),
+            batch_max_messages: 8192,
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Topic names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSettings {
+    /// Website events.
+    pub web: String,
+    /// Ad-pixel events.
+    pub adpixel: String,
+    /// Email engagement events.
+    pub email: String,
+    /// CRM events.
+    pub crm: String,
+    /// Output: segment changes.
+    pub segment_changes: String,
+    /// Output: hand-offs to sales.
+    pub handoffs: String,
+    /// Output: rejected input.
+    pub dead_letter: String,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        TopicSettings {
+            web: "events.web".into(),
+            adpixel: "events.adpixel".into(),
+            email: "events.email".into(),
+            crm: "events.crm".into(),
+            segment_changes: "leads.segment-changes".into(),
+            handoffs: "leads.sales-handoffs".into(),
+            dead_letter: "leads.dead-letter".into(),
+        }
+    }
+}
+
+impl TopicSettings {
+    /// The input topic of each source family.
+    pub fn inputs(&self) -> [(Source, &str); 4] {
+        [
+            (Source::Web, &self.web),
+            (Source::Adpixel, &self.adpixel),
+            (Source::Email, &self.email),
+            (Source::Crm, &self.crm),
+        ]
+    }
+
+    /// The three output topics.
+    pub fn outputs(&self) -> [&str; 3] {
+        [&self.segment_changes, &self.handoffs, &self.dead_letter]
+    }
+}
+
+/// Wire formats.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormatSettings {
+    /// Format of the web topic.
+    pub web: Format,
+    /// Format of the ad-pixel topic.
+    pub adpixel: Format,
+    /// Format of the email topic.
+    pub email: Format,
+    /// Format of the CRM topic.
+    pub crm: Format,
+    /// Format of the segment-change and hand-off topics.
+    pub outputs: Format,
+}
+
+impl FormatSettings {
+    /// The format of a source family's topic.
+    pub fn of(&self, source: Source) -> Format {
+        match source {
+            Source::Web => self.web,
+            Source::Adpixel => self.adpixel,
+            Source::Email => self.email,
+            Source::Crm => self.crm,
+        }
+    }
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Connection URL, `redis://[:password@]host:port/db`.
+    pub url: String,
+    /// Prefix of every key leadscore writes.
+    pub key_prefix: String,
+    /// Write changed state at least this often.
+    pub flush_interval_ms: u64,
+    /// Also write as soon as this many leads are changed.
+    pub flush_max_dirty: usize,
+    /// Commands per pipelined round trip.
+    pub pipeline_batch: usize,
+    /// Give up one Redis call after this long (it is retried).
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "leadscore:".into(),
+            flush_interval_ms: 200,
+            flush_max_dirty: 50_000,
+            pipeline_batch: 1000,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// In-memory state settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// Where state is kept: `redis`, or `memory` (lost on restart; demo and tests).
+    pub backend: Backend,
+    /// How many recent event ids each lead remembers for de-duplication (0–255).
+    pub dedup_window: usize,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            backend: Backend::Redis,
+            dedup_window: 16,
+        }
+    }
+}
+
+/// State backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Redis, write-behind.
+    Redis,
+    /// Memory only.
+    Memory,
+}
+
+/// Scoring settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoringSettings {
+    /// Rules file; omitted: the built-in default rules.
+    pub rules_file: Option<PathBuf>,
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Listen address for /metrics, /healthz, /readyz and /v1/leads.
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: "0.0.0.0:8080".into(),
+        }
+    }
+}
+
+/// Shutdown settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// Longest a drain (on shutdown or partition revoke) may take; keep it
+    /// below the consumer's `session.timeout.ms` (45 s by default).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings {
+            drain_timeout_ms: 20_000,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Filter, in `tracing` env-filter syntax (e.g. `info,leadscore=debug`).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every problem found while loading settings.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct SettingsError(pub Vec<String>);
+
+/// Settings plus the compiled rules they name.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The settings.
+    pub settings: Settings,
+    /// The rules.
+    pub rules: Arc<Rules>,
+}
+
+const ENV_PREFIX: &str = "LEADSCORE__";
+
+impl Settings {
+    /// Loads defaults → `file` → environment (`vars`, usually `std::env::vars()`),
+    /// then validates everything, including the rules file.
+    pub fn load(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, SettingsError> {
+        let mut problems = Vec::new();
+        let mut merged = toml::Value::try_from(Settings::default())
+            .expect("defaults serialize")
+            .as_table()
+            .cloned()
+            .unwrap_or_default();
+        if let Some(path) = file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match text.parse::<toml::Table>() {
+                    Ok(table) => merge(&mut merged, table),
+                    Err(e) => problems.push(format!("{}: {e}", path.display())),
+                },
+                Err(e) => problems.push(format!("{}: {e}", path.display())),
+            }
+        }
+        for (key, value) in vars {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let mut path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.len() == 3
+                && path[0] == "kafka"
+                && (path[1] == "consumer" || path[1] == "producer")
+            {
+                path[2] = path[2].replace('_', ".");
+            }
+            if path.iter().any(String::is_empty) {
+                problems.push(format!("{key}: malformed variable name"));
+                continue;
+            }
+            set_path(&mut merged, &path, env_value(&value));
+        }
+
+        let mut settings = Settings::default();
+        for (section, value) in &merged {
+            let at = section.as_str();
+            let v = value.clone();
+            let result = match at {
+                "kafka" => section_into(v, at, &mut settings.kafka),
+                "redis" => section_into(v, at, &mut settings.redis),
+                "state" => section_into(v, at, &mut settings.state),
+                "scoring" => section_into(v, at, &mut settings.scoring),
+                "http" => section_into(v, at, &mut settings.http),
+                "shutdown" => section_into(v, at, &mut settings.shutdown),
+                "log" => section_into(v, at, &mut settings.log),
+                other => Err(format!(
+                    "{other}: unknown section (expected kafka, redis, state, scoring, http, shutdown, log)"
+                )),
+            };
+            if let Err(e) = result {
+                problems.push(e);
+            }
+        }
+        problems.extend(settings.check());
+        let rules = match &settings.scoring.rules_file {
+            None => Some(Rules::default_rules()),
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => match Rules::from_toml(&text) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        problems.extend(
+                            e.0.into_iter()
+                                .map(|p| format!("scoring.rules_file ({}): {p}", path.display())),
+                        );
+                        None
+                    }
+                },
+                Err(e) => {
+                    problems.push(format!("scoring.rules_file: {}: {e}", path.display()));
+                    None
+                }
+            },
+        };
+        match rules {
+            Some(rules) if problems.is_empty() => Ok(Loaded {
+                settings,
+                rules: Arc::new(rules),
+            }),
+            _ => Err(SettingsError(problems)),
+        }
+    }
+
+    /// Cross-field checks.
+    fn check(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            p.push("kafka.brokers: must not be empty".into());
+        }
+        if k.group_id.trim().is_empty() {
+            p.push("kafka.group_id: must not be empty".into());
+        }
+        let mut names: Vec<&str> = k.topics.inputs().iter().map(|(_, t)| *t).collect();
+        names.extend(k.topics.outputs());
+        for (i, n) in names.iter().enumerate() {
+            if n.is_empty() {
+                p.push("kafka.topics: topic names must not be empty".into());
+            } else if names[..i].contains(n) {
+                p.push(format!("kafka.topics: {n:?} is used twice"));
+            }
+        }
+        if !(1..=1_000_000).contains(&k.batch_max_messages) {
+            p.push("kafka.batch_max_messages: must be 1..=1000000".into());
+        }
+        for (map, name) in [(&k.consumer, "consumer"), (&k.producer, "producer")] {
+            for key in map.keys() {
+                if OWNED_PROPERTIES.contains(&key.as_str()) {
+                    p.push(format!(
+                        "kafka.{name}.{key}: set by leadscore itself and cannot be overridden"
+                    ));
+                }
+            }
+        }
+        let r = &self.redis;
+        if !(r.url.starts_with("redis://")
+            || r.url.starts_with("rediss://")
+            || r.url.starts_with("unix://"))
+        {
+            p.push(format!(
+                "redis.url: {:?} is not a redis:// URL",
+                mask_url(&r.url)
+            ));
+        }
+        if r.flush_interval_ms == 0 || r.flush_interval_ms > 60_000 {
+            p.push("redis.flush_interval_ms: must be 1..=60000".into());
+        }
+        if r.flush_max_dirty == 0 {
+            p.push("redis.flush_max_dirty: must be at least 1".into());
+        }
+        if r.pipeline_batch == 0 || r.pipeline_batch > 100_000 {
+            p.push("redis.pipeline_batch: must be 1..=100000".into());
+        }
+        if r.timeout_ms == 0 {
+            p.push("redis.timeout_ms: must be at least 1".into());
+        }
+        if self.state.dedup_window > 255 {
+            p.push("state.dedup_window: at most 255".into());
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "http.listen: {:?} is not an address like 0.0.0.0:8080",
+                self.http.listen
+            ));
+        }
+        let session = k
+            .consumer
+            .get("session.timeout.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(45_000);
+        if self.shutdown.drain_timeout_ms == 0 || self.shutdown.drain_timeout_ms >= session {
+            p.push(format!(
+                "shutdown.drain_timeout_ms: must be above 0 and below the consumer session.timeout.ms ({session})"
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            p.push(format!(
+                "log.level: {:?} is not a valid filter",
+                self.log.level
+            ));
+        }
+        p
+    }
+
+    /// The settings as TOML with secrets masked (for `check-config`).
+    pub fn to_masked_toml(&self) -> String {
+        let mut copy = self.clone();
+        copy.redis.url = mask_url(&copy.redis.url);
+        for map in [&mut copy.kafka.consumer, &mut copy.kafka.producer] {
+            for (k, v) in map.iter_mut() {
+                if is_secret(k) {
+                    *v = "********".into();
+                }
+            }
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot print: {e}"))
+    }
+}
+
+/// librdkafka properties leadscore sets itself for correctness.
+pub const OWNED_PROPERTIES: [&str; 6] = [
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+    "enable.idempotence",
+    "partition.assignment.strategy",
+];
+
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("token")
+}
+
+/// Hides the password in a URL.
+pub fn mask_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://********{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn section_into<T: DeserializeOwned>(
+    value: toml::Value,
+    at: &str,
+    target: &mut T,
+) -> Result<(), String> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => {
+            *target = v;
+            Ok(())
+        }
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.lines().next().unwrap_or_default().to_owned();
+            if path == "." || path.is_empty() {
+                Err(format!("{at}: {inner}"))
+            } else {
+                Err(format!("{at}.{path}: {inner}"))
+            }
+        }
+    }
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    // Numbers and booleans keep their type; everything else is a string.
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(f) = raw.parse::<f64>()
+        && raw.contains('.')
+    {
+        return toml::Value::Float(f);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        cur = entry.as_table_mut().expect("just made a table");
+    }
+    // Keep a string where the existing setting is a string (e.g. a group id "123").
+    let value = match (cur.get(last), value) {
+        (Some(toml::Value::String(_)), v) if !v.is_str() => toml::Value::String(match v {
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => other.to_string(),
+        }),
+        (_, v) => v,
+    };
+    cur.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let loaded = Settings::load(None, env(&[])).unwrap();
+        assert_eq!(loaded.settings.kafka.topics.web, "events.web");
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokers = \"b:1\"\ngroup_id = \"g\"\n[redis]\nflush_interval_ms = 50\n",
+        )
+        .unwrap();
+        let loaded = Settings::load(
+            Some(&path),
+            env(&[
+                ("LEADSCORE__KAFKA__GROUP_ID", "123"),
+                ("LEADSCORE__KAFKA__CONSUMER__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("LEADSCORE__KAFKA__CONSUMER__SASL_PASSWORD", "hunter2"),
+                ("LEADSCORE__REDIS__URL", "redis://:pw@host:6379/1"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        let s = &loaded.settings;
+        assert_eq!(s.kafka.brokers, "b:1");
+        assert_eq!(s.kafka.group_id, "123");
+        assert_eq!(s.redis.flush_interval_ms, 50);
+        assert_eq!(s.kafka.consumer["security.protocol"], "SASL_SSL");
+        let printed = s.to_masked_toml();
+        assert!(
+            !printed.contains("hunter2") && !printed.contains(":pw@"),
+            "{printed}"
+        );
+        assert!(printed.contains("SASL_SSL"));
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokerz = \"x\"\n[redis]\nflush_interval_ms = \"soon\"\n[http]\nlisten = \"nowhere\"\n[bogus]\nx = 1\n",
+        )
+        .unwrap();
+        let err = Settings::load(
+            Some(&path),
+            env(&[("LEADSCORE__SHUTDOWN__DRAIN_TIMEOUT_MS", "99999999")]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "kafka",
+            "brokerz",
+            "redis.flush_interval_ms",
+            "http.listen",
+            "bogus: unknown section",
+            "shutdown.drain_timeout_ms",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn owned_properties_cannot_be_overridden() {
+        let err = Settings::load(
+            None,
+            env(&[("LEADSCORE__KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "true")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("kafka.consumer.enable.auto.commit")
+        );
+    }
+
+    #[test]
+    fn bad_rules_file_reports_all_rule_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("r.toml");
+        std::fs::write(&rules, "version = \"\"\nsegments = []\n[decay]\nhalf_life = \"1d\"\n[handoff]\nmin_score = 1\nrearm_below = 2\n").unwrap();
+        let err = Settings::load(
+            None,
+            env(&[("LEADSCORE__SCORING__RULES_FILE", rules.to_str().unwrap())]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("version") && err.contains("rearm_below"),
+            "{err}"
+        );
+    }
+}
