@@ -22,10 +22,16 @@
 //! end-to-end load generator).
 
 pub mod decode;
+pub mod demo;
 pub mod engine;
 pub mod event;
+pub mod http;
+pub mod kafka;
+pub mod loadgen;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod service;
 pub mod settings;
 pub mod store;
+pub mod synth;

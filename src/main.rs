@@ -1,1 +1,123 @@
-fn main() {}
+//! The `leadscore` command: parses the command line, sets up logging and
+//! hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use leadscore::settings::{LogFormat, Settings};
+
+/// Event-streaming lead scoring: Kafka in, decaying scores in memory and
+/// Redis, segment changes and sales hand-offs out.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the service.
+    Run {
+        /// Config file (TOML); environment variables LEADSCORE__SECTION__KEY override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and print the effective settings, secrets masked.
+    CheckConfig {
+        /// Config file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the whole service against an in-process broker with a synthetic stream.
+    Demo(leadscore::demo::DemoArgs),
+    /// Drive a running service through the broker and report throughput and latency.
+    Loadgen(leadscore::loadgen::LoadgenArgs),
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load(config: Option<&PathBuf>) -> Result<leadscore::settings::Loaded, ExitCode> {
+    Settings::load(config.map(PathBuf::as_path), std::env::vars()).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match load(config.as_ref()) {
+            Ok(loaded) => {
+                print!("{}", loaded.settings.to_masked_toml());
+                println!(
+                    "# rules version {:?}: {} rules, {} segments",
+                    loaded.rules.version,
+                    loaded.rules.rules.len(),
+                    loaded.rules.tiers.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let loaded = match load(config.as_ref()) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            init_logging(&loaded.settings.log.level, loaded.settings.log.format);
+            let rt = runtime();
+            let result = rt.block_on(async {
+                let cancel = CancellationToken::new();
+                leadscore::service::cancel_on_signals(cancel.clone());
+                leadscore::service::run(loaded, cancel, |_| {}).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "leadscore stopped on an error.");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(args) => {
+            init_logging("warn,leadscore=warn", LogFormat::Text);
+            finish(runtime().block_on(leadscore::demo::run(args)))
+        }
+        Command::Loadgen(args) => {
+            init_logging("warn", LogFormat::Text);
+            finish(runtime().block_on(leadscore::loadgen::run(args)))
+        }
+    }
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! The input side: a `BaseConsumer` polled in batches on a dedicated thread,
+//! cooperative rebalancing that drains before giving partitions up, and
+//! offsets committed only after the flush that covers them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn};
+
+use crate::metrics::Metrics;
+use crate::pipeline::{Durable, InMessage, PipelineError, Processor, SinkError};
+
+/// Liveness and readiness, shared with the HTTP server.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The consumer loop is running.
+    pub running: AtomicBool,
+    /// The last store call succeeded.
+    pub store_up: AtomicBool,
+    /// Partitions currently assigned.
+    pub assigned: AtomicUsize,
+    /// Wall ms of the loop's last turn.
+    pub heartbeat_ms: AtomicI64,
+}
+
+impl Health {
+    /// Ready to consume: running and the store answers.
+    pub fn ready(&self) -> bool {
+        self.running.load(Ordering::SeqCst) && self.store_up.load(Ordering::SeqCst)
+    }
+
+    /// Alive: the loop turned within `max_silence`.
+    pub fn alive(&self, max_silence: Duration) -> bool {
+        let last = self.heartbeat_ms.load(Ordering::SeqCst);
+        last == 0 || wall_ms() - last <= max_silence.as_millis() as i64
+    }
+
+    fn set_store_up(&self, up: bool, metrics: &Metrics) {
+        self.store_up.store(up, Ordering::SeqCst);
+        metrics.redis_up.set(up as i64);
+        metrics.ready.set(self.ready() as i64);
+    }
+}
+
+/// Errors that stop the consumer (the process exits non-zero and restarts
+/// from the last durable position).
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// The Kafka client failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Outputs could not be delivered, so the state that produced them cannot be committed.
+    #[error("outputs lost: {0}")]
+    OutputsLost(String),
+    /// The state store stayed unavailable through a rebalance or shutdown drain.
+    #[error("could not drain within the deadline: {0}")]
+    Drain(String),
+}
+
+/// Consumer callbacks: rebalancing, commit results, statistics.
+pub struct LeadscoreContext {
+    processor: Arc<Mutex<Processor>>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    drain_timeout: Duration,
+    fatal: Mutex<Option<ConsumerError>>,
+}
+
+impl LeadscoreContext {
+    /// A context around the shared processor.
+    pub fn new(
+        processor: Arc<Mutex<Processor>>,
+        metrics: Metrics,
+        health: Arc<Health>,
+        drain_timeout: Duration,
+    ) -> Self {
+        LeadscoreContext {
+            processor,
+            metrics,
+            health,
+            drain_timeout,
+            fatal: Mutex::new(None),
+        }
+    }
+
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let deadline = Instant::now() + self.drain_timeout;
+        let positions = loop {
+            match self.processor.lock().assign(&parts) {
+                Ok(p) => {
+                    self.health.set_store_up(true, &self.metrics);
+                    break p;
+                }
+                Err(error) => {
+                    self.health.set_store_up(false, &self.metrics);
+                    self.metrics
+                        .redis_errors
+                        .with_label_values(&["assign"])
+                        .inc();
+                    if Instant::now() > deadline {
+                        // Without the stored positions the partitions cannot be read
+                        // without double counting: give up and let the process restart.
+                        *self.fatal.lock() = Some(ConsumerError::Drain(error.to_string()));
+                        return;
+                    }
+                    warn!(%error, "Cannot read stored positions; retrying.");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        };
+        for ((topic, partition), pos) in parts.iter().zip(positions) {
+            if let Some(offset) = pos
+                && let Err(error) =
+                    tpl.set_partition_offset(topic, *partition, Offset::Offset(offset))
+            {
+                warn!(%error, topic, partition, "Cannot set the resume offset.");
+            }
+        }
+        info!(partitions = parts.len(), "Partitions assigned.");
+        if let Err(error) = consumer.incremental_assign(tpl) {
+            *self.fatal.lock() = Some(error.into());
+        }
+        self.health
+            .assigned
+            .fetch_add(parts.len(), Ordering::SeqCst);
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let lost = consumer.assignment_lost();
+        let mut processor = self.processor.lock();
+        if lost {
+            // Someone else may already own them: drop unflushed state, commit nothing.
+            warn!(
+                partitions = parts.len(),
+                "Partitions lost; dropping their unflushed state."
+            );
+            self.metrics.rebalances.with_label_values(&["lost"]).inc();
+        } else {
+            match drain(
+                &mut processor,
+                Instant::now() + self.drain_timeout,
+                &self.health,
+                &self.metrics,
+            ) {
+                Ok(durable) => commit(consumer, &durable, CommitMode::Sync, &self.metrics),
+                Err(error) => {
+                    error!(%error, "Could not flush before giving partitions up; the next owner resumes from the last durable position.");
+                }
+            }
+        }
+        processor.release(&parts);
+        drop(processor);
+        if let Err(error) = consumer.incremental_unassign(tpl) {
+            *self.fatal.lock() = Some(error.into());
+        }
+        self.health.assigned.fetch_sub(
+            parts.len().min(self.health.assigned.load(Ordering::SeqCst)),
+            Ordering::SeqCst,
+        );
+        info!(partitions = parts.len(), "Partitions revoked.");
+    }
+}
+
+impl ClientContext for LeadscoreContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LeadscoreContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                self.assign(consumer, tpl);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+                self.revoke(consumer, tpl);
+            }
+            other => {
+                error!(error = ?other, "Rebalance error.");
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => self.metrics.commits.with_label_values(&["ok"]).inc(),
+            Err(error) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                warn!(%error, "Offset commit failed; the next commit covers it.");
+            }
+        }
+    }
+}
+
+fn is_fatal(error: &PipelineError) -> bool {
+    matches!(error, PipelineError::Sink(SinkError::Produce(_)))
+}
+
+/// Flushes until it succeeds, a fatal error occurs, or the deadline passes.
+fn drain(
+    processor: &mut Processor,
+    deadline: Instant,
+    health: &Health,
+    metrics: &Metrics,
+) -> Result<Durable, PipelineError> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match processor.flush() {
+            Ok(durable) => {
+                health.set_store_up(true, metrics);
+                return Ok(durable);
+            }
+            Err(error) if is_fatal(&error) || Instant::now() + backoff > deadline => {
+                return Err(error);
+            }
+            Err(error) => {
+                health.set_store_up(false, metrics);
+                warn!(%error, "Flush failed; retrying.");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn commit<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    durable: &Durable,
+    mode: CommitMode,
+    metrics: &Metrics,
+) {
+    if durable.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::with_capacity(durable.len());
+    for (topic, partition, offset) in durable {
+        if tpl
+            .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if let Err(error) = consumer.commit(&tpl, mode) {
+        metrics.commits.with_label_values(&["error"]).inc();
+        warn!(%error, "Offset commit failed; the next commit covers it.");
+    } else if matches!(mode, CommitMode::Sync) {
+        metrics.commits.with_label_values(&["ok"]).inc();
+    }
+}
+
+fn to_in<'a>(m: &'a BorrowedMessage<'a>) -> InMessage<'a> {
+    InMessage {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+        timestamp: m.timestamp().to_millis(),
+    }
+}
+
+/// Runs the consumer loop until `cancel` fires, then drains and commits.
+pub fn run(
+    consumer: &BaseConsumer<LeadscoreContext>,
+    topics: &[&str],
+    batch_max: usize,
+    cancel: &CancellationToken,
+) -> Result<(), ConsumerError> {
+    let ctx = consumer.context();
+    let processor = Arc::clone(&ctx.processor);
+    let (metrics, health) = (ctx.metrics.clone(), Arc::clone(&ctx.health));
+    let _span = info_span!("consumer").entered();
+    consumer.subscribe(topics)?;
+    health.running.store(true, Ordering::SeqCst);
+    health.set_store_up(true, &metrics);
+    info!(?topics, "Consuming.");
+    let result = consume(consumer, &processor, batch_max, cancel, &metrics, &health);
+    health.running.store(false, Ordering::SeqCst);
+    metrics.ready.set(0);
+    if let Err(error) = &result {
+        error!(%error, "Consumer stopping on an unrecoverable error.");
+        return result;
+    }
+    // Stop fetching, make everything durable, commit synchronously.
+    info!("Draining before shutdown.");
+    let deadline = Instant::now() + ctx.drain_timeout;
+    let durable = drain(&mut processor.lock(), deadline, &health, &metrics)
+        .map_err(|e| ConsumerError::Drain(e.to_string()))?;
+    commit(consumer, &durable, CommitMode::Sync, &metrics);
+    consumer.unsubscribe();
+    // Serve the final revoke so the group rebalances at once.
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until && health.assigned.load(Ordering::SeqCst) > 0 {
+        if consumer.poll(Duration::from_millis(50)).is_some() {
+            // Fetched after the drain; not processed and not committed.
+        }
+    }
+    info!("Consumer stopped cleanly.");
+    Ok(())
+}
+
+fn consume(
+    consumer: &BaseConsumer<LeadscoreContext>,
+    processor: &Mutex<Processor>,
+    batch_max: usize,
+    cancel: &CancellationToken,
+    metrics: &Metrics,
+    health: &Health,
+) -> Result<(), ConsumerError> {
+    let ctx = consumer.context();
+    let mut stash: Vec<BorrowedMessage<'_>> = Vec::new();
+    let mut paused = false;
+    while !cancel.is_cancelled() {
+        if let Some(error) = ctx.fatal.lock().take() {
+            return Err(error);
+        }
+        health.heartbeat_ms.store(wall_ms(), Ordering::SeqCst);
+        let mut msgs = std::mem::take(&mut stash);
+        if msgs.is_empty() {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => msgs.push(m),
+                Some(Err(error)) => warn!(%error, "Consumer error."),
+                None => {}
+            }
+        }
+        while !msgs.is_empty() && msgs.len() < batch_max {
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => msgs.push(m),
+                Some(Err(error)) => {
+                    warn!(%error, "Consumer error.");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !msgs.is_empty() {
+            let mut batch: Vec<InMessage<'_>> = msgs.iter().map(to_in).collect();
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let result = processor.lock().process(&batch);
+                match result {
+                    Ok(()) => {
+                        health.set_store_up(true, metrics);
+                        break;
+                    }
+                    Err(error) if is_fatal(&error) => {
+                        return Err(ConsumerError::OutputsLost(error.to_string()));
+                    }
+                    Err(error) => {
+                        // The store is down: hold this batch, stop fetching, keep
+                        // serving the group, and retry with back-off.
+                        health.set_store_up(false, metrics);
+                        metrics.redis_errors.with_label_values(&["load"]).inc();
+                        warn!(%error, "Cannot load lead state; pausing consumption.");
+                        if !paused {
+                            set_paused(consumer, true, metrics);
+                            paused = true;
+                        }
+                        if let Some(m) = consumer.poll(backoff) {
+                            match m {
+                                Ok(m) => stash.push(m),
+                                Err(error) => warn!(%error, "Consumer error."),
+                            }
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        if cancel.is_cancelled() {
+                            return Ok(());
+                        }
+                        if let Some(error) = ctx.fatal.lock().take() {
+                            return Err(error);
+                        }
+                        // Drop messages of partitions given up meanwhile.
+                        let assignment = consumer.assignment()?;
+                        batch.retain(|m| assignment.find_partition(m.topic, m.partition).is_some());
+                        if batch.is_empty() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let mut p = processor.lock();
+        if p.flush_due() {
+            match p.flush() {
+                Ok(durable) => {
+                    drop(p);
+                    health.set_store_up(true, metrics);
+                    commit(consumer, &durable, CommitMode::Async, metrics);
+                    if paused {
+                        set_paused(consumer, false, metrics);
+                        paused = false;
+                    }
+                }
+                Err(error) if is_fatal(&error) => {
+                    return Err(ConsumerError::OutputsLost(error.to_string()));
+                }
+                Err(error) => {
+                    p.defer_flush();
+                    let backlog = p.dirty_len();
+                    drop(p);
+                    health.set_store_up(false, metrics);
+                    warn!(%error, dirty = backlog, "Flush failed; offsets stay uncommitted until it succeeds.");
+                    if !paused {
+                        // Hold memory: consume no more until state is durable again.
+                        set_paused(consumer, true, metrics);
+                        paused = true;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_paused(consumer: &BaseConsumer<LeadscoreContext>, pause: bool, metrics: &Metrics) {
+    let result = consumer.assignment().and_then(|a| {
+        if pause {
+            consumer.pause(&a)
+        } else {
+            consumer.resume(&a)
+        }
+    });
+    if let Err(error) = result {
+        warn!(%error, pause, "Cannot change consumption state.");
+    }
+    metrics.paused.set(pause as i64);
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

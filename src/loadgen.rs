@@ -1,0 +1,260 @@
+//! `leadscore loadgen`: drives a running service through the broker.
+//!
+//! * `--mode prefill` produces `--events` synthetic events to the input topics
+//!   (creating them if needed) as fast as the broker takes them;
+//! * `--mode drain` watches the service's `/metrics` until it has consumed
+//!   `--events` more events and reports the sustained rate (start the service
+//!   after a prefill to measure end-to-end throughput from a backlog);
+//! * `--mode latency` produces at `--rate` with event time = wall time and
+//!   consumes the segment-change topic, reporting produce → change-consumed
+//!   latency percentiles.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::demo::sum_counter;
+use crate::event::parse_rfc3339;
+use crate::output::SegmentChangeOut;
+use crate::settings::TopicSettings;
+use crate::synth::Synth;
+
+/// Load generator options.
+#[derive(Debug, clap::Args)]
+pub struct LoadgenArgs {
+    /// What to do.
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    /// Broker bootstrap list.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Events to produce (prefill) or to wait for (drain).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Distinct leads.
+    #[arg(long, default_value_t = 100_000)]
+    pub leads: usize,
+    /// Partitions per topic when creating topics.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Events per second (latency mode).
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// How long to run (latency mode).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// The service's metrics URL (drain mode), host:port/path over plain HTTP.
+    #[arg(long, default_value = "http://127.0.0.1:8080/metrics")]
+    pub metrics_url: String,
+    /// Random seed of the synthetic stream.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Load generator modes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Mode {
+    /// Produce a backlog.
+    Prefill,
+    /// Measure how fast the service consumes it.
+    Drain,
+    /// Measure end-to-end latency at a fixed rate.
+    Latency,
+}
+
+/// Runs the load generator.
+pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    let topics = TopicSettings::default();
+    match args.mode {
+        Mode::Prefill => {
+            let mut all: Vec<&str> = topics.inputs().iter().map(|(_, t)| *t).collect();
+            all.extend(topics.outputs());
+            crate::kafka::create_topics(&args.brokers, &all, args.partitions).await?;
+            tokio::task::spawn_blocking(move || prefill(&args, &topics)).await?
+        }
+        Mode::Drain => drain(&args).await,
+        Mode::Latency => tokio::task::spawn_blocking(move || latency(&args, &topics)).await?,
+    }
+}
+
+fn producer(brokers: &str) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+fn topic_of(topics: &TopicSettings, source: crate::event::Source) -> String {
+    topics
+        .inputs()
+        .iter()
+        .find(|(s, _)| *s == source)
+        .map(|(_, t)| (*t).to_owned())
+        .unwrap_or_default()
+}
+
+fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, payload: &str) {
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match p.send(record) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}
+
+fn prefill(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
+    let p = producer(&args.brokers)?;
+    let mut synth = Synth::new(args.leads, args.seed, now_ms() - 30 * 86_400_000, 50);
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    for _ in 0..args.events {
+        let e = synth.next_event();
+        bytes += e.payload.len() as u64;
+        send(&p, &topic_of(topics, e.source), &e.key, &e.payload);
+    }
+    p.flush(Duration::from_secs(60))?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "prefill: {} events ({} leads, mean payload {} bytes) in {:.2} s = {:.0} events/s",
+        args.events,
+        args.leads,
+        bytes / args.events.max(1),
+        secs,
+        args.events as f64 / secs
+    );
+    Ok(())
+}
+
+async fn scrape(url: &str) -> anyhow::Result<u64> {
+    let rest = url
+        .strip_prefix("http://")
+        .context("--metrics-url must start with http://")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(
+            format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(sum_counter(&body, "leadscore_events_consumed_total")
+        + sum_counter(&body, "leadscore_dead_lettered_total")
+        + sum_counter(&body, "leadscore_duplicates_skipped_total"))
+}
+
+async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
+    let baseline = scrape(&args.metrics_url)
+        .await
+        .context("scraping the service")?;
+    let target = baseline + args.events;
+    let mut first: Option<(Instant, u64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let n = scrape(&args.metrics_url).await?;
+        let now = Instant::now();
+        if first.is_none() && n > baseline {
+            first = Some((now, n));
+        }
+        if n >= target {
+            let (t0, n0) = first.unwrap_or((now, baseline));
+            let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+            println!(
+                "drain: {} events in {:.2} s = {:.0} events/s end to end (consume, score, Redis, produce)",
+                n - n0,
+                secs,
+                (n - n0) as f64 / secs
+            );
+            return Ok(());
+        }
+        if now > deadline {
+            anyhow::bail!(
+                "the service consumed {} of {} events in 10 minutes",
+                n - baseline,
+                args.events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("group.id", format!("leadscore-loadgen-{}", now_ms()))
+        .set("fetch.wait.max.ms", "5")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let meta = consumer.fetch_metadata(Some(&topics.segment_changes), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in meta.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(&topics.segment_changes, p.id(), Offset::End)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let p = producer(&args.brokers)?;
+    let mut synth = Synth::new(args.leads, args.seed, now_ms(), 0);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut latencies: Vec<i64> = Vec::new();
+    let stop_at = started + args.duration;
+    let drain_until = stop_at + Duration::from_secs(3);
+    while Instant::now() < drain_until {
+        let now = Instant::now();
+        if now < stop_at {
+            let due = (now.duration_since(started).as_secs_f64() * args.rate as f64) as u64;
+            while sent < due {
+                synth.set_clock(now_ms());
+                let e = synth.next_event();
+                send(&p, &topic_of(topics, e.source), &e.key, &e.payload);
+                sent += 1;
+            }
+        }
+        while let Some(m) = consumer.poll(Duration::from_millis(1)) {
+            let m = m?;
+            if let Ok(c) =
+                serde_json::from_slice::<SegmentChangeOut>(m.payload().unwrap_or_default())
+                && c.reason == "event"
+                && let Ok(at) = parse_rfc3339(&c.occurred_at)
+            {
+                latencies.push(now_ms() - at);
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let pct = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(-1)
+    };
+    println!(
+        "latency: {} events at {} events/s for {}; {} segment changes; produce -> change consumed: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        sent,
+        args.rate,
+        humantime::format_duration(args.duration),
+        latencies.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(-1)
+    );
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
