@@ -2,7 +2,10 @@
 #
 # leadscore image: build with the Rust toolchain, run on debian:bookworm-slim.
 #   docker build -t leadscore:latest .
-#   docker run --rm -p 8080:8080 leadscore:latest            # run with the baked-in example config
+#   docker run --rm leadscore:latest demo                     # self-contained, no Kafka/Redis needed
+#   docker run --rm -p 8080:8080 \
+#       -e LEADSCORE__KAFKA__BROKERS=broker:9092 -e LEADSCORE__REDIS__URL=redis://redis:6379/0 \
+#       leadscore:latest                                      # run with the baked-in example config
 #   docker run --rm leadscore:latest check-config --config /etc/leadscore/leadscore.toml
 # Needs BuildKit (the default builder since Docker 23) for the cache mounts.
 

@@ -322,17 +322,23 @@ impl Settings {
                 continue;
             };
             let mut path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            if path.len() == 3
+            let passthrough = path.len() == 3
                 && path[0] == "kafka"
-                && (path[1] == "consumer" || path[1] == "producer")
-            {
+                && (path[1] == "consumer" || path[1] == "producer");
+            if passthrough {
                 path[2] = path[2].replace('_', ".");
             }
             if path.iter().any(String::is_empty) {
                 problems.push(format!("{key}: malformed variable name"));
                 continue;
             }
-            set_path(&mut merged, &path, env_value(&value));
+            // librdkafka properties are strings, whatever they look like.
+            let value = if passthrough {
+                toml::Value::String(value)
+            } else {
+                env_value(&value)
+            };
+            set_path(&mut merged, &path, value);
         }
 
         let mut settings = Settings::default();
@@ -613,6 +619,7 @@ mod tests {
                 ("LEADSCORE__KAFKA__GROUP_ID", "123"),
                 ("LEADSCORE__KAFKA__CONSUMER__SECURITY_PROTOCOL", "SASL_SSL"),
                 ("LEADSCORE__KAFKA__CONSUMER__SASL_PASSWORD", "hunter2"),
+                ("LEADSCORE__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "30000"),
                 ("LEADSCORE__REDIS__URL", "redis://:pw@host:6379/1"),
                 ("OTHER", "ignored"),
             ]),
@@ -623,6 +630,7 @@ mod tests {
         assert_eq!(s.kafka.group_id, "123");
         assert_eq!(s.redis.flush_interval_ms, 50);
         assert_eq!(s.kafka.consumer["security.protocol"], "SASL_SSL");
+        assert_eq!(s.kafka.consumer["session.timeout.ms"], "30000");
         let printed = s.to_masked_toml();
         assert!(
             !printed.contains("hunter2") && !printed.contains(":pw@"),

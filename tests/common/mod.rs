@@ -1,0 +1,500 @@
+//! Shared helpers for the integration tests: a real Kafka-protocol broker
+//! (tansu) and a real Redis, each started per test on a free loopback port
+//! and stopped when the test ends; the `leadscore` binary run as a process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not listen on {port} within 20 s");
+}
+
+/// A random suffix for topic, group and key names.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", rand::random::<u32>())
+}
+
+fn tansu_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return p.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo_bin = PathBuf::from(home).join(".cargo/bin/tansu");
+    if cargo_bin.exists() {
+        cargo_bin
+    } else {
+        "tansu".into()
+    }
+}
+
+/// A Redis server for one test.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (run scripts/test.sh, which installs it)");
+        wait_for_port(port, "redis-server", &mut child);
+        Redis {
+            child,
+            port,
+            url: format!("redis://127.0.0.1:{port}/0"),
+        }
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A tansu broker for one test.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+    pub brokers: String,
+    dir: tempfile::TempDir,
+    storage: String,
+}
+
+impl Broker {
+    /// A broker with in-memory storage.
+    pub fn start() -> Broker {
+        Self::start_with(
+            free_port(),
+            "memory://tansu/".into(),
+            tempfile::tempdir().unwrap(),
+        )
+    }
+
+    /// A broker whose storage survives restarts (sqlite in its own directory).
+    pub fn start_persistent() -> Broker {
+        Self::start_with(
+            free_port(),
+            "sqlite://tansu.db".into(),
+            tempfile::tempdir().unwrap(),
+        )
+    }
+
+    fn start_with(port: u16, storage: String, dir: tempfile::TempDir) -> Broker {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+        let mut child = Command::new(tansu_binary())
+            .current_dir(dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &storage,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tansu installed (run scripts/test.sh, which installs it)");
+        wait_for_port(port, "tansu", &mut child);
+        Broker {
+            child,
+            port,
+            brokers: format!("127.0.0.1:{port}"),
+            dir,
+            storage,
+        }
+    }
+
+    /// Kills the broker and starts it again on the same port and storage.
+    pub fn restart(self) -> Broker {
+        let mut me = self;
+        let _ = me.child.kill();
+        let _ = me.child.wait();
+        let (port, storage) = (me.port, me.storage.clone());
+        let dir = std::mem::replace(&mut me.dir, tempfile::tempdir().unwrap());
+        Self::start_with(port, storage, dir)
+    }
+
+    pub fn create_topics(&self, topics: &[&str], partitions: i32) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(leadscore::kafka::create_topics(
+            &self.brokers,
+            topics,
+            partitions,
+        ))
+        .expect("topics created");
+    }
+
+    pub fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("linger.ms", "1")
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap()
+    }
+
+    /// Produces and waits for the acknowledgement.
+    pub fn produce(&self, topic: &str, items: &[(&str, Vec<u8>)]) {
+        let p = self.producer();
+        for (key, payload) in items {
+            let mut record = BaseRecord::to(topic).key(*key).payload(&payload[..]);
+            loop {
+                match p.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    /// Reads a topic from the beginning until `count` messages arrived or `timeout` passed.
+    pub fn read(
+        &self,
+        topic: &str,
+        partitions: i32,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<OwnedMessage> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while out.len() < count && Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                out.push(m.unwrap().detach());
+            }
+        }
+        out
+    }
+
+    /// The group's committed offsets for a topic's partitions (-1 where none).
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        (0..partitions)
+            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Topic, group and key names unique to one test.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub web: String,
+    pub adpixel: String,
+    pub email: String,
+    pub crm: String,
+    pub changes: String,
+    pub handoffs: String,
+    pub dead: String,
+    pub group: String,
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn new() -> Names {
+        let id = unique("t");
+        Names {
+            web: format!("{id}.web"),
+            adpixel: format!("{id}.adpixel"),
+            email: format!("{id}.email"),
+            crm: format!("{id}.crm"),
+            changes: format!("{id}.segment-changes"),
+            handoffs: format!("{id}.handoffs"),
+            dead: format!("{id}.dead-letter"),
+            group: format!("{id}-group"),
+            prefix: format!("{id}:"),
+        }
+    }
+
+    pub fn all(&self) -> Vec<&str> {
+        vec![
+            &self.web,
+            &self.adpixel,
+            &self.email,
+            &self.crm,
+            &self.changes,
+            &self.handoffs,
+            &self.dead,
+        ]
+    }
+}
+
+/// The leadscore binary running as a process.
+pub struct Service {
+    child: Child,
+    pub http: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    /// Starts `leadscore run` against the broker and Redis with `extra` environment.
+    pub fn start(broker: &Broker, redis: &Redis, names: &Names, extra: &[(&str, &str)]) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut env: HashMap<String, String> = [
+            ("LEADSCORE__KAFKA__BROKERS", broker.brokers.clone()),
+            ("LEADSCORE__KAFKA__GROUP_ID", names.group.clone()),
+            ("LEADSCORE__KAFKA__TOPICS__WEB", names.web.clone()),
+            ("LEADSCORE__KAFKA__TOPICS__ADPIXEL", names.adpixel.clone()),
+            ("LEADSCORE__KAFKA__TOPICS__EMAIL", names.email.clone()),
+            ("LEADSCORE__KAFKA__TOPICS__CRM", names.crm.clone()),
+            (
+                "LEADSCORE__KAFKA__TOPICS__SEGMENT_CHANGES",
+                names.changes.clone(),
+            ),
+            ("LEADSCORE__KAFKA__TOPICS__HANDOFFS", names.handoffs.clone()),
+            ("LEADSCORE__KAFKA__TOPICS__DEAD_LETTER", names.dead.clone()),
+            ("LEADSCORE__KAFKA__CONSUMER__FETCH_WAIT_MAX_MS", "10".into()),
+            ("LEADSCORE__REDIS__URL", redis.url.clone()),
+            ("LEADSCORE__REDIS__KEY_PREFIX", names.prefix.clone()),
+            ("LEADSCORE__REDIS__FLUSH_INTERVAL_MS", "50".into()),
+            ("LEADSCORE__HTTP__LISTEN", format!("127.0.0.1:{port}")),
+            ("LEADSCORE__LOG__LEVEL", "info,librdkafka=warn".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let log = dir.path().join("service.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+            .arg("run")
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let service = Service {
+            child,
+            http: format!("127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        };
+        service.wait_ready();
+        service
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if matches!(self.get("/readyz"), Some((200, _))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("service not ready in 30 s; log:\n{}", self.logs());
+    }
+
+    /// GET over plain HTTP/1.1: (status, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.http, path)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "service did not stop within 40 s of SIGTERM; log:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The sum of a counter's samples in /metrics.
+    pub fn counter(&self, name: &str) -> u64 {
+        let (_, body) = self.get("/metrics").expect("metrics");
+        leadscore::demo::sum_counter(&body, name)
+    }
+
+    /// Waits until `events_consumed + dead_lettered + duplicates` reaches `n`.
+    pub fn wait_consumed(&self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.counter("leadscore_events_consumed_total")
+                + self.counter("leadscore_dead_lettered_total")
+                + self.counter("leadscore_duplicates_skipped_total");
+            if got >= n {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("consumed {got} of {n}; log:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A JSON input event.
+pub fn event(id: &str, lead: &str, at: &str, kind: &str, attrs: &[(&str, &str)]) -> Vec<u8> {
+    let attrs: serde_json::Map<String, serde_json::Value> = attrs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String((*v).to_owned())))
+        .collect();
+    serde_json::json!({
+        "event_id": id, "lead_id": lead, "occurred_at": at, "type": kind, "attributes": attrs
+    })
+    .to_string()
+    .into_bytes()
+}
+
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+pub fn json(m: &OwnedMessage) -> serde_json::Value {
+    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap()
+}
