@@ -202,7 +202,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("leads by segment now: {population:?}");
     println!(
-        "The same run against a real broker and Redis: leadscore run --config config/leadscore.example.toml"
+        "The same service against a real broker and Redis: leadscore run --config config/local.toml (see DEVELOPERS.md)"
     );
     drop(cluster);
     Ok(())
