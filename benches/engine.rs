@@ -14,7 +14,9 @@ use leadscore::engine::{Engine, Rules};
 use leadscore::event::{Event, Source};
 use leadscore::metrics::Metrics;
 use leadscore::output::{Encoder, Record};
-use leadscore::pipeline::{InMessage, LeadMap, Processor, ProcessorConfig, Sink, SinkError};
+use leadscore::pipeline::{
+    Barrier, InMessage, LeadMap, Processor, ProcessorConfig, Sink, SinkError,
+};
 use leadscore::store::MemoryStore;
 use leadscore::synth::{Synth, SynthEvent};
 
@@ -112,8 +114,8 @@ impl Sink for NullSink {
     fn dead_letter(&mut self, _: &InMessage<'_>, _: &DecodeError) -> Result<(), SinkError> {
         Ok(())
     }
-    fn flush(&mut self, _: Duration) -> Result<(), SinkError> {
-        Ok(())
+    fn barrier(&mut self) -> Barrier {
+        Barrier::ready()
     }
 }
 

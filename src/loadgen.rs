@@ -63,6 +63,9 @@ pub enum Mode {
     Drain,
     /// Measure end-to-end latency at a fixed rate.
     Latency,
+    /// Read `--events` input events with a consumer that does nothing else:
+    /// the ceiling the service is compared with.
+    Read,
 }
 
 /// Runs the load generator.
@@ -76,6 +79,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || prefill(&args, &topics)).await?
         }
         Mode::Drain => drain(&args).await,
+        Mode::Read => tokio::task::spawn_blocking(move || read(&args, &topics)).await?,
         Mode::Latency => tokio::task::spawn_blocking(move || latency(&args, &topics)).await?,
     }
 }
@@ -155,9 +159,13 @@ async fn scrape(url: &str) -> anyhow::Result<u64> {
 
 async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
     // Counts are the service's own since it started: start it just before this.
-    scrape(&args.metrics_url)
-        .await
-        .context("scraping the service")?;
+    let wait = Instant::now() + Duration::from_secs(15);
+    while let Err(error) = scrape(&args.metrics_url).await {
+        if Instant::now() > wait {
+            return Err(error).context("scraping the service");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (baseline, target) = (0, args.events);
     let mut first: Option<(Instant, u64)> = None;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -250,6 +258,34 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         pct(0.9),
         pct(0.99),
         latencies.last().copied().unwrap_or(-1)
+    );
+    Ok(())
+}
+
+fn read(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("group.id", format!("leadscore-read-{}", now_ms()))
+        .set("fetch.wait.max.ms", "5")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let inputs: Vec<&str> = topics.inputs().iter().map(|(_, t)| *t).collect();
+    consumer.subscribe(&inputs)?;
+    let mut n = 0u64;
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while n < args.events && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            m?;
+            started.get_or_insert_with(Instant::now);
+            n += 1;
+        }
+    }
+    let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64()).max(1e-3);
+    println!(
+        "read: {n} events in {secs:.2} s = {:.0} events/s (a consumer that does nothing else)",
+        n as f64 / secs
     );
     Ok(())
 }

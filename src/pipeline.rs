@@ -60,8 +60,40 @@ pub trait Sink: Send {
     fn send(&mut self, record: &Record) -> Result<(), SinkError>;
     /// Queues a dead letter: the original key and payload with the reason.
     fn dead_letter(&mut self, msg: &InMessage<'_>, error: &DecodeError) -> Result<(), SinkError>;
-    /// Waits until every queued record is acknowledged.
-    fn flush(&mut self, timeout: Duration) -> Result<(), SinkError>;
+    /// A barrier behind every record queued so far: waiting on it returns
+    /// once they are all acknowledged (it may be waited on in another thread).
+    fn barrier(&mut self) -> Barrier;
+}
+
+type WaitFn = Box<dyn FnOnce(Duration) -> Result<(), SinkError> + Send>;
+
+/// Waits for the acknowledgement of the records queued before it was taken.
+pub struct Barrier(Option<WaitFn>);
+
+impl Barrier {
+    /// A barrier with nothing to wait for.
+    pub fn ready() -> Self {
+        Barrier(None)
+    }
+
+    /// A barrier that waits with `f`.
+    pub fn new(f: impl FnOnce(Duration) -> Result<(), SinkError> + Send + 'static) -> Self {
+        Barrier(Some(Box::new(f)))
+    }
+
+    /// Waits at most `timeout`.
+    pub fn wait(self, timeout: Duration) -> Result<(), SinkError> {
+        match self.0 {
+            Some(f) => f(timeout),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Barrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Barrier")
+    }
 }
 
 /// Errors of the processor. All are retryable: nothing was committed.
@@ -73,6 +105,9 @@ pub enum PipelineError {
     /// The output side failed.
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// The background writer thread is gone.
+    #[error("the state writer thread stopped")]
+    Writer,
 }
 
 /// A lead held in memory.
@@ -123,6 +158,7 @@ pub struct Processor {
     positions: BTreeMap<(String, i32), i64>,
     dirty: HashSet<Arc<str>>,
     last_flush: Instant,
+    writer: Option<Writer>,
     decisions: Vec<Decision>,
     state_buf: Vec<u8>,
 }
@@ -161,6 +197,7 @@ impl Processor {
             positions: BTreeMap::new(),
             dirty: HashSet::new(),
             last_flush: Instant::now(),
+            writer: None,
             decisions: Vec::new(),
             state_buf: Vec::new(),
         }
@@ -256,10 +293,16 @@ impl Processor {
         self.load_missing(batch, &decoded)?;
 
         let mut consumed: HashMap<(&str, EventType), u64> = HashMap::new();
+        let mut next_offsets: Vec<(&str, i32, i64)> = Vec::new();
         let now_ms = wall_ms();
         for (m, event) in batch.iter().zip(decoded) {
-            self.positions
-                .insert((m.topic.to_owned(), m.partition), m.offset + 1);
+            match next_offsets
+                .iter_mut()
+                .find(|(t, p, _)| *p == m.partition && *t == m.topic)
+            {
+                Some(entry) => entry.2 = m.offset + 1,
+                None => next_offsets.push((m.topic, m.partition, m.offset + 1)),
+            }
             let event = match event {
                 Ok(e) => e,
                 Err(error) => {
@@ -278,11 +321,11 @@ impl Processor {
             };
             *consumed.entry((m.topic, event.kind)).or_default() += 1;
             self.fire_timers(m.partition, event.occurred_at)?;
-            let subject: Arc<str> = Arc::from(event.subject());
             let mut entry = self
                 .leads
-                .get_mut(&subject)
+                .get_mut(event.subject())
                 .expect("loaded by load_missing");
+            let subject = Arc::clone(entry.key());
             let lead = entry.value_mut();
             lead.shard = m.partition;
             self.decisions.clear();
@@ -298,11 +341,14 @@ impl Processor {
                     .inc();
                 continue;
             }
+            // Timers only move earlier here: one that fires early finds
+            // nothing due and re-arms itself, which keeps the hot path
+            // from re-sorting the schedule on every event.
             self.shards
                 .entry(m.partition)
                 .or_default()
                 .schedule
-                .set(&subject, next);
+                .set_earlier(&subject, next);
             self.publish(&subject)?;
             self.dirty.insert(subject);
             if let Some(ts) = m.timestamp {
@@ -310,6 +356,14 @@ impl Processor {
                     self.metrics
                         .processing_latency_seconds
                         .observe((now_ms - ts).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+        for (topic, partition, next) in next_offsets {
+            match self.positions.get_mut(&(topic.to_owned(), partition)) {
+                Some(o) => *o = next,
+                None => {
+                    self.positions.insert((topic.to_owned(), partition), next);
                 }
             }
         }
@@ -443,34 +497,59 @@ impl Processor {
         Ok(())
     }
 
-    /// Whether a flush is due (interval passed or too many dirty leads).
+    /// Whether a flush is due (interval passed or too many dirty leads) and
+    /// none is in flight.
     pub fn flush_due(&self) -> bool {
-        self.dirty.len() >= self.config.flush_max_dirty
-            || (self.last_flush.elapsed() >= self.config.flush_interval
-                && (!self.dirty.is_empty() || !self.positions.is_empty()))
+        !self.writer.as_ref().is_some_and(|w| w.in_flight)
+            && (self.dirty.len() >= self.config.flush_max_dirty
+                || (self.last_flush.elapsed() >= self.config.flush_interval
+                    && (!self.dirty.is_empty() || !self.positions.is_empty())))
     }
 
-    /// Makes everything processed so far durable: waits for output acks,
-    /// writes changed leads, timers, clocks and positions in one transaction.
-    /// Returns the positions that may now be committed.
-    pub fn flush(&mut self) -> Result<Durable, PipelineError> {
-        let started = Instant::now();
-        self.sink.flush(self.config.ack_timeout)?;
+    /// Writes in a background thread from now on, through `store` (its own connection).
+    pub fn with_writer(mut self, store: Arc<dyn Store>) -> Self {
+        let (jobs, jobs_rx) = crossbeam_channel::bounded::<(Barrier, WriteBatch)>(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let ack_timeout = self.config.ack_timeout;
+        std::thread::Builder::new()
+            .name("leadscore-writer".into())
+            .spawn(move || {
+                for (barrier, batch) in jobs_rx {
+                    let started = Instant::now();
+                    let result = write(&*store, barrier, &batch, ack_timeout);
+                    if done_tx.send((batch, result, started)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("writer thread starts");
+        self.writer = Some(Writer {
+            jobs,
+            done,
+            in_flight: false,
+        });
+        self
+    }
+
+    /// Waits for output acks and takes everything changed so far into a write batch.
+    fn prepare(&mut self) -> (Barrier, WriteBatch) {
+        let barrier = self.sink.barrier();
         let mut batch = WriteBatch::default();
-        for id in &self.dirty {
-            let Some(lead) = self.leads.get(id) else {
+        batch.leads.reserve(self.dirty.len());
+        for id in self.dirty.drain() {
+            let Some(lead) = self.leads.get(&id) else {
                 continue;
             };
             self.engine.encode(&lead.state, &mut self.state_buf);
             let timer = self
                 .shards
                 .get(&lead.shard)
-                .and_then(|s| s.schedule.get(id));
+                .and_then(|s| s.schedule.get(&id));
             batch.leads.push(LeadWrite {
-                id: Arc::clone(id),
                 state: self.state_buf.clone(),
                 shard: lead.shard,
                 timer,
+                id,
             });
         }
         batch.positions = self
@@ -483,24 +562,94 @@ impl Processor {
             .iter()
             .filter_map(|(id, s)| s.clock.map(|c| (*id, c)))
             .collect();
-        let written = batch.leads.len();
-        if let Err(e) = self.store.write(&batch) {
-            self.metrics
-                .redis_errors
-                .with_label_values(&["write"])
-                .inc();
-            self.metrics.redis_up.set(0);
-            return Err(e.into());
-        }
-        self.metrics.redis_up.set(1);
-        self.dirty.clear();
         self.last_flush = Instant::now();
         self.metrics.dirty_leads.set(0);
-        self.metrics.flush_leads.observe(written as f64);
-        self.metrics
-            .flush_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(batch.positions)
+        (barrier, batch)
+    }
+
+    /// Accounts for a finished write: on failure the leads are dirty again.
+    fn complete(
+        &mut self,
+        batch: WriteBatch,
+        result: Result<(), PipelineError>,
+        started: Instant,
+    ) -> Result<Durable, PipelineError> {
+        match result {
+            Ok(()) => {
+                self.metrics.redis_up.set(1);
+                self.metrics.flush_leads.observe(batch.leads.len() as f64);
+                self.metrics
+                    .flush_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(batch.positions)
+            }
+            Err(e) => {
+                if matches!(e, PipelineError::Store(_)) {
+                    self.metrics
+                        .redis_errors
+                        .with_label_values(&["write"])
+                        .inc();
+                    self.metrics.redis_up.set(0);
+                }
+                for lead in batch.leads {
+                    if self.leads.contains_key(&lead.id) {
+                        self.dirty.insert(lead.id);
+                    }
+                }
+                self.metrics.dirty_leads.set(self.dirty.len() as i64);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a background write of everything processed so far (after the
+    /// output acks). Without a writer thread this writes synchronously.
+    pub fn start_flush(&mut self) -> Result<Option<Durable>, PipelineError> {
+        if self.writer.is_none() {
+            return self.flush().map(Some);
+        }
+        let job = self.prepare();
+        let writer = self.writer.as_mut().expect("checked above");
+        writer.in_flight = true;
+        if writer.jobs.send(job).is_err() {
+            writer.in_flight = false;
+            return Err(PipelineError::Writer);
+        }
+        Ok(None)
+    }
+
+    /// The result of the background write, once it has finished.
+    pub fn poll_flush(&mut self) -> Option<Result<Durable, PipelineError>> {
+        let writer = self.writer.as_mut()?;
+        if !writer.in_flight {
+            return None;
+        }
+        let (batch, result, started) = writer.done.try_recv().ok()?;
+        writer.in_flight = false;
+        Some(self.complete(batch, result, started))
+    }
+
+    /// Makes everything processed so far durable, synchronously: waits for a
+    /// background write in flight, then for output acks, then writes changed
+    /// leads, timers, clocks and positions in one transaction. Returns the
+    /// positions that may now be committed.
+    pub fn flush(&mut self) -> Result<Durable, PipelineError> {
+        if let Some(writer) = self.writer.as_mut()
+            && writer.in_flight
+        {
+            writer.in_flight = false;
+            match writer.done.recv() {
+                // Its positions are covered by the write below.
+                Ok((batch, result, started)) => {
+                    let _ = self.complete(batch, result, started);
+                }
+                Err(_) => return Err(PipelineError::Writer),
+            }
+        }
+        let started = Instant::now();
+        let (barrier, batch) = self.prepare();
+        let result = write(&*self.store, barrier, &batch, self.config.ack_timeout);
+        self.complete(batch, result, started)
     }
 
     /// Records that a flush was attempted now (so a failing store is retried
@@ -508,6 +657,26 @@ impl Processor {
     pub fn defer_flush(&mut self) {
         self.last_flush = Instant::now();
     }
+}
+
+/// The background Redis writer.
+struct Writer {
+    jobs: crossbeam_channel::Sender<(Barrier, WriteBatch)>,
+    done: crossbeam_channel::Receiver<(WriteBatch, Result<(), PipelineError>, Instant)>,
+    in_flight: bool,
+}
+
+/// Outputs first, then state: a batch is written only once every output
+/// produced before it was taken is acknowledged.
+fn write(
+    store: &dyn Store,
+    barrier: Barrier,
+    batch: &WriteBatch,
+    ack_timeout: Duration,
+) -> Result<(), PipelineError> {
+    barrier.wait(ack_timeout)?;
+    store.write(batch)?;
+    Ok(())
 }
 
 fn wall_ms() -> i64 {

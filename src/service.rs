@@ -89,6 +89,10 @@ pub async fn run(
         metrics.clone(),
     )
     .context("creating the producer")?;
+    let writer_store = match s.state.backend {
+        Backend::Memory => Arc::clone(&store),
+        Backend::Redis => make_store(&loaded)?,
+    };
     let processor = Processor::new(
         engine.clone(),
         Arc::clone(&leads),
@@ -102,7 +106,8 @@ pub async fn run(
             flush_max_dirty: s.redis.flush_max_dirty,
             ack_timeout: Duration::from_millis(s.shutdown.drain_timeout_ms / 2),
         },
-    );
+    )
+    .with_writer(writer_store);
     let context = LeadscoreContext::new(
         Arc::new(Mutex::new(processor)),
         metrics.clone(),

@@ -288,8 +288,62 @@ impl Engine {
         if !span.is_finite() || span > 1e15 {
             return None;
         }
-        let mut lo = from; // total(lo) >= threshold
-        let mut hi = from.saturating_add(span as Millis);
+        // Newton's method on the convex, decreasing engagement curve: started
+        // left of the root it never overshoots, so it converges from below.
+        let mut t = from as f64;
+        for _ in 0..100 {
+            let (e, slope) = self.engagement_and_slope(s, t);
+            let excess = e - need;
+            if excess <= 0.0 || slope >= 0.0 {
+                break;
+            }
+            let step = -excess / slope;
+            if !step.is_finite() || t + step > from as f64 + span * 4.0 {
+                break;
+            }
+            t += step;
+            if step < 0.25 {
+                break;
+            }
+        }
+        // Exact to the millisecond: the first integer instant below the threshold.
+        let mut at = (t.floor() as Millis).max(from);
+        while at > from && self.total_at(s, at - 1) < threshold {
+            at -= 1;
+        }
+        let mut steps = 0;
+        while self.total_at(s, at) >= threshold {
+            at += 1;
+            steps += 1;
+            if steps > 64 {
+                return self.bisect_below(s, at, threshold, span);
+            }
+        }
+        Some(at)
+    }
+
+    /// Engagement at fractional instant `t` and its time derivative.
+    fn engagement_and_slope(&self, s: &LeadState, t: f64) -> (f64, f64) {
+        let dt = (t - s.as_of as f64).max(0.0);
+        let mut e = 0.0;
+        let mut slope = 0.0;
+        for (v, h) in s.groups.iter().zip(&self.rules.half_lives) {
+            let term = v * (-dt / h).exp2();
+            e += term;
+            slope -= term * std::f64::consts::LN_2 / h;
+        }
+        (e, slope)
+    }
+
+    /// Bisection fallback for [`Engine::first_below`]: `lo` is above the threshold.
+    fn bisect_below(
+        &self,
+        s: &LeadState,
+        mut lo: Millis,
+        threshold: f64,
+        span: f64,
+    ) -> Option<Millis> {
+        let mut hi = lo.saturating_add(span as Millis);
         while self.total_at(s, hi) >= threshold {
             hi = hi.saturating_add(span as Millis + 1);
             if hi == Millis::MAX {
@@ -339,7 +393,9 @@ impl Engine {
     /// Moves a lead to instant `t`, applying every time-driven transition due
     /// at or before `t`, at its own instant, and emitting the visible ones.
     pub fn advance(&self, s: &mut LeadState, t: Millis, out: &mut Vec<Decision>) {
-        while let Some((at, step)) = self.next_internal(s) {
+        while self.anything_due(s, t)
+            && let Some((at, step)) = self.next_internal(s)
+        {
             if at > t {
                 break;
             }
@@ -367,6 +423,26 @@ impl Engine {
                     at,
                 }));
             }
+        }
+    }
+
+    /// A cheap test of whether [`Engine::advance`] to `t` has anything to do:
+    /// the total only falls between events, so a drop by `t` shows at `t`.
+    fn anything_due(&self, s: &LeadState, t: Millis) -> bool {
+        if s.is_new() {
+            return false;
+        }
+        if let Status::NotReady { until } = s.status
+            && until <= t
+        {
+            return true;
+        }
+        match self.rules.tiers.get(s.tier as usize) {
+            Some(tier) if s.tier > 0 => {
+                s.tier_since.saturating_add(tier.min_dwell_ms) <= t
+                    && self.total_at(s, t) < tier.exit
+            }
+            _ => false,
         }
     }
 
@@ -405,12 +481,10 @@ impl Engine {
         }
         let dt = (t - s.as_of) as f64;
         if dt > 0.0 {
-            let factors: Vec<f64> = self
-                .rules
-                .half_lives
-                .iter()
-                .map(|h| (-dt / h).exp2())
-                .collect();
+            let mut factors = [1.0_f64; rules::MAX_GROUPS];
+            for (f, h) in factors.iter_mut().zip(&self.rules.half_lives) {
+                *f = (-dt / h).exp2();
+            }
             for (g, f) in s.groups.iter_mut().zip(&factors) {
                 *g *= f;
             }

@@ -13,6 +13,9 @@ use crate::event::{EventType, Millis, Source};
 /// The rules shipped with the binary (`config/rules.default.toml`).
 pub const DEFAULT_RULES: &str = include_str!("../../config/rules.default.toml");
 
+/// Most decay groups (the default group included).
+pub const MAX_GROUPS: usize = 16;
+
 /// A rules file as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -572,6 +575,9 @@ impl Rules {
             half_lives.push(ms(*hl) as f64);
         }
 
+        if half_lives.len() > MAX_GROUPS {
+            problems.push(format!("decay.groups: at most {} groups", MAX_GROUPS - 1));
+        }
         let tiers = compile_tiers(&file.segments, &mut problems);
 
         let h = &file.handoff;

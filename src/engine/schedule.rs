@@ -31,6 +31,16 @@ impl Schedule {
         }
     }
 
+    /// Sets the lead's timer to `at` only if that is earlier than the one set
+    /// (or none is set). Callers whose timers may fire early use this.
+    pub fn set_earlier(&mut self, lead: &Arc<str>, at: Option<Millis>) {
+        if let Some(new) = at
+            && self.by_lead.get(lead).is_none_or(|old| new < *old)
+        {
+            self.set(lead, Some(new));
+        }
+    }
+
     /// Removes and returns the earliest timer due at or before `now`.
     pub fn pop_due(&mut self, now: Millis) -> Option<(Millis, Arc<str>)> {
         let first = self.by_time.first()?;
@@ -88,6 +98,12 @@ mod tests {
         assert_eq!(s.pop_due(100), Some((5, a.clone())));
         s.set(&b, None);
         assert!(s.is_empty());
+        s.set_earlier(&b, Some(50));
+        s.set_earlier(&b, Some(70));
+        assert_eq!(s.get("b"), Some(50));
+        s.set_earlier(&b, Some(20));
+        assert_eq!(s.get("b"), Some(20));
+        assert_eq!(s.pop_due(100), Some((20, b.clone())));
         assert_eq!(s.pop_due(100), None);
     }
 }

@@ -230,7 +230,10 @@ impl ConsumerContext for LeadscoreContext {
 }
 
 fn is_fatal(error: &PipelineError) -> bool {
-    matches!(error, PipelineError::Sink(SinkError::Produce(_)))
+    matches!(
+        error,
+        PipelineError::Sink(SinkError::Produce(_)) | PipelineError::Writer
+    )
 }
 
 /// Flushes until it succeeds, a fatal error occurs, or the deadline passes.
@@ -418,31 +421,38 @@ fn consume(
             }
         }
         let mut p = processor.lock();
-        if p.flush_due() {
-            match p.flush() {
-                Ok(durable) => {
-                    drop(p);
-                    health.set_store_up(true, metrics);
-                    commit(consumer, &durable, CommitMode::Async, metrics);
-                    if paused {
-                        set_paused(consumer, false, metrics);
-                        paused = false;
-                    }
+        let mut finished = p.poll_flush();
+        if finished.is_none() && p.flush_due() {
+            finished = match p.start_flush() {
+                Ok(None) => None,
+                Ok(Some(durable)) => Some(Ok(durable)),
+                Err(error) => Some(Err(error)),
+            };
+        }
+        match finished {
+            None => drop(p),
+            Some(Ok(durable)) => {
+                drop(p);
+                health.set_store_up(true, metrics);
+                commit(consumer, &durable, CommitMode::Async, metrics);
+                if paused {
+                    set_paused(consumer, false, metrics);
+                    paused = false;
                 }
-                Err(error) if is_fatal(&error) => {
-                    return Err(ConsumerError::OutputsLost(error.to_string()));
-                }
-                Err(error) => {
-                    p.defer_flush();
-                    let backlog = p.dirty_len();
-                    drop(p);
-                    health.set_store_up(false, metrics);
-                    warn!(%error, dirty = backlog, "Flush failed; offsets stay uncommitted until it succeeds.");
-                    if !paused {
-                        // Hold memory: consume no more until state is durable again.
-                        set_paused(consumer, true, metrics);
-                        paused = true;
-                    }
+            }
+            Some(Err(error)) if is_fatal(&error) => {
+                return Err(ConsumerError::OutputsLost(error.to_string()));
+            }
+            Some(Err(error)) => {
+                p.defer_flush();
+                let backlog = p.dirty_len();
+                drop(p);
+                health.set_store_up(false, metrics);
+                warn!(%error, dirty = backlog, "Flush failed; offsets stay uncommitted until it succeeds.");
+                if !paused {
+                    // Hold memory: consume no more until state is durable again.
+                    set_paused(consumer, true, metrics);
+                    paused = true;
                 }
             }
         }

@@ -23,6 +23,10 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
+        // librdkafka backs a partition's fetching off for a whole second
+        // (the default) once its local queue is "full", which starves a
+        // consumer that works in batches; keep it short.
+        .set("fetch.queue.backoff.ms", "10")
         .set("client.id", "leadscore");
     for (key, value) in &k.consumer {
         c.set(key, value);

@@ -1,35 +1,92 @@
 //! The output side: an idempotent producer behind the pipeline's [`Sink`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use parking_lot::{Condvar, Mutex};
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use tracing::error;
 
 use crate::decode::DecodeError;
 use crate::event::truncate;
 use crate::metrics::Metrics;
 use crate::output::{OutputKind, Record, dead_letter_headers as h};
-use crate::pipeline::{InMessage, Sink, SinkError};
+use crate::pipeline::{Barrier, InMessage, Sink, SinkError};
 use crate::settings::TopicSettings;
 
-/// Counts deliveries and failures.
+/// Epochs in flight are tracked in a ring this large; the processor keeps
+/// at most two open (one being filled, one being written).
+const EPOCHS: usize = 64;
+
+/// Records not yet acknowledged, per epoch (a flush cuts an epoch).
+#[derive(Debug)]
+struct Acks {
+    pending: [AtomicI64; EPOCHS],
+    failures: AtomicU64,
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl Acks {
+    fn new() -> Self {
+        Acks {
+            pending: std::array::from_fn(|_| AtomicI64::new(0)),
+            failures: AtomicU64::new(0),
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn done(&self, epoch: usize) {
+        self.pending[epoch % EPOCHS].fetch_sub(1, Ordering::SeqCst);
+        let _guard = self.lock.lock();
+        self.changed.notify_all();
+    }
+
+    /// Waits until every epoch up to `epoch` has no record pending.
+    fn wait(&self, epoch: usize, timeout: Duration) -> Result<(), SinkError> {
+        let deadline = Instant::now() + timeout;
+        let filling = (epoch + 1) % EPOCHS;
+        let mut guard = self.lock.lock();
+        loop {
+            if self.failures.load(Ordering::SeqCst) > 0 {
+                return Err(SinkError::Produce(format!(
+                    "{} output records were not delivered",
+                    self.failures.load(Ordering::SeqCst)
+                )));
+            }
+            let outstanding: i64 = (0..EPOCHS)
+                .filter(|slot| *slot != filling)
+                .map(|slot| self.pending[slot].load(Ordering::SeqCst))
+                .sum();
+            if outstanding == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(SinkError::Timeout(outstanding as usize));
+            }
+            self.changed.wait_for(&mut guard, Duration::from_millis(10));
+        }
+    }
+}
+
+/// Counts deliveries and failures per epoch.
 #[derive(Debug, Clone)]
 pub struct DeliveryContext {
     metrics: Metrics,
-    failures: Arc<AtomicU64>,
+    acks: Arc<Acks>,
 }
 
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, epoch: usize) {
         use rdkafka::Message;
         match result {
             Ok(m) => self
@@ -39,10 +96,11 @@ impl ProducerContext for DeliveryContext {
                 .inc(),
             Err((error, m)) => {
                 self.metrics.produce_failures.inc();
-                self.failures.fetch_add(1, Ordering::SeqCst);
+                self.acks.failures.fetch_add(1, Ordering::SeqCst);
                 error!(%error, topic = m.topic(), "Output record was not delivered.");
             }
         }
+        self.acks.done(epoch);
     }
 }
 
@@ -50,8 +108,8 @@ impl ProducerContext for DeliveryContext {
 pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryContext>,
     topics: TopicSettings,
-    failures: Arc<AtomicU64>,
-    failures_seen: u64,
+    acks: Arc<Acks>,
+    epoch: usize,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -67,32 +125,39 @@ impl KafkaSink {
         topics: TopicSettings,
         metrics: Metrics,
     ) -> Result<Self, KafkaError> {
-        let failures = Arc::new(AtomicU64::new(0));
+        let acks = Arc::new(Acks::new());
         let producer = config.create_with_context(DeliveryContext {
             metrics,
-            failures: failures.clone(),
+            acks: Arc::clone(&acks),
         })?;
         Ok(KafkaSink {
             producer,
             topics,
-            failures,
-            failures_seen: 0,
+            acks,
+            epoch: 0,
         })
     }
 
-    fn send_record(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), SinkError> {
+    fn send_record(&self, record: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), SinkError> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let slot = &self.acks.pending[self.epoch % EPOCHS];
+        slot.fetch_add(1, Ordering::SeqCst);
+        let mut record = record.delivery_opaque(self.epoch);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     if Instant::now() > deadline {
+                        slot.fetch_sub(1, Ordering::SeqCst);
                         return Err(SinkError::Produce("producer queue full for 30 s".into()));
                     }
                     record = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e, _)) => return Err(SinkError::Produce(e.to_string())),
+                Err((e, _)) => {
+                    slot.fetch_sub(1, Ordering::SeqCst);
+                    return Err(SinkError::Produce(e.to_string()));
+                }
             }
         }
     }
@@ -105,7 +170,7 @@ impl Sink for KafkaSink {
             OutputKind::Handoff => &self.topics.handoffs,
         };
         self.send_record(
-            BaseRecord::to(topic)
+            BaseRecord::with_opaque_to(topic, 0)
                 .key(record.key.as_bytes())
                 .payload(&record.payload[..])
                 .timestamp(record.at),
@@ -137,8 +202,8 @@ impl Sink for KafkaSink {
                 key: h::OFFSET,
                 value: Some(&offset),
             });
-        let mut record: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(&self.topics.dead_letter).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.topics.dead_letter, 0).headers(headers);
         if let Some(key) = msg.key {
             record = record.key(key);
         }
@@ -148,17 +213,11 @@ impl Sink for KafkaSink {
         self.send_record(record)
     }
 
-    fn flush(&mut self, timeout: Duration) -> Result<(), SinkError> {
-        self.producer
-            .flush(timeout)
-            .map_err(|_| SinkError::Timeout(self.producer.in_flight_count().max(0) as usize))?;
-        let failures = self.failures.load(Ordering::SeqCst);
-        if failures != self.failures_seen {
-            self.failures_seen = failures;
-            return Err(SinkError::Produce(format!(
-                "{failures} output records were not delivered"
-            )));
-        }
-        Ok(())
+    fn barrier(&mut self) -> Barrier {
+        let epoch = self.epoch;
+        self.epoch += 1;
+        // Start the next epoch clean (its slot was last used EPOCHS epochs ago).
+        let acks = Arc::clone(&self.acks);
+        Barrier::new(move |timeout| acks.wait(epoch, timeout))
     }
 }

@@ -28,8 +28,8 @@ impl Sink for VecSink {
             .push((msg.topic.to_owned(), msg.offset, error.to_string()));
         Ok(())
     }
-    fn flush(&mut self, _timeout: Duration) -> Result<(), SinkError> {
-        Ok(())
+    fn barrier(&mut self) -> Barrier {
+        Barrier::ready()
     }
 }
 
