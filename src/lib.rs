@@ -18,7 +18,8 @@
 //!
 //! Around it: [`settings`] (one typed configuration), [`metrics`]
 //! (Prometheus), [`http`] (metrics, health, lead lookup), [`demo`] (a
-//! self-contained run against an in-process broker) and [`loadgen`] (the
+//! self-contained run against an in-process broker), [`replay`] (scoring a
+//! file with no Kafka or Redis, and comparing rules) and [`loadgen`] (the
 //! end-to-end load generator).
 
 pub mod decode;
@@ -31,6 +32,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod replay;
 pub mod service;
 pub mod settings;
 pub mod store;

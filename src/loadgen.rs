@@ -84,10 +84,13 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     }
 }
 
-fn producer(brokers: &str) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+fn producer(
+    brokers: &str,
+    linger_ms: u32,
+) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("linger.ms", "20")
+        .set("linger.ms", linger_ms.to_string())
         .set("batch.size", "1000000")
         .set("queue.buffering.max.messages", "1000000")
         .create()?)
@@ -116,7 +119,7 @@ fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, pa
 }
 
 fn prefill(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
-    let p = producer(&args.brokers)?;
+    let p = producer(&args.brokers, 20)?;
     let mut synth = Synth::new(args.leads, args.seed, now_ms() - 30 * 86_400_000, 50);
     let started = Instant::now();
     let mut bytes = 0u64;
@@ -212,7 +215,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         }
     }
     consumer.assign(&tpl)?;
-    let p = producer(&args.brokers)?;
+    let p = producer(&args.brokers, 1)?;
     let mut synth = Synth::new(args.leads, args.seed, now_ms(), 0);
     let started = Instant::now();
     let mut sent = 0u64;

@@ -36,6 +36,8 @@ enum Command {
     Demo(leadscore::demo::DemoArgs),
     /// Drive a running service through the broker and report throughput and latency.
     Loadgen(leadscore::loadgen::LoadgenArgs),
+    /// Score a file of events (NDJSON) with no Kafka and no Redis; optionally compare two rules files.
+    Replay(leadscore::replay::ReplayArgs),
 }
 
 fn init_logging(level: &str, format: LogFormat) {
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
             init_logging("warn,leadscore=warn", LogFormat::Text);
             finish(runtime().block_on(leadscore::demo::run(args)))
         }
+        Command::Replay(args) => finish(leadscore::replay::run(args)),
         Command::Loadgen(args) => {
             init_logging("warn", LogFormat::Text);
             finish(runtime().block_on(leadscore::loadgen::run(args)))

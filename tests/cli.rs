@@ -64,3 +64,50 @@ fn run_with_a_missing_config_file_fails_clearly() {
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/leadscore.toml"), "{stderr}");
 }
+
+#[test]
+fn replay_prints_outputs_and_compares_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    let lines = [
+        r#"{"source":"crm","event_id":"p","lead_id":"a","occurred_at":"2026-11-22T09:00:00Z","type":"profile_updated","attributes":{"industry":"events","budget":"9000"}}"#,
+        r#"{"source":"web","event_id":"1","lead_id":"a","occurred_at":"2026-11-22T10:00:00Z","type":"page_view","attributes":{"url":"/pricing"}}"#,
+        r#"{"source":"web","event_id":"2","lead_id":"a","occurred_at":"2026-11-22T10:01:00Z","type":"booking_abandoned"}"#,
+        r#"{"source":"web","event_id":"2b","lead_id":"a","occurred_at":"2026-11-22T10:01:30Z","type":"form_submit"}"#,
+        r#"{"source":"web","event_id":"3","lead_id":"b","occurred_at":"2026-11-22T10:02:00Z","type":"booking_started"}"#,
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let strict = dir.path().join("strict.toml");
+    let text = std::fs::read_to_string("config/rules.default.toml")
+        .unwrap()
+        .replace("enter = 25.0", "enter = 30.0")
+        .replace("version = \"default-2026.11.1\"", "version = \"strict-1\"");
+    std::fs::write(&strict, text).unwrap();
+    let (code, stdout, stderr) = leadscore(
+        &[
+            "replay",
+            "--input",
+            input.to_str().unwrap(),
+            "--compare",
+            strict.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let out: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let segments: Vec<_> = out.iter().filter_map(|v| v["segment"].as_str()).collect();
+    assert!(segments.contains(&"hot"), "{stdout}");
+    assert!(
+        out.iter().any(|v| v["crossing_signal"] == "form_submit"),
+        "a hand-off: {stdout}"
+    );
+    let report = &out.last().unwrap()["compare"];
+    assert_eq!(report["other_rules_version"], "strict-1");
+    assert_eq!(report["different_segment"], 1, "{report}");
+    assert_eq!(report["leads_moved"][0]["lead_id"], "b");
+    assert_eq!(report["leads_moved"][0]["segment"], "warm");
+    assert_eq!(report["leads_moved"][0]["other_segment"], "cold");
+}

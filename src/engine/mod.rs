@@ -236,13 +236,13 @@ impl Engine {
         s.groups
             .iter()
             .zip(&self.rules.half_lives)
-            .map(|(v, h)| v * (-dt / h).exp2())
-            .sum()
+            .fold(0.0, |acc, (v, h)| acc + v * (-dt / h).exp2())
     }
 
     /// Fit score.
     pub fn fit(&self, s: &LeadState) -> f64 {
-        s.fit.iter().map(|(_, p)| p).sum()
+        // Folding from +0.0: an empty f64 sum is -0.0.
+        s.fit.iter().fold(0.0, |acc, (_, p)| acc + p)
     }
 
     /// All scores at `t`.
