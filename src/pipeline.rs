@@ -158,6 +158,9 @@ pub struct Processor {
     positions: BTreeMap<(String, i32), i64>,
     dirty: HashSet<Arc<str>>,
     last_flush: Instant,
+    deleted: Vec<(Arc<str>, i32)>,
+    /// Deleted keys whose deletion is not durable yet: never reload them.
+    tombstones: HashSet<Arc<str>>,
     writer: Option<Writer>,
     decisions: Vec<Decision>,
     state_buf: Vec<u8>,
@@ -197,6 +200,8 @@ impl Processor {
             positions: BTreeMap::new(),
             dirty: HashSet::new(),
             last_flush: Instant::now(),
+            deleted: Vec::new(),
+            tombstones: HashSet::new(),
             writer: None,
             decisions: Vec::new(),
             state_buf: Vec::new(),
@@ -321,25 +326,39 @@ impl Processor {
             };
             *consumed.entry((m.topic, event.kind)).or_default() += 1;
             self.fire_timers(m.partition, event.occurred_at)?;
-            let mut entry = self
-                .leads
-                .get_mut(event.subject())
-                .expect("loaded by load_missing");
+            let key = subject_key(&event);
+            let anonymous = self.take_anonymous(&event, &key);
+            let mut entry = self.leads.get_mut(&*key).expect("loaded by load_missing");
             let subject = Arc::clone(entry.key());
             let lead = entry.value_mut();
             lead.shard = m.partition;
             self.decisions.clear();
-            let applied = self
-                .engine
-                .apply(&mut lead.state, &event, &mut self.decisions);
+            let applied = self.engine.apply_merging(
+                &mut lead.state,
+                &event,
+                anonymous.as_ref().map(|(_, a)| &a.state),
+                &mut self.decisions,
+            );
             let next = self.engine.next_transition(&lead.state);
             drop(entry);
             if applied == Applied::Duplicate {
+                if let Some((id, anon)) = anonymous {
+                    self.leads.insert(id, anon);
+                }
                 self.metrics
                     .duplicates_skipped
                     .with_label_values(&[m.topic])
                     .inc();
                 continue;
+            }
+            if let Some((id, anon)) = anonymous {
+                // Merged once: the visitor's own state is gone.
+                if let Some(shard) = self.shards.get_mut(&anon.shard) {
+                    shard.schedule.set(&id, None);
+                }
+                self.dirty.remove(&id);
+                self.tombstones.insert(Arc::clone(&id));
+                self.deleted.push((id, anon.shard));
             }
             // Timers only move earlier here: one that fires early finds
             // nothing due and re-arms itself, which keeps the hot path
@@ -414,8 +433,26 @@ impl Processor {
         Ok(())
     }
 
-    /// Encodes and sends `self.decisions` for a lead.
+    /// Removes the anonymous visitor an identifying event names, for merging.
+    fn take_anonymous(&mut self, event: &Event<'_>, key: &str) -> Option<(Arc<str>, Lead)> {
+        let anon = stitched_key(event)?;
+        if anon == key {
+            return None;
+        }
+        let lead = self.leads.get(key)?;
+        if self.engine.is_duplicate(&lead.state, event) {
+            return None;
+        }
+        drop(lead);
+        self.leads.remove(anon.as_str())
+    }
+
+    /// Encodes and sends `self.decisions` for a lead. Anonymous visitors are
+    /// scored silently: nobody can be mailed or handed to sales by cookie.
     fn publish(&mut self, lead: &str) -> Result<(), SinkError> {
+        if lead.starts_with(ANONYMOUS_PREFIX) {
+            return Ok(());
+        }
         let rules = self.engine.rules().clone();
         for d in &self.decisions {
             let record = self.encoder.encode(&rules, lead, d);
@@ -449,16 +486,34 @@ impl Processor {
         batch: &[InMessage<'_>],
         decoded: &[Result<Event<'_>, DecodeError>],
     ) -> Result<(), StoreError> {
-        let mut wanted: Vec<(Arc<str>, i32)> = Vec::new();
+        let mut wanted: Vec<(Arc<str>, i32, bool)> = Vec::new();
         let mut seen = HashSet::new();
         let mut batch_clock: BTreeMap<i32, Millis> = BTreeMap::new();
         for (m, e) in batch.iter().zip(decoded) {
             if let Ok(e) = e {
-                let subject = e.subject();
+                let subject = subject_key(e);
                 let c = batch_clock.entry(m.partition).or_insert(e.occurred_at);
                 *c = (*c).max(e.occurred_at);
-                if !self.leads.contains_key(subject) && seen.insert(subject.to_owned()) {
-                    wanted.push((Arc::from(subject), m.partition));
+                if !self.leads.contains_key(&*subject) && seen.insert(subject.to_string()) {
+                    if self.tombstones.contains(&*subject) {
+                        // Merged away and not yet deleted in the store: start afresh.
+                        let state = self.engine.new_state();
+                        let lead = Lead {
+                            state,
+                            shard: m.partition,
+                        };
+                        self.leads.insert(Arc::from(&*subject), lead);
+                    } else {
+                        wanted.push((Arc::from(&*subject), m.partition, true));
+                    }
+                }
+                if let Some(anon) = stitched_key(e)
+                    && !self.leads.contains_key(anon.as_str())
+                    && !self.tombstones.contains(anon.as_str())
+                    && seen.insert(anon.clone())
+                {
+                    // Only if stored: a visitor never seen has nothing to merge.
+                    wanted.push((Arc::from(anon), m.partition, false));
                 }
             }
         }
@@ -467,7 +522,7 @@ impl Processor {
                 let due = shard.schedule.due_ids(until);
                 for id in due {
                     if !self.leads.contains_key(&id) && seen.insert(id.to_string()) {
-                        wanted.push((id, shard_id));
+                        wanted.push((id, shard_id, true));
                     }
                 }
             }
@@ -475,10 +530,13 @@ impl Processor {
         if wanted.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = wanted.iter().map(|(id, _)| &**id).collect();
+        let ids: Vec<&str> = wanted.iter().map(|(id, _, _)| &**id).collect();
         let loaded = self.store.load(&ids)?;
         let rules = self.engine.rules().clone();
-        for ((id, shard), bytes) in wanted.into_iter().zip(loaded) {
+        for ((id, shard, required), bytes) in wanted.into_iter().zip(loaded) {
+            if !required && bytes.is_none() {
+                continue;
+            }
             let state = match bytes {
                 Some(b) => match self.engine.decode(&b) {
                     Ok(s) => s,
@@ -504,7 +562,9 @@ impl Processor {
         !self.writer.as_ref().is_some_and(|w| w.in_flight)
             && (self.dirty.len() >= self.config.flush_max_dirty
                 || (self.last_flush.elapsed() >= self.config.flush_interval
-                    && (!self.dirty.is_empty() || !self.positions.is_empty())))
+                    && (!self.dirty.is_empty()
+                        || !self.deleted.is_empty()
+                        || !self.positions.is_empty())))
     }
 
     /// Writes in a background thread from now on, through `store` (its own connection).
@@ -553,6 +613,7 @@ impl Processor {
                 id,
             });
         }
+        batch.deletes = std::mem::take(&mut self.deleted);
         batch.positions = self
             .positions
             .iter()
@@ -577,6 +638,9 @@ impl Processor {
     ) -> Result<Durable, PipelineError> {
         match result {
             Ok(()) => {
+                for (id, _) in &batch.deletes {
+                    self.tombstones.remove(id);
+                }
                 self.metrics.redis_up.set(1);
                 self.metrics.flush_leads.observe(batch.leads.len() as f64);
                 self.metrics
@@ -597,6 +661,7 @@ impl Processor {
                         self.dirty.insert(lead.id);
                     }
                 }
+                self.deleted.extend(batch.deletes);
                 self.metrics.dirty_leads.set(self.dirty.len() as i64);
                 Err(e)
             }
@@ -678,6 +743,26 @@ fn write(
     barrier.wait(ack_timeout)?;
     store.write(batch)?;
     Ok(())
+}
+
+/// Prefix of the keys anonymous visitors are kept under.
+pub const ANONYMOUS_PREFIX: &str = "anon:";
+
+/// The key an event's state is kept under: the lead id, else `anon:` and the anonymous id.
+pub fn subject_key<'e>(e: &'e Event<'_>) -> std::borrow::Cow<'e, str> {
+    match (&e.lead_id, &e.anonymous_id) {
+        (Some(lead), _) => std::borrow::Cow::Borrowed(lead),
+        (None, Some(anon)) => std::borrow::Cow::Owned(format!("{ANONYMOUS_PREFIX}{anon}")),
+        (None, None) => std::borrow::Cow::Borrowed(""),
+    }
+}
+
+/// The key of the anonymous visitor an identified event names, if any.
+fn stitched_key(e: &Event<'_>) -> Option<String> {
+    match (&e.lead_id, &e.anonymous_id) {
+        (Some(_), Some(anon)) => Some(format!("{ANONYMOUS_PREFIX}{anon}")),
+        _ => None,
+    }
 }
 
 fn wall_ms() -> i64 {

@@ -43,6 +43,8 @@ pub struct LeadWrite {
 pub struct WriteBatch {
     /// Changed leads.
     pub leads: Vec<LeadWrite>,
+    /// Leads (anonymous visitors merged into a lead) to delete, with their shard.
+    pub deletes: Vec<(Arc<str>, i32)>,
     /// Next offset per (topic, partition).
     pub positions: Vec<(String, i32, i64)>,
     /// Event-time clock per shard.
@@ -94,6 +96,12 @@ impl Store for MemoryStore {
                 Some(t) => timers.insert(l.id.to_string(), t),
                 None => timers.remove(&*l.id),
             };
+        }
+        for (id, shard) in &batch.deletes {
+            inner.leads.remove(&**id);
+            if let Some(t) = inner.timers.get_mut(shard) {
+                t.remove(&**id);
+            }
         }
         for (topic, partition, offset) in &batch.positions {
             inner.positions.insert((topic.clone(), *partition), *offset);
@@ -217,6 +225,13 @@ impl Store for RedisStore {
                 None => pipe.cmd("ZREM").arg(zkey).arg(&*l.id).ignore(),
             };
         }
+        for (id, shard) in &batch.deletes {
+            pipe.cmd("DEL").arg(self.lead_key(id)).ignore();
+            pipe.cmd("ZREM")
+                .arg(format!("{}timers:{shard}", self.prefix))
+                .arg(&**id)
+                .ignore();
+        }
         if !batch.positions.is_empty() {
             let cmd = pipe.cmd("HSET").arg(format!("{}positions", self.prefix));
             for (topic, partition, offset) in &batch.positions {
@@ -286,6 +301,7 @@ mod tests {
                 shard: 3,
                 timer: Some(99),
             }],
+            deletes: vec![],
             positions: vec![("t".into(), 3, 42)],
             clocks: vec![(3, 1000)],
         };

@@ -498,17 +498,41 @@ impl Engine {
 
     /// Applies one event to a lead, pushing the decisions it causes.
     pub fn apply(&self, s: &mut LeadState, e: &Event<'_>, out: &mut Vec<Decision>) -> Applied {
+        self.apply_merging(s, e, None, out)
+    }
+
+    /// Whether [`Engine::apply`] would skip this event as already seen.
+    pub fn is_duplicate(&self, s: &LeadState, e: &Event<'_>) -> bool {
+        s.seen(fingerprint(&e.event_id))
+    }
+
+    /// Applies one event that identifies the lead, first merging the history
+    /// of the anonymous visitor it names (`anonymous`), with its original
+    /// timestamps, into the lead.
+    pub fn apply_merging(
+        &self,
+        s: &mut LeadState,
+        e: &Event<'_>,
+        anonymous: Option<&LeadState>,
+        out: &mut Vec<Decision>,
+    ) -> Applied {
         let fp = fingerprint(&e.event_id);
         if s.seen(fp) {
             return Applied::Duplicate;
         }
         // Event time never runs backwards for one lead: a late event counts at the lead's clock.
-        let t = if s.is_new() {
+        let mut t = if s.is_new() {
             e.occurred_at
         } else {
             e.occurred_at.max(s.as_of)
         };
+        if let Some(a) = anonymous.filter(|a| !a.is_new()) {
+            t = t.max(a.as_of);
+        }
         self.advance(s, t, out);
+        if let Some(a) = anonymous.filter(|a| !a.is_new()) {
+            self.merge(s, a, t);
+        }
         let rules = &*self.rules;
         let before = Segment::of(s);
         let before_total = self.total_at(s, t);
@@ -607,6 +631,56 @@ impl Engine {
         s.last_event_at = t;
         s.remember(fp, self.dedup_window);
         Applied::Applied { rule: matched }
+    }
+
+    /// Merges an anonymous visitor's history into a lead at instant `t`
+    /// (not before either's last change). Contributions keep their original
+    /// timestamps: both sides are decayed to `t` and added.
+    pub fn merge(&self, into: &mut LeadState, from: &LeadState, t: Millis) {
+        if from.is_new() {
+            return;
+        }
+        let mut from = from.clone();
+        self.rebase(&mut from, t);
+        if into.is_new() {
+            into.as_of = t;
+            into.tier_since = t;
+        } else {
+            self.rebase(into, t);
+        }
+        for (g, v) in into.groups.iter_mut().zip(&from.groups) {
+            *g += v;
+        }
+        for st in from.stats {
+            match into.stats.iter_mut().find(|x| x.rule == st.rule) {
+                Some(x) => {
+                    x.value += st.value;
+                    x.count += st.count;
+                    x.last_at = x.last_at.max(st.last_at);
+                    if x.cap_window == st.cap_window {
+                        x.cap_matches += st.cap_matches;
+                        x.cap_points += st.cap_points;
+                    } else if st.cap_window > x.cap_window {
+                        (x.cap_window, x.cap_matches, x.cap_points) =
+                            (st.cap_window, st.cap_matches, st.cap_points);
+                    }
+                }
+                None => into.stats.push(st),
+            }
+        }
+        for (slot, p) in from.fit {
+            if !into.fit.iter().any(|(k, _)| *k == slot) {
+                into.fit.push((slot, p));
+            }
+        }
+        into.fit.sort_by_key(|(k, _)| *k);
+        for f in from.recent {
+            if !into.seen(f) {
+                into.remember(f, self.dedup_window);
+            }
+        }
+        into.last_engaged_at = into.last_engaged_at.max(from.last_engaged_at);
+        into.last_event_at = into.last_event_at.max(from.last_event_at);
     }
 
     fn qualifies(&self, s: &LeadState, scores: &Scores, t: Millis) -> bool {

@@ -596,3 +596,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn stitching_merges_anonymous_history_with_original_timestamps() {
+    let e = engine();
+    let mut anon = e.new_state();
+    let mut lead = e.new_state();
+    let mut out = Vec::new();
+    let mut a1 = web("a1", T0, EventType::PageView, "/pricing");
+    a1.lead_id = None;
+    a1.anonymous_id = Some("cookie-1".into());
+    e.apply(&mut anon, &a1, &mut out);
+    e.apply(
+        &mut lead,
+        &web("l1", T0 + DAY, EventType::FormSubmit, ""),
+        &mut out,
+    );
+    let mut identify = ev("id", T0 + 2 * DAY, Source::Web, EventType::Identify, &[]);
+    identify.anonymous_id = Some("cookie-1".into());
+    e.apply_merging(&mut lead, &identify, Some(&anon), &mut out);
+    let at = T0 + 2 * DAY;
+    let expected = 15.0 * (-2.0_f64 / 7.0).exp2() + 20.0 * (-1.0_f64 / 7.0).exp2();
+    assert!((e.engagement_at(&lead, at) - expected).abs() < 1e-9);
+    let pricing = lead
+        .stats
+        .iter()
+        .find(|s| e.rules().rules[s.rule as usize].name == "pricing_page")
+        .unwrap();
+    assert_eq!(pricing.last_at, T0, "original timestamp kept");
+    // The anonymous event id is now known to the lead: a redelivery counts nothing.
+    let mut again = a1.clone();
+    again.lead_id = Some("lead-1".into());
+    assert_eq!(e.apply(&mut lead, &again, &mut out), Applied::Duplicate);
+}

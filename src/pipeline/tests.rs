@@ -297,3 +297,52 @@ fn decay_fires_without_traffic_for_the_lead() {
     assert!(decays[0].occurred_at < decays[1].occurred_at);
     assert!(decays[1].occurred_at.as_str() < "2026-12-30");
 }
+
+#[test]
+fn identify_merges_the_anonymous_history_once() {
+    let store = Arc::new(MemoryStore::default());
+    let sink = VecSink::default();
+    let mut p = processor(store.clone(), sink.clone());
+    let anon = |id: &str, sec: u32, url: &str| {
+        format!(
+            r#"{{"event_id":"{id}","anonymous_id":"cookie-9","occurred_at":"{T0}{sec:02}Z","type":"page_view","attributes":{{"url":"{url}"}}}}"#
+        )
+        .into_bytes()
+    };
+    let a1 = anon("a1", 1, "/pricing");
+    let a2 = anon("a2", 2, "/pricing");
+    p.process(&[msg("events.web", 0, &a1), msg("events.web", 1, &a2)])
+        .unwrap();
+    // Anonymous visitors are scored silently (30 points would be warm).
+    assert!(changes(&sink).is_empty());
+    p.flush().unwrap();
+    assert!(store.load(&["anon:cookie-9"]).unwrap()[0].is_some());
+    // A fresh processor (a restart): the visitor is loaded from the store and merged.
+    let mut p = processor(store.clone(), sink.clone());
+    let identify = format!(
+        r#"{{"event_id":"i1","lead_id":"crm-9","anonymous_id":"cookie-9","occurred_at":"{T0}10Z","type":"identify"}}"#
+    )
+    .into_bytes();
+    p.process(&[msg("events.web", 2, &identify)]).unwrap();
+    let c = changes(&sink);
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        (c[0].lead_id.as_str(), c[0].segment.as_str()),
+        ("crm-9", "warm")
+    );
+    assert!(p.leads.get("anon:cookie-9").is_none());
+    // A second identify for the same visitor merges nothing more.
+    let identify2 = format!(
+        r#"{{"event_id":"i2","lead_id":"crm-9","anonymous_id":"cookie-9","occurred_at":"{T0}11Z","type":"identify"}}"#
+    )
+    .into_bytes();
+    p.process(&[msg("events.web", 3, &identify2)]).unwrap();
+    let state = p.leads.get("crm-9").unwrap().state.clone();
+    let e = p.engine().engagement_at(&state, state.as_of);
+    assert!((e - 30.0).abs() < 0.01, "{e}");
+    p.flush().unwrap();
+    assert!(
+        store.load(&["anon:cookie-9"]).unwrap()[0].is_none(),
+        "merged visitor deleted"
+    );
+}
