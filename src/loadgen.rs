@@ -215,7 +215,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         }
     }
     consumer.assign(&tpl)?;
-    let p = producer(&args.brokers, 1)?;
+    let p = producer(&args.brokers, 5)?;
     let mut synth = Synth::new(args.leads, args.seed, now_ms(), 0);
     let started = Instant::now();
     let mut sent = 0u64;
