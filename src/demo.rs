@@ -113,7 +113,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .set("bootstrap.servers", &brokers)
                 .set("linger.ms", "5")
                 .create()?;
-            let start = now_ms() - 60 * 86_400_000;
+            let start = crate::event::wall_clock_ms() - 60 * 86_400_000;
             let mut synth = Synth::new(leads, 42, start, step);
             let began = Instant::now();
             let mut n: u64 = 0;
@@ -308,10 +308,4 @@ pub fn sum_counter(text: &str, name: &str) -> u64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

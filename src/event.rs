@@ -344,6 +344,14 @@ pub fn format_rfc3339(millis: Millis) -> String {
     }
 }
 
+/// The wall clock in milliseconds since the epoch (only for lag and latency
+/// figures and the HTTP view; scoring never reads it).
+pub fn wall_clock_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
 /// Cuts a string to at most `max` bytes on a character boundary (for error messages).
 pub fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {

@@ -15,6 +15,7 @@ use crate::engine::{Engine, LeadState, Segment};
 use crate::event::{MAX_ID_LEN, format_rfc3339};
 use crate::kafka::consumer::Health;
 use crate::metrics::Metrics;
+use crate::output::SignalOut;
 use crate::pipeline::LeadMap;
 use crate::store::Store;
 
@@ -53,22 +54,9 @@ pub struct LeadView {
     /// The instant the scores are decayed to.
     pub as_of: String,
     /// Top contributing signals now.
-    pub top_signals: Vec<SignalView>,
+    pub top_signals: Vec<SignalOut>,
     /// Rules version.
     pub rules_version: String,
-}
-
-/// One contributing signal.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
-pub struct SignalView {
-    /// Rule.
-    pub rule: String,
-    /// Decayed points now.
-    pub points: f64,
-    /// Last match.
-    pub last_at: String,
-    /// Matches.
-    pub count: u32,
 }
 
 #[derive(Serialize)]
@@ -138,12 +126,6 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// The view of a lead's state at `at` (never before its last event).
 pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
     let at = at.max(state.as_of);
@@ -162,7 +144,7 @@ pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
         top_signals: engine
             .top_signals(state, at)
             .into_iter()
-            .map(|s| SignalView {
+            .map(|s| SignalOut {
                 rule: s.rule,
                 points: s.points,
                 last_at: format_rfc3339(s.last_at),
@@ -213,5 +195,5 @@ async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     if state.is_new() {
         return error(StatusCode::NOT_FOUND, "unknown lead");
     }
-    Json(view(&s.engine, &id, &state, now_ms())).into_response()
+    Json(view(&s.engine, &id, &state, crate::event::wall_clock_ms())).into_response()
 }

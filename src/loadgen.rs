@@ -120,7 +120,12 @@ fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, pa
 
 fn prefill(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let p = producer(&args.brokers, 20)?;
-    let mut synth = Synth::new(args.leads, args.seed, now_ms() - 30 * 86_400_000, 50);
+    let mut synth = Synth::new(
+        args.leads,
+        args.seed,
+        crate::event::wall_clock_ms() - 30 * 86_400_000,
+        50,
+    );
     let started = Instant::now();
     let mut bytes = 0u64;
     for _ in 0..args.events {
@@ -203,7 +208,10 @@ async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
 fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
-        .set("group.id", format!("leadscore-loadgen-{}", now_ms()))
+        .set(
+            "group.id",
+            format!("leadscore-loadgen-{}", crate::event::wall_clock_ms()),
+        )
         .set("fetch.wait.max.ms", "5")
         .set("enable.auto.commit", "false")
         .create()?;
@@ -216,7 +224,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     }
     consumer.assign(&tpl)?;
     let p = producer(&args.brokers, 5)?;
-    let mut synth = Synth::new(args.leads, args.seed, now_ms(), 0);
+    let mut synth = Synth::new(args.leads, args.seed, crate::event::wall_clock_ms(), 0);
     let started = Instant::now();
     let mut sent = 0u64;
     let mut latencies: Vec<i64> = Vec::new();
@@ -227,7 +235,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         if now < stop_at {
             let due = (now.duration_since(started).as_secs_f64() * args.rate as f64) as u64;
             while sent < due {
-                synth.set_clock(now_ms());
+                synth.set_clock(crate::event::wall_clock_ms());
                 let e = synth.next_event();
                 send(&p, &topic_of(topics, e.source), &e.key, &e.payload);
                 sent += 1;
@@ -240,7 +248,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
                 && c.reason == "event"
                 && let Ok(at) = parse_rfc3339(&c.occurred_at)
             {
-                latencies.push(now_ms() - at);
+                latencies.push(crate::event::wall_clock_ms() - at);
             }
         }
     }
@@ -268,7 +276,10 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
 fn read(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
-        .set("group.id", format!("leadscore-read-{}", now_ms()))
+        .set(
+            "group.id",
+            format!("leadscore-read-{}", crate::event::wall_clock_ms()),
+        )
         .set("fetch.wait.max.ms", "5")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -291,10 +302,4 @@ fn read(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         n as f64 / secs
     );
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -299,7 +299,7 @@ impl Processor {
 
         let mut consumed: HashMap<(&str, EventType), u64> = HashMap::new();
         let mut next_offsets: Vec<(&str, i32, i64)> = Vec::new();
-        let now_ms = wall_ms();
+        let now_ms = crate::event::wall_clock_ms();
         for (m, event) in batch.iter().zip(decoded) {
             match next_offsets
                 .iter_mut()
@@ -763,12 +763,6 @@ fn stitched_key(e: &Event<'_>) -> Option<String> {
         (Some(_), Some(anon)) => Some(format!("{ANONYMOUS_PREFIX}{anon}")),
         _ => None,
     }
-}
-
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

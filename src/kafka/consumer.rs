@@ -41,7 +41,7 @@ impl Health {
     /// Alive: the loop turned within `max_silence`.
     pub fn alive(&self, max_silence: Duration) -> bool {
         let last = self.heartbeat_ms.load(Ordering::SeqCst);
-        last == 0 || wall_ms() - last <= max_silence.as_millis() as i64
+        last == 0 || crate::event::wall_clock_ms() - last <= max_silence.as_millis() as i64
     }
 
     fn set_store_up(&self, up: bool, metrics: &Metrics) {
@@ -355,7 +355,9 @@ fn consume(
         if let Some(error) = ctx.fatal.lock().take() {
             return Err(error);
         }
-        health.heartbeat_ms.store(wall_ms(), Ordering::SeqCst);
+        health
+            .heartbeat_ms
+            .store(crate::event::wall_clock_ms(), Ordering::SeqCst);
         let mut msgs = std::mem::take(&mut stash);
         if msgs.is_empty() {
             match consumer.poll(Duration::from_millis(100)) {
@@ -472,10 +474,4 @@ fn set_paused(consumer: &BaseConsumer<LeadscoreContext>, pause: bool, metrics: &
         warn!(%error, pause, "Cannot change consumption state.");
     }
     metrics.paused.set(pause as i64);
-}
-
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

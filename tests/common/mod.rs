@@ -350,7 +350,10 @@ impl Service {
             ("LEADSCORE__KAFKA__CONSUMER__FETCH_WAIT_MAX_MS", "10".into()),
             // A member that leaves without the broker noticing holds the
             // group until its session times out: keep that short in tests.
-            ("LEADSCORE__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000".into()),
+            (
+                "LEADSCORE__KAFKA__CONSUMER__SESSION_TIMEOUT_MS",
+                "6000".into(),
+            ),
             ("LEADSCORE__SHUTDOWN__DRAIN_TIMEOUT_MS", "5000".into()),
             ("LEADSCORE__REDIS__URL", redis.url.clone()),
             ("LEADSCORE__REDIS__KEY_PREFIX", names.prefix.clone()),
