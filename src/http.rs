@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::explain::Explanation;
 use crate::engine::{Engine, LeadState, Segment};
 use crate::event::{MAX_ID_LEN, format_rfc3339};
 use crate::kafka::consumer::Health;
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/leads/{id}", get(lead))
+        .route("/v1/leads/{id}/explain", get(explain))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }
@@ -155,45 +157,102 @@ pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
     }
 }
 
-async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+/// The lead's state: from memory, else from the store.
+async fn find(s: &AppState, id: &str) -> Result<LeadState, Response> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             format!("lead id must be 1..={MAX_ID_LEN} bytes"),
-        );
+        ));
     }
-    let in_memory = s.leads.get(id.as_str()).map(|l| l.state.clone());
+    let in_memory = s.leads.get(id).map(|l| l.state.clone());
     let state = match in_memory {
         Some(state) => state,
         None => {
             let store = Arc::clone(&s.store);
-            let key = id.clone();
+            let key = id.to_owned();
             let loaded = tokio::task::spawn_blocking(move || store.load(&[key.as_str()])).await;
             match loaded {
                 Ok(Ok(mut v)) => match v.pop().flatten() {
-                    Some(bytes) => match s.engine.decode(&bytes) {
-                        Ok(state) => state,
-                        Err(e) => {
-                            return error(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                format!("stored state unreadable: {e}"),
-                            );
-                        }
-                    },
-                    None => return error(StatusCode::NOT_FOUND, "unknown lead"),
+                    Some(bytes) => s.engine.decode(&bytes).map_err(|e| {
+                        error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("stored state unreadable: {e}"),
+                        )
+                    })?,
+                    None => return Err(error(StatusCode::NOT_FOUND, "unknown lead")),
                 },
                 Ok(Err(e)) => {
-                    return error(
+                    return Err(error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("state store unavailable: {e}"),
-                    );
+                    ));
                 }
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
             }
         }
     };
     if state.is_new() {
-        return error(StatusCode::NOT_FOUND, "unknown lead");
+        return Err(error(StatusCode::NOT_FOUND, "unknown lead"));
     }
-    Json(view(&s.engine, &id, &state, crate::event::wall_clock_ms())).into_response()
+    Ok(state)
+}
+
+async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match find(&s, &id).await {
+        Ok(state) => {
+            Json(view(&s.engine, &id, &state, crate::event::wall_clock_ms())).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+async fn explain(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match find(&s, &id).await {
+        Ok(state) => {
+            let x = s.engine.explain(&state, crate::event::wall_clock_ms());
+            Json(explain_view(&s.engine, &id, &x)).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+/// The JSON form of an explanation.
+pub fn explain_view(engine: &Engine, id: &str, x: &Explanation) -> serde_json::Value {
+    let rules = engine.rules();
+    serde_json::json!({
+        "lead_id": id,
+        "as_of": format_rfc3339(x.at),
+        "score": x.scores.total,
+        "engagement": x.scores.engagement,
+        "fit": x.scores.fit,
+        "fit_grade": x.scores.grade.as_str(),
+        "segment": x.segment.name(rules),
+        "contributions": x.contributions.iter().map(|c| serde_json::json!({
+            "rule": c.rule,
+            "event_id": c.event_id,
+            "occurred_at": format_rfc3339(c.at),
+            "points_then": c.points_then,
+            "points_now": c.points_now,
+            "capped": c.capped,
+        })).collect::<Vec<_>>(),
+        "earlier_contributions": x.earlier.iter().map(|(rule, now)| serde_json::json!({
+            "rule": rule, "points_now": now,
+        })).collect::<Vec<_>>(),
+        "adjustment": x.adjustment,
+        "caps": x.caps.iter().map(|c| serde_json::json!({
+            "rule": c.rule,
+            "window_start": format_rfc3339(c.window_start),
+            "window_end": format_rfc3339(c.window_end),
+            "matches": c.matches,
+            "points": c.points,
+            "max_matches": c.max_matches,
+            "max_points": c.max_points,
+        })).collect::<Vec<_>>(),
+        "fit_breakdown": x.fit.iter().map(|(rule, p)| serde_json::json!({"rule": rule, "points": p})).collect::<Vec<_>>(),
+        "segment_history": x.history.iter().map(|(from, to, reason, at)| serde_json::json!({
+            "from": from.name(rules), "to": to.name(rules), "reason": reason.as_str(), "at": format_rfc3339(*at),
+        })).collect::<Vec<_>>(),
+        "rules_version": rules.version,
+    })
 }

@@ -64,7 +64,8 @@ pub async fn run(
     let metrics = Metrics::new();
     let leads = Arc::new(LeadMap::default());
     let health = Arc::new(Health::default());
-    let engine = Engine::new(Arc::clone(&loaded.rules), s.state.dedup_window);
+    let engine = Engine::new(Arc::clone(&loaded.rules), s.state.dedup_window)
+        .with_explain_window(s.state.explain_window);
     let store = make_store(&loaded)?;
     // The HTTP server reads through its own connection.
     let http_store = match s.state.backend {

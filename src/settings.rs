@@ -188,6 +188,8 @@ pub struct StateSettings {
     pub backend: Backend,
     /// How many recent event ids each lead remembers for de-duplication (0–255).
     pub dedup_window: usize,
+    /// How many recent counted events each lead keeps for `/explain` (0–255).
+    pub explain_window: usize,
 }
 
 impl Default for StateSettings {
@@ -195,6 +197,7 @@ impl Default for StateSettings {
         StateSettings {
             backend: Backend::Redis,
             dedup_window: 16,
+            explain_window: crate::engine::DEFAULT_EXPLAIN_WINDOW,
         }
     }
 }
@@ -445,6 +448,9 @@ impl Settings {
         }
         if self.state.dedup_window > 255 {
             p.push("state.dedup_window: at most 255".into());
+        }
+        if self.state.explain_window > 255 {
+            p.push("state.explain_window: at most 255".into());
         }
         if self.http.listen.parse::<SocketAddr>().is_err() {
             p.push(format!(

@@ -11,6 +11,7 @@
 //! `v · 2^(-(t - as_of)/half_life)` at `t`. Stored values change only when an
 //! event is applied, so replays give identical bits whatever the batching.
 
+pub mod explain;
 pub mod rules;
 pub mod schedule;
 pub mod state;
@@ -62,6 +63,30 @@ impl Segment {
             Segment::Opportunity => Self::RESERVED[2],
             Segment::Customer => Self::RESERVED[3],
             Segment::Suppressed => Self::RESERVED[4],
+        }
+    }
+
+    /// A stable numeric code (for the stored segment history).
+    pub fn code(self) -> u16 {
+        match self {
+            Segment::Tier(i) => u16::from(i),
+            Segment::Reengage => 1000,
+            Segment::NotReady => 1001,
+            Segment::Opportunity => 1002,
+            Segment::Customer => 1003,
+            Segment::Suppressed => 1004,
+        }
+    }
+
+    /// The segment of a code written by [`Segment::code`].
+    pub fn from_code(code: u16) -> Segment {
+        match code {
+            1000 => Segment::Reengage,
+            1001 => Segment::NotReady,
+            1002 => Segment::Opportunity,
+            1003 => Segment::Customer,
+            1004 => Segment::Suppressed,
+            i => Segment::Tier(i.min(255) as u8),
         }
     }
 
@@ -189,7 +214,14 @@ pub struct Engine {
     rules: Arc<Rules>,
     layout: u32,
     dedup_window: usize,
+    explain_window: usize,
 }
+
+/// Counted events each lead keeps for explanations, unless configured.
+pub const DEFAULT_EXPLAIN_WINDOW: usize = 16;
+
+/// Segment transitions each lead keeps for explanations.
+pub const HISTORY_WINDOW: usize = 8;
 
 /// Fingerprint of an event id (stable across versions: xxh3-64).
 pub fn fingerprint(event_id: &str) -> u64 {
@@ -204,7 +236,14 @@ impl Engine {
             rules,
             layout,
             dedup_window: dedup_window.min(255),
+            explain_window: DEFAULT_EXPLAIN_WINDOW,
         }
+    }
+
+    /// Keeps the last `n` counted events per lead for explanations (0–255).
+    pub fn with_explain_window(mut self, n: usize) -> Self {
+        self.explain_window = n.min(255);
+        self
     }
 
     /// The compiled rules.
@@ -414,6 +453,7 @@ impl Engine {
                     Step::TierDown => Reason::Decay,
                     Step::NotReadyEnds => Reason::Lifecycle,
                 };
+                record_transition(s, before, after, reason, at);
                 out.push(Decision::Change(SegmentChange {
                     from: before,
                     to: after,
@@ -570,7 +610,7 @@ impl Engine {
                     .is_some_and(|d| t - d <= rules.machine_open_ms));
         if !machine_open && let Some(rule) = rules.match_rule(e) {
             matched = Some(rule);
-            let points = self.count_points(s, rule, t);
+            let points = self.count_points(s, rule, t, &e.event_id);
             if points > 0.0 {
                 engaged = true;
             }
@@ -602,15 +642,17 @@ impl Engine {
         }
         let after = Segment::of(s);
         if before != after {
+            let reason = if lifecycle {
+                Reason::Lifecycle
+            } else {
+                Reason::Event
+            };
+            record_transition(s, before, after, reason, t);
             out.push(Decision::Change(SegmentChange {
                 from: before,
                 to: after,
                 scores,
-                reason: if lifecycle {
-                    Reason::Lifecycle
-                } else {
-                    Reason::Event
-                },
+                reason,
                 trigger: Some(e.event_id.to_string()),
                 at: t,
             }));
@@ -679,6 +721,10 @@ impl Engine {
                 into.remember(f, self.dedup_window);
             }
         }
+        into.log.extend(from.log);
+        into.log.sort_by_key(|c| c.at);
+        let excess = into.log.len().saturating_sub(self.explain_window);
+        into.log.drain(..excess);
         into.last_engaged_at = into.last_engaged_at.max(from.last_engaged_at);
         into.last_event_at = into.last_event_at.max(from.last_event_at);
     }
@@ -698,7 +744,7 @@ impl Engine {
     }
 
     /// Adds a rule's points, applying its cap; returns the points counted.
-    fn count_points(&self, s: &mut LeadState, rule: u16, t: Millis) -> f64 {
+    fn count_points(&self, s: &mut LeadState, rule: u16, t: Millis, event_id: &str) -> f64 {
         let r = &self.rules.rules[rule as usize];
         let idx = match s.stats.iter().position(|st| st.rule == rule) {
             Some(i) => i,
@@ -737,6 +783,18 @@ impl Engine {
         stat.count += 1;
         stat.last_at = t;
         stat.value += points;
+        if self.explain_window > 0 {
+            if s.log.len() >= self.explain_window {
+                s.log.remove(0);
+            }
+            s.log.push(state::Contribution {
+                rule,
+                event_id: event_id.to_owned(),
+                at: t,
+                points,
+                capped: points != r.points,
+            });
+        }
         let g = &mut s.groups[r.group];
         *g = (*g + points).max(0.0);
         points
@@ -783,6 +841,7 @@ impl Engine {
                 s.status = Status::Nurture;
                 s.groups.iter_mut().for_each(|g| *g = 0.0);
                 s.stats.clear();
+                s.log.clear();
                 s.armed = true;
                 s.unengaged_streak = 0;
                 s.tier = 0;
@@ -837,6 +896,18 @@ impl Engine {
             })
             .collect()
     }
+}
+
+fn record_transition(s: &mut LeadState, from: Segment, to: Segment, reason: Reason, at: Millis) {
+    if s.history.len() >= HISTORY_WINDOW {
+        s.history.remove(0);
+    }
+    s.history.push(state::Transition {
+        from: from.code(),
+        to: to.code(),
+        reason: reason as u8,
+        at,
+    });
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

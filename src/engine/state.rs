@@ -75,6 +75,34 @@ pub struct RuleStat {
     pub cap_points: f64,
 }
 
+/// One counted event, kept for explanations (a bounded log per lead).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    /// Index into the compiled rules.
+    pub rule: u16,
+    /// The input event.
+    pub event_id: String,
+    /// Event time it counted at.
+    pub at: Millis,
+    /// Points counted then (after any cap).
+    pub points: f64,
+    /// Whether a cap cut the rule's points.
+    pub capped: bool,
+}
+
+/// One past segment transition, kept for explanations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transition {
+    /// Segment code before (see [`Transition::code`]).
+    pub from: u16,
+    /// Segment code after.
+    pub to: u16,
+    /// 0 event, 1 decay, 2 lifecycle.
+    pub reason: u8,
+    /// Event time.
+    pub at: Millis,
+}
+
 /// The state of one lead (or anonymous visitor).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeadState {
@@ -108,6 +136,10 @@ pub struct LeadState {
     pub recent_next: u8,
     /// Event time of the last event applied.
     pub last_event_at: Millis,
+    /// The most recent counted events, oldest first (bounded).
+    pub log: Vec<Contribution>,
+    /// The most recent segment transitions, oldest first (bounded).
+    pub history: Vec<Transition>,
 }
 
 impl LeadState {
@@ -129,6 +161,8 @@ impl LeadState {
             recent: Vec::new(),
             recent_next: 0,
             last_event_at: i64::MIN,
+            log: Vec::new(),
+            history: Vec::new(),
         }
     }
 
@@ -198,6 +232,23 @@ impl LeadState {
             put_u64(out, *f);
         }
         put_i64(out, self.last_event_at);
+        out.push(self.log.len() as u8);
+        for c in &self.log {
+            put_u16(out, c.rule);
+            let id = &c.event_id.as_bytes()[..c.event_id.len().min(u8::MAX as usize)];
+            out.push(id.len() as u8);
+            out.extend_from_slice(id);
+            put_i64(out, c.at);
+            put_f64(out, c.points);
+            out.push(c.capped as u8);
+        }
+        out.push(self.history.len() as u8);
+        for h in &self.history {
+            put_u16(out, h.from);
+            put_u16(out, h.to);
+            out.push(h.reason);
+            put_i64(out, h.at);
+        }
     }
 
     /// Decodes the binary form. With a different rules `layout`, per-rule
@@ -250,6 +301,30 @@ impl LeadState {
             recent.push(r.u64()?);
         }
         let last_event_at = r.i64()?;
+        let n = r.u8()? as usize;
+        let mut log = Vec::with_capacity(n);
+        for _ in 0..n {
+            let rule = r.u16()?;
+            let len = r.u8()? as usize;
+            let id = r.bytes(len)?;
+            log.push(Contribution {
+                rule,
+                event_id: String::from_utf8_lossy(id).into_owned(),
+                at: r.i64()?,
+                points: r.f64()?,
+                capped: r.u8()? != 0,
+            });
+        }
+        let n = r.u8()? as usize;
+        let mut history = Vec::with_capacity(n);
+        for _ in 0..n {
+            history.push(Transition {
+                from: r.u16()?,
+                to: r.u16()?,
+                reason: r.u8()?,
+                at: r.i64()?,
+            });
+        }
         if r.pos != bytes.len() {
             return Err(StateError::Corrupt);
         }
@@ -269,6 +344,8 @@ impl LeadState {
             recent,
             recent_next,
             last_event_at,
+            log,
+            history,
         };
         if stored_layout != layout || state.groups.len() != groups {
             let total: f64 = state.groups.iter().sum();
@@ -278,6 +355,7 @@ impl LeadState {
             }
             state.stats.clear();
             state.fit.clear();
+            state.log.clear();
         }
         Ok(state)
     }
@@ -294,7 +372,7 @@ pub enum StateError {
     Corrupt,
 }
 
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
 
 fn put_u16(out: &mut Vec<u8>, v: u16) {
     out.extend_from_slice(&v.to_le_bytes());
@@ -326,6 +404,12 @@ impl Reader<'_> {
         let slice = self.bytes.get(self.pos..end).ok_or(StateError::Corrupt)?;
         self.pos = end;
         Ok(slice.try_into().expect("slice has N bytes"))
+    }
+    fn bytes(&mut self, n: usize) -> Result<&[u8], StateError> {
+        let end = self.pos + n;
+        let slice = self.bytes.get(self.pos..end).ok_or(StateError::Corrupt)?;
+        self.pos = end;
+        Ok(slice)
     }
     fn u8(&mut self) -> Result<u8, StateError> {
         Ok(self.take::<1>()?[0])
@@ -372,6 +456,19 @@ mod tests {
         s.fit.push((1, 10.0));
         s.status = Status::NotReady { until: 77 };
         s.last_engaged_at = Some(42);
+        s.log.push(Contribution {
+            rule: 3,
+            event_id: "ev-1".into(),
+            at: 9,
+            points: 2.5,
+            capped: true,
+        });
+        s.history.push(Transition {
+            from: 0,
+            to: 1,
+            reason: 0,
+            at: 8,
+        });
         for f in 0..20 {
             s.remember(f, 16);
         }

@@ -629,3 +629,61 @@ fn stitching_merges_anonymous_history_with_original_timestamps() {
     again.lead_id = Some("lead-1".into());
     assert_eq!(e.apply(&mut lead, &again, &mut out), Applied::Duplicate);
 }
+
+#[test]
+fn explanations_add_up_to_the_score() {
+    let e = Engine::new(Arc::new(Rules::default_rules()), 16).with_explain_window(4);
+    let mut s = e.new_state();
+    let mut out = Vec::new();
+    for i in 0..5 {
+        e.apply(
+            &mut s,
+            &web(
+                &format!("p{i}"),
+                T0 + i * HOUR,
+                EventType::PageView,
+                "/pricing",
+            ),
+            &mut out,
+        );
+    }
+    e.apply(
+        &mut s,
+        &web("c", T0 + 6 * HOUR, EventType::PageView, "/careers"),
+        &mut out,
+    );
+    e.apply(
+        &mut s,
+        &ev("o", T0 + 7 * HOUR, Source::Email, EventType::Open, &[]),
+        &mut out,
+    );
+    let at = T0 + 3 * DAY;
+    let x = e.explain(&s, at);
+    assert_eq!(x.contributions.len(), 4, "bounded window");
+    let parts: f64 = x.contributions.iter().map(|c| c.points_now).sum::<f64>()
+        + x.earlier.iter().map(|(_, p)| p).sum::<f64>()
+        + x.adjustment;
+    assert!(
+        (parts - x.scores.engagement).abs() < 1e-9,
+        "{parts} vs {}",
+        x.scores.engagement
+    );
+    // The pricing cap (45 points a day) cut the fourth and fifth views.
+    assert!(
+        x.contributions
+            .iter()
+            .any(|c| c.rule == "pricing_page" && c.capped && c.points_then == 0.0)
+    );
+    assert!(x.earlier.iter().any(|(r, _)| r == "pricing_page"));
+    assert_eq!(
+        x.history,
+        vec![(Segment::Tier(0), Segment::Tier(1), Reason::Event, T0 + HOUR)]
+    );
+    // Points now are points then, decayed from their own instant.
+    let open = x
+        .contributions
+        .iter()
+        .find(|c| c.rule == "email_open")
+        .unwrap();
+    assert!((open.points_now - 3.0 * (-(3.0 * 24.0 - 7.0) / 72.0_f64).exp2()).abs() < 1e-9);
+}

@@ -1,0 +1,149 @@
+//! Why a lead has its score: every remembered contribution with its points
+//! then and now, what came before the remembered window, caps in force, the
+//! fit breakdown and the segment history. The parts add up to the score.
+
+use super::{Engine, LeadState, Reason, Scores, Segment};
+use crate::event::Millis;
+
+/// One counted event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contributed {
+    /// Rule name.
+    pub rule: String,
+    /// Input event id.
+    pub event_id: String,
+    /// When it counted.
+    pub at: Millis,
+    /// Points then (after any cap).
+    pub points_then: f64,
+    /// The same points decayed to the explanation instant.
+    pub points_now: f64,
+    /// Whether a cap cut it.
+    pub capped: bool,
+}
+
+/// A cap in force at the explanation instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapInForce {
+    /// Rule name.
+    pub rule: String,
+    /// Window start.
+    pub window_start: Millis,
+    /// Window end (exclusive).
+    pub window_end: Millis,
+    /// Matches counted in the window.
+    pub matches: u32,
+    /// Absolute points counted in the window.
+    pub points: f64,
+    /// The rule's limit on matches.
+    pub max_matches: Option<u32>,
+    /// The rule's limit on points.
+    pub max_points: Option<f64>,
+}
+
+/// A full explanation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explanation {
+    /// The instant explained.
+    pub at: Millis,
+    /// Scores at that instant.
+    pub scores: Scores,
+    /// Visible segment.
+    pub segment: Segment,
+    /// Remembered contributions, oldest first.
+    pub contributions: Vec<Contributed>,
+    /// Per rule, what its older contributions are worth now.
+    pub earlier: Vec<(String, f64)>,
+    /// Engagement not attributable to a rule: the floor at zero after
+    /// negative points, and floating-point rounding.
+    pub adjustment: f64,
+    /// Caps in force.
+    pub caps: Vec<CapInForce>,
+    /// Fit points by rule.
+    pub fit: Vec<(String, f64)>,
+    /// Recent segment transitions: from, to, reason, instant.
+    pub history: Vec<(Segment, Segment, Reason, Millis)>,
+}
+
+impl Engine {
+    /// Explains a lead's scores at `at` (not before its last change).
+    pub fn explain(&self, s: &LeadState, at: Millis) -> Explanation {
+        let at = at.max(s.as_of);
+        let rules = self.rules();
+        let decay = |rule: u16, from: Millis| {
+            let h = rules.half_lives[rules.rules[rule as usize].group];
+            (-((at - from).max(0) as f64) / h).exp2()
+        };
+        let contributions: Vec<Contributed> = s
+            .log
+            .iter()
+            .map(|c| Contributed {
+                rule: rules.rules[c.rule as usize].name.clone(),
+                event_id: c.event_id.clone(),
+                at: c.at,
+                points_then: c.points,
+                points_now: c.points * decay(c.rule, c.at),
+                capped: c.capped,
+            })
+            .collect();
+        let mut earlier = Vec::new();
+        let mut attributed = 0.0;
+        for st in &s.stats {
+            let now = st.value * decay(st.rule, s.as_of);
+            let logged: f64 = s
+                .log
+                .iter()
+                .filter(|c| c.rule == st.rule)
+                .fold(0.0, |acc, c| acc + c.points * decay(c.rule, c.at));
+            let rest = now - logged;
+            if rest.abs() > 1e-9 {
+                earlier.push((rules.rules[st.rule as usize].name.clone(), rest));
+            }
+            attributed += now;
+        }
+        let scores = self.scores_at(s, at);
+        let caps = s
+            .stats
+            .iter()
+            .filter_map(|st| {
+                let cap = rules.rules[st.rule as usize].cap?;
+                (st.cap_window == at.div_euclid(cap.window_ms)).then(|| CapInForce {
+                    rule: rules.rules[st.rule as usize].name.clone(),
+                    window_start: st.cap_window * cap.window_ms,
+                    window_end: (st.cap_window + 1) * cap.window_ms,
+                    matches: st.cap_matches,
+                    points: st.cap_points,
+                    max_matches: cap.max_matches,
+                    max_points: cap.max_points,
+                })
+            })
+            .collect();
+        let reason = |r: u8| match r {
+            1 => Reason::Decay,
+            2 => Reason::Lifecycle,
+            _ => Reason::Event,
+        };
+        Explanation {
+            at,
+            segment: Segment::of(s),
+            contributions,
+            earlier,
+            adjustment: scores.engagement - attributed,
+            caps,
+            fit: self.fit_breakdown(s),
+            history: s
+                .history
+                .iter()
+                .map(|h| {
+                    (
+                        Segment::from_code(h.from),
+                        Segment::from_code(h.to),
+                        reason(h.reason),
+                        h.at,
+                    )
+                })
+                .collect(),
+            scores,
+        }
+    }
+}

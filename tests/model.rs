@@ -1,0 +1,233 @@
+//! The scoring model through the real broker and Redis: decay without
+//! traffic, identity stitching, exits, and explanations over HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Broker, Names, Redis, Service, event, json};
+use rdkafka::producer::{BaseRecord, Producer};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn setup() -> (Broker, Redis, Names, Service) {
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = Names::new();
+    broker.create_topics(&names.all(), 1);
+    let service = Service::start(&broker, &redis, &names, &[]);
+    (broker, redis, names, service)
+}
+
+fn send(broker: &Broker, topic: &str, key: &str, payloads: &[Vec<u8>]) {
+    let p = broker.producer();
+    for payload in payloads {
+        p.send(BaseRecord::to(topic).partition(0).key(key).payload(payload))
+            .unwrap();
+    }
+    p.flush(WAIT).unwrap();
+}
+
+fn changes_of(broker: &Broker, names: &Names, lead: &str, count: usize) -> Vec<serde_json::Value> {
+    broker
+        .read(&names.changes, 1, usize::MAX, Duration::from_secs(3))
+        .iter()
+        .map(json)
+        .filter(|v| v["lead_id"] == lead)
+        .take(count)
+        .collect()
+}
+
+#[test]
+fn a_quiet_hot_lead_is_downgraded_by_decay() {
+    let (broker, _redis, names, service) = setup();
+    send(
+        &broker,
+        &names.web,
+        "hot",
+        &[
+            event(
+                "h1",
+                "hot",
+                "2026-11-01T10:00:00Z",
+                "booking_abandoned",
+                &[],
+            ),
+            event("h2", "hot", "2026-11-01T10:01:00Z", "booking_started", &[]),
+        ],
+    );
+    // Weeks later only another lead is active: the shard's clock moves on.
+    send(
+        &broker,
+        &names.web,
+        "other",
+        &[event(
+            "o1",
+            "other",
+            "2026-12-01T00:00:00Z",
+            "page_view",
+            &[],
+        )],
+    );
+    service.wait_consumed(3, WAIT);
+    let c = changes_of(&broker, &names, "hot", 4);
+    let seq: Vec<(&str, &str, &str)> = c
+        .iter()
+        .map(|v| {
+            (
+                v["previous_segment"].as_str().unwrap(),
+                v["segment"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        vec![
+            ("cold", "warm", "event"),
+            ("warm", "hot", "event"),
+            ("hot", "warm", "decay"),
+            ("warm", "cold", "decay")
+        ],
+        "log:\n{}",
+        service.logs()
+    );
+    assert!(c[2]["trigger_event_id"].is_null());
+    assert!(
+        c[2]["occurred_at"].as_str().unwrap() < "2026-12-01",
+        "at the crossing instant, not at the clock"
+    );
+    assert!(service.terminate().success());
+}
+
+#[test]
+fn an_anonymous_history_counts_for_the_lead_once_identified() {
+    let (broker, _redis, names, service) = setup();
+    let anon = |id: &str, at: &str, url: &str| {
+        serde_json::json!({"event_id": id, "anonymous_id": "cookie-1", "occurred_at": at, "type": "page_view", "attributes": {"url": url}})
+            .to_string()
+            .into_bytes()
+    };
+    send(
+        &broker,
+        &names.web,
+        "cookie-1",
+        &[
+            anon("a1", "2026-11-22T10:00:00Z", "/pricing"),
+            anon("a2", "2026-11-22T10:01:00Z", "/pricing"),
+        ],
+    );
+    let identify = serde_json::json!({"event_id": "i1", "lead_id": "crm-1", "anonymous_id": "cookie-1", "occurred_at": "2026-11-22T10:05:00Z", "type": "identify"});
+    send(
+        &broker,
+        &names.web,
+        "crm-1",
+        &[identify.to_string().into_bytes()],
+    );
+    service.wait_consumed(3, WAIT);
+    let c = changes_of(&broker, &names, "crm-1", 1);
+    assert_eq!(c.len(), 1, "log:\n{}", service.logs());
+    assert_eq!(
+        (c[0]["segment"].as_str(), c[0]["trigger_event_id"].as_str()),
+        (Some("warm"), Some("i1"))
+    );
+    assert!(
+        changes_of(&broker, &names, "anon:cookie-1", 1).is_empty(),
+        "visitors are scored silently"
+    );
+    let (status, body) = service.get("/v1/leads/crm-1/explain").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let x: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = x["contributions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["a1", "a2"], "original events, original times");
+    assert_eq!(
+        x["contributions"][0]["occurred_at"],
+        "2026-11-22T10:00:00.000Z"
+    );
+    assert_eq!(service.get("/v1/leads/anon:cookie-1").unwrap().0, 404);
+    assert!(service.terminate().success());
+}
+
+#[test]
+fn an_unsubscribed_lead_gets_no_further_nurture_events_and_explain_adds_up() {
+    let (broker, _redis, names, service) = setup();
+    send(
+        &broker,
+        &names.web,
+        "l",
+        &[event(
+            "w1",
+            "l",
+            "2026-11-22T10:00:00Z",
+            "booking_started",
+            &[],
+        )],
+    );
+    send(
+        &broker,
+        &names.email,
+        "l",
+        &[event("u1", "l", "2026-11-22T10:01:00Z", "unsubscribe", &[])],
+    );
+    service.wait_consumed(2, WAIT);
+    send(
+        &broker,
+        &names.web,
+        "l",
+        &[
+            event("w2", "l", "2026-11-22T10:02:00Z", "booking_abandoned", &[]),
+            event(
+                "w3",
+                "l",
+                "2026-11-22T10:03:00Z",
+                "chat_message",
+                &[("intent", "booking")],
+            ),
+        ],
+    );
+    service.wait_consumed(4, WAIT);
+    let c = changes_of(&broker, &names, "l", 5);
+    let seq: Vec<(&str, &str)> = c
+        .iter()
+        .map(|v| {
+            (
+                v["segment"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seq, vec![("warm", "event"), ("suppressed", "lifecycle")]);
+    assert!(
+        broker
+            .read(&names.handoffs, 1, 1, Duration::from_secs(2))
+            .is_empty()
+    );
+    let (status, body) = service.get("/v1/leads/l/explain").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let x: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sum: f64 = x["contributions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["points_now"].as_f64().unwrap())
+        .sum::<f64>()
+        + x["earlier_contributions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["points_now"].as_f64().unwrap())
+            .sum::<f64>()
+        + x["adjustment"].as_f64().unwrap();
+    assert!(
+        (sum - x["engagement"].as_f64().unwrap()).abs() < 1e-9,
+        "{body}"
+    );
+    assert_eq!(x["segment"], "suppressed");
+    assert_eq!(x["segment_history"].as_array().unwrap().len(), 2);
+    assert!(service.terminate().success());
+}
