@@ -213,6 +213,14 @@ impl Processor {
         &self.engine
     }
 
+    /// The next offset to process, per input partition processed so far.
+    pub fn positions(&self) -> Durable {
+        self.positions
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect()
+    }
+
     /// Leads changed since the last flush.
     pub fn dirty_len(&self) -> usize {
         self.dirty.len()
@@ -614,11 +622,7 @@ impl Processor {
             });
         }
         batch.deletes = std::mem::take(&mut self.deleted);
-        batch.positions = self
-            .positions
-            .iter()
-            .map(|((t, p), o)| (t.clone(), *p, *o))
-            .collect();
+        batch.positions = self.positions();
         batch.clocks = self
             .shards
             .iter()

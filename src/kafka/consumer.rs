@@ -434,11 +434,15 @@ fn consume(
         match finished {
             None => drop(p),
             Some(Ok(durable)) => {
+                let processed = p.positions();
                 drop(p);
                 health.set_store_up(true, metrics);
                 commit(consumer, &durable, CommitMode::Async, metrics);
-                if paused {
+                // Resume only once nothing fetched during the pause is waiting,
+                // and from exactly where processing got to.
+                if paused && stash.is_empty() {
                     set_paused(consumer, false, metrics);
+                    seek_to(consumer, &processed);
                     paused = false;
                 }
             }
@@ -460,6 +464,16 @@ fn consume(
         }
     }
     Ok(())
+}
+
+/// Points fetching at the next offset to process: a paused partition's
+/// prefetched messages are dropped, and resuming must not skip them.
+fn seek_to(consumer: &BaseConsumer<LeadscoreContext>, next: &Durable) {
+    for (topic, partition, offset) in next {
+        if let Err(error) = consumer.seek(topic, *partition, Offset::Offset(*offset), Duration::from_secs(5)) {
+            warn!(%error, topic, partition, offset, "Cannot seek after resuming.");
+        }
+    }
 }
 
 fn set_paused(consumer: &BaseConsumer<LeadscoreContext>, pause: bool, metrics: &Metrics) {

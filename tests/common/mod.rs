@@ -61,25 +61,29 @@ pub struct Redis {
     child: Child,
     pub port: u16,
     pub url: String,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        Self::start_on(free_port())
+        Self::spawn(free_port(), None)
     }
 
-    pub fn start_on(port: u16) -> Redis {
+    /// A Redis whose data survives a restart (append-only file, fsync always).
+    pub fn start_persistent() -> Redis {
+        Self::spawn(free_port(), Some(tempfile::tempdir().unwrap()))
+    }
+
+    fn spawn(port: u16, dir: Option<tempfile::TempDir>) -> Redis {
+        let port_s = port.to_string();
+        let mut args = vec!["--port", &port_s, "--bind", "127.0.0.1", "--save", ""];
+        let dir_s = dir.as_ref().map(|d| d.path().display().to_string());
+        match &dir_s {
+            Some(d) => args.extend(["--appendonly", "yes", "--appendfsync", "always", "--dir", d.as_str()]),
+            None => args.extend(["--appendonly", "no"]),
+        }
         let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -89,7 +93,27 @@ impl Redis {
             child,
             port,
             url: format!("redis://127.0.0.1:{port}/0"),
+            dir,
         }
+    }
+
+    /// Starts a stopped persistent Redis again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let dir = self.dir.take();
+        *self = Self::spawn(self.port, dir);
+    }
+
+    /// Every lead state under `prefix`, by key.
+    pub fn leads(&self, prefix: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let mut conn = self.conn();
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}lead:*")).query(&mut conn).unwrap();
+        keys.into_iter()
+            .map(|k| {
+                let v: Vec<u8> = redis::cmd("GET").arg(&k).query(&mut conn).unwrap();
+                (k[prefix.len()..].to_owned(), v)
+            })
+            .collect()
     }
 
     pub fn conn(&self) -> redis::Connection {
