@@ -72,6 +72,9 @@ pub struct Decoder {
 impl Decoder {
     /// A decoder for a topic of `source` family in `format`.
     pub fn new(source: Source, format: Format) -> Self {
+        // A hostile length prefix must not make the Avro reader allocate
+        // more than a payload can hold (the first call sets it process-wide).
+        apache_avro::max_allocation_bytes(MAX_PAYLOAD_BYTES * 4);
         let avro = (format == Format::Avro).then(|| input_schema(source));
         Decoder {
             source,
@@ -370,6 +373,33 @@ mod tests {
                     .decode(Some(truncated))
                     .is_err()
             );
+        }
+    }
+
+    proptest::proptest! {
+        // Fuzzing the decoders: any bytes give an event or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            for source in Source::ALL {
+                let _ = Decoder::new(source, Format::Json).decode(Some(&bytes));
+                let _ = Decoder::new(source, Format::Avro).decode(Some(&bytes));
+            }
+        }
+
+        #[test]
+        fn mutated_valid_events_never_panic(cut in 0usize..200, flip in 0usize..200, byte in proptest::prelude::any::<u8>()) {
+            let mut json = GOOD.as_bytes().to_vec();
+            let i = flip % json.len();
+            json[i] = byte;
+            json.truncate(cut.max(1).min(json.len()));
+            let _ = Decoder::new(Source::Web, Format::Json).decode(Some(&json));
+            let schema = input_schema(Source::Web);
+            let event = Decoder::new(Source::Web, Format::Json).decode(Some(GOOD.as_bytes())).unwrap();
+            let mut avro = encode_avro(&schema, &event).unwrap();
+            let j = flip % avro.len();
+            avro[j] = byte;
+            avro.truncate(cut.max(1).min(avro.len()));
+            let _ = Decoder::new(Source::Web, Format::Avro).decode(Some(&avro));
         }
     }
 }

@@ -46,7 +46,11 @@ fn workload(events: usize, leads: usize, seed: u64) -> Workload {
         let payload = serde_json::json!({
             "event_id": format!("e-{seed}-{i}"), "lead_id": key, "occurred_at": at, "type": kind, "attributes": attrs
         });
-        out.push(((lead % PARTITIONS as usize) as i32, key, payload.to_string().into_bytes()));
+        out.push((
+            (lead % PARTITIONS as usize) as i32,
+            key,
+            payload.to_string().into_bytes(),
+        ));
     }
     out
 }
@@ -54,7 +58,10 @@ fn workload(events: usize, leads: usize, seed: u64) -> Workload {
 fn produce(broker: &Broker, topic: &str, items: &[(i32, String, Vec<u8>)]) {
     let p = broker.producer();
     for (partition, key, payload) in items {
-        let mut record = BaseRecord::to(topic).partition(*partition).key(key.as_str()).payload(&payload[..]);
+        let mut record = BaseRecord::to(topic)
+            .partition(*partition)
+            .key(key.as_str())
+            .payload(&payload[..]);
         loop {
             match p.send(record) {
                 Ok(()) => break,
@@ -82,7 +89,13 @@ fn committed_total(broker: &Broker, names: &Names) -> i64 {
         .sum()
 }
 
-fn wait_committed(broker: &Broker, names: &Names, total: usize, timeout: Duration, service: &Service) {
+fn wait_committed(
+    broker: &Broker,
+    names: &Names,
+    total: usize,
+    timeout: Duration,
+    service: &Service,
+) {
     let deadline = Instant::now() + timeout;
     loop {
         let done = committed_total(broker, names);
@@ -93,7 +106,14 @@ fn wait_committed(broker: &Broker, names: &Names, total: usize, timeout: Duratio
             Instant::now() < deadline,
             "committed {done} of {total} ({:?}); metrics:\n{}\nlog:\n{}",
             broker.committed(&names.group, &names.web, PARTITIONS),
-            service.get("/metrics").map(|m| m.1).unwrap_or_default().lines().filter(|l| l.starts_with("leadscore_") && !l.contains("bucket")).collect::<Vec<_>>().join("\n"),
+            service
+                .get("/metrics")
+                .map(|m| m.1)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("leadscore_") && !l.contains("bucket"))
+                .collect::<Vec<_>>()
+                .join("\n"),
             service.logs()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -119,7 +139,13 @@ fn reference(items: &Workload) -> (BTreeMap<String, Vec<u8>>, BTreeSet<String>) 
     let names = setup(&broker);
     produce(&broker, &names.web, items);
     let service = Service::start(&broker, &redis, &names, &[]);
-    wait_committed(&broker, &names, items.len(), Duration::from_secs(300), &service);
+    wait_committed(
+        &broker,
+        &names,
+        items.len(),
+        Duration::from_secs(300),
+        &service,
+    );
     assert!(service.terminate().success());
     (redis.leads(&names.prefix), output_ids(&broker, &names))
 }
@@ -129,8 +155,18 @@ fn assert_same(
     want: &(BTreeMap<String, Vec<u8>>, BTreeSet<String>),
 ) {
     assert_eq!(got.0.len(), want.0.len(), "number of leads in Redis");
-    let differing: Vec<&String> = want.0.iter().filter(|(k, v)| got.0.get(*k) != Some(v)).map(|(k, _)| k).collect();
-    assert!(differing.is_empty(), "{} leads differ from the uninterrupted run, e.g. {:?}", differing.len(), &differing[..differing.len().min(5)]);
+    let differing: Vec<&String> = want
+        .0
+        .iter()
+        .filter(|(k, v)| got.0.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{} leads differ from the uninterrupted run, e.g. {:?}",
+        differing.len(),
+        &differing[..differing.len().min(5)]
+    );
     assert_eq!(got.1.len(), want.1.len(), "distinct output events");
     assert!(got.1 == want.1, "output event ids differ");
 }
@@ -159,9 +195,18 @@ fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
         feeder.join().unwrap();
     });
     let service = Service::start(&broker, &redis, &names, &[]);
-    wait_committed(&broker, &names, items.len(), Duration::from_secs(300), &service);
+    wait_committed(
+        &broker,
+        &names,
+        items.len(),
+        Duration::from_secs(300),
+        &service,
+    );
     assert!(service.terminate().success());
-    assert_same((redis.leads(&names.prefix), output_ids(&broker, &names)), &want);
+    assert_same(
+        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        &want,
+    );
 }
 
 #[test]
@@ -176,11 +221,24 @@ fn graceful_shutdown_under_load_is_bounded_and_exact() {
     std::thread::sleep(Duration::from_millis(400));
     let started = Instant::now();
     assert!(service.terminate().success(), "exit 0 on SIGTERM");
-    assert!(started.elapsed() < Duration::from_secs(10), "drained in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "drained in {:?}",
+        started.elapsed()
+    );
     let service = Service::start(&broker, &redis, &names, &[]);
-    wait_committed(&broker, &names, items.len(), Duration::from_secs(120), &service);
+    wait_committed(
+        &broker,
+        &names,
+        items.len(),
+        Duration::from_secs(120),
+        &service,
+    );
     assert!(service.terminate().success());
-    assert_same((redis.leads(&names.prefix), output_ids(&broker, &names)), &want);
+    assert_same(
+        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        &want,
+    );
 }
 
 #[test]
@@ -193,31 +251,61 @@ fn redis_down_for_30_seconds_pauses_commits_and_recovers_exactly() {
     let (first, rest) = items.split_at(10_000);
     produce(&broker, &names.web, first);
     let service = Service::start(&broker, &redis, &names, &[]);
-    wait_committed(&broker, &names, first.len(), Duration::from_secs(60), &service);
+    wait_committed(
+        &broker,
+        &names,
+        first.len(),
+        Duration::from_secs(60),
+        &service,
+    );
 
     redis.stop();
     produce(&broker, &names.web, rest);
     let outage = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let frozen = committed_total(&broker, &names);
-    assert_eq!(service.get("/readyz").map(|r| r.0), Some(503), "not ready while Redis is down");
+    assert_eq!(
+        service.get("/readyz").map(|r| r.0),
+        Some(503),
+        "not ready while Redis is down"
+    );
     let (_, metrics) = service.get("/metrics").unwrap();
     assert!(metrics.contains("leadscore_redis_up 0"), "{metrics}");
     let outage_len = Duration::from_secs(
-        std::env::var("LEADSCORE_TEST_OUTAGE_S").ok().and_then(|v| v.parse().ok()).unwrap_or(30),
+        std::env::var("LEADSCORE_TEST_OUTAGE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
     );
     while outage.elapsed() < outage_len {
-        assert_eq!(service.get("/healthz").map(|r| r.0), Some(200), "alive during the outage");
+        assert_eq!(
+            service.get("/healthz").map(|r| r.0),
+            Some(200),
+            "alive during the outage"
+        );
         std::thread::sleep(Duration::from_secs(2));
     }
-    assert_eq!(committed_total(&broker, &names), frozen, "no commits while state cannot be written");
+    assert_eq!(
+        committed_total(&broker, &names),
+        frozen,
+        "no commits while state cannot be written"
+    );
     assert!(service.counter("leadscore_redis_errors_total") > 0);
 
     redis.restart();
-    wait_committed(&broker, &names, items.len(), Duration::from_secs(120), &service);
+    wait_committed(
+        &broker,
+        &names,
+        items.len(),
+        Duration::from_secs(120),
+        &service,
+    );
     assert_eq!(service.get("/readyz").map(|r| r.0), Some(200));
     assert!(service.terminate().success());
-    assert_same((redis.leads(&names.prefix), output_ids(&broker, &names)), &want);
+    assert_same(
+        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        &want,
+    );
 }
 
 #[test]
@@ -233,9 +321,18 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     let broker = broker.restart();
     produce(&broker, &names.web, rest);
-    wait_committed(&broker, &names, items.len(), Duration::from_secs(180), &service);
+    wait_committed(
+        &broker,
+        &names,
+        items.len(),
+        Duration::from_secs(180),
+        &service,
+    );
     assert!(service.terminate().success());
-    assert_same((redis.leads(&names.prefix), output_ids(&broker, &names)), &want);
+    assert_same(
+        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        &want,
+    );
 }
 
 #[test]
@@ -243,7 +340,12 @@ fn poison_input_is_dead_lettered_and_every_good_event_is_scored() {
     let broker = Broker::start();
     let redis = Redis::start();
     let names = setup(&broker);
-    let service = Service::start(&broker, &redis, &names, &[("LEADSCORE__KAFKA__FORMATS__CRM", "avro")]);
+    let service = Service::start(
+        &broker,
+        &redis,
+        &names,
+        &[("LEADSCORE__KAFKA__FORMATS__CRM", "avro")],
+    );
     let good = |i: usize| {
         serde_json::json!({"event_id": format!("g{i}"), "lead_id": format!("p-{}", i % 50), "occurred_at": "2026-11-22T10:00:00Z", "type": "form_submit"})
             .to_string()
@@ -276,26 +378,52 @@ fn poison_input_is_dead_lettered_and_every_good_event_is_scored() {
     let schema = leadscore::decode::input_schema(leadscore::event::Source::Crm);
     let crm_json = serde_json::json!({"event_id": "c1", "lead_id": "p-1", "occurred_at": "2026-11-22T10:00:00Z", "type": "profile_updated", "attributes": {"industry": "events"}});
     let crm_text = crm_json.to_string();
-    let e = leadscore::decode::Decoder::new(leadscore::event::Source::Crm, leadscore::decode::Format::Json)
-        .decode(Some(crm_text.as_bytes()))
-        .unwrap();
+    let e = leadscore::decode::Decoder::new(
+        leadscore::event::Source::Crm,
+        leadscore::decode::Format::Json,
+    )
+    .decode(Some(crm_text.as_bytes()))
+    .unwrap();
     let avro = leadscore::decode::encode_avro(&schema, &e).unwrap();
-    produce(&broker, &names.crm, &[(0, "p-1".into(), avro[..avro.len() / 2].to_vec()), (0, "p-1".into(), avro.clone())]);
+    produce(
+        &broker,
+        &names.crm,
+        &[
+            (0, "p-1".into(), avro[..avro.len() / 2].to_vec()),
+            (0, "p-1".into(), avro.clone()),
+        ],
+    );
 
     let bad = poison.len() + 1;
     let dead = broker.read(&names.dead, PARTITIONS, bad, Duration::from_secs(30));
     assert_eq!(dead.len(), bad, "log:\n{}", service.logs());
-    let mut kinds: Vec<String> = dead.iter().map(|m| common::header(m, "leadscore.error.kind").unwrap()).collect();
+    let mut kinds: Vec<String> = dead
+        .iter()
+        .map(|m| common::header(m, "leadscore.error.kind").unwrap())
+        .collect();
     kinds.sort();
-    let mut expected: Vec<String> = poison.iter().map(|(k, _)| (*k).to_owned()).chain(["avro".to_owned()]).collect();
+    let mut expected: Vec<String> = poison
+        .iter()
+        .map(|(k, _)| (*k).to_owned())
+        .chain(["avro".to_owned()])
+        .collect();
     expected.sort();
     assert_eq!(kinds, expected);
     for m in &dead {
         assert!(!common::header(m, "leadscore.reason").unwrap().is_empty());
-        assert!(common::header(m, "leadscore.source.offset").unwrap().parse::<i64>().is_ok());
+        assert!(
+            common::header(m, "leadscore.source.offset")
+                .unwrap()
+                .parse::<i64>()
+                .is_ok()
+        );
     }
     service.wait_consumed((web.len() + 2) as u64, Duration::from_secs(30));
-    assert_eq!(service.counter("leadscore_events_consumed_total"), (next_good + 1) as u64, "every good event scored");
+    assert_eq!(
+        service.counter("leadscore_events_consumed_total"),
+        (next_good + 1) as u64,
+        "every good event scored"
+    );
     let (status, body) = service.get("/v1/leads/p-1").unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("\"fit\":15.0"), "{body}");

@@ -470,7 +470,12 @@ fn consume(
 /// prefetched messages are dropped, and resuming must not skip them.
 fn seek_to(consumer: &BaseConsumer<LeadscoreContext>, next: &Durable) {
     for (topic, partition, offset) in next {
-        if let Err(error) = consumer.seek(topic, *partition, Offset::Offset(*offset), Duration::from_secs(5)) {
+        if let Err(error) = consumer.seek(
+            topic,
+            *partition,
+            Offset::Offset(*offset),
+            Duration::from_secs(5),
+        ) {
             warn!(%error, topic, partition, offset, "Cannot seek after resuming.");
         }
     }

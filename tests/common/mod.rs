@@ -79,7 +79,14 @@ impl Redis {
         let mut args = vec!["--port", &port_s, "--bind", "127.0.0.1", "--save", ""];
         let dir_s = dir.as_ref().map(|d| d.path().display().to_string());
         match &dir_s {
-            Some(d) => args.extend(["--appendonly", "yes", "--appendfsync", "always", "--dir", d.as_str()]),
+            Some(d) => args.extend([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                d.as_str(),
+            ]),
             None => args.extend(["--appendonly", "no"]),
         }
         let mut child = Command::new("redis-server")
@@ -107,7 +114,10 @@ impl Redis {
     /// Every lead state under `prefix`, by key.
     pub fn leads(&self, prefix: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
         let mut conn = self.conn();
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}lead:*")).query(&mut conn).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}lead:*"))
+            .query(&mut conn)
+            .unwrap();
         keys.into_iter()
             .map(|k| {
                 let v: Vec<u8> = redis::cmd("GET").arg(&k).query(&mut conn).unwrap();
