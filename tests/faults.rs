@@ -430,3 +430,43 @@ fn poison_input_is_dead_lettered_and_every_good_event_is_scored() {
     assert!(http_get(&service.http, "/healthz").is_some());
     assert!(service.terminate().success());
 }
+
+#[test]
+fn a_group_of_three_that_gains_and_loses_members_ends_exact() {
+    let items = workload(30_000, 3_000, 15);
+    let want = reference(&items);
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = setup(&broker);
+    let survivors = std::thread::scope(|scope| {
+        let feeder = scope.spawn(|| {
+            for chunk in items.chunks(3_000) {
+                produce(&broker, &names.web, chunk);
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        });
+        let a = Service::start(&broker, &redis, &names, &[]);
+        let b = Service::start(&broker, &redis, &names, &[]);
+        let c = Service::start(&broker, &redis, &names, &[]);
+        std::thread::sleep(Duration::from_millis(1500));
+        b.kill(); // a crash: its partitions move once its session expires
+        let d = Service::start(&broker, &redis, &names, &[]);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(c.terminate().success(), "a member leaving cleanly exits 0");
+        feeder.join().unwrap();
+        (a, d)
+    });
+    let (a, d) = survivors;
+    wait_committed(&broker, &names, items.len(), Duration::from_secs(180), &a);
+    let (_, metrics) = a.get("/metrics").unwrap();
+    assert!(
+        metrics.contains("leadscore_rebalances_total{kind=\"assign\"}"),
+        "{metrics}"
+    );
+    assert!(a.terminate().success());
+    assert!(d.terminate().success());
+    assert_same(
+        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        &want,
+    );
+}

@@ -61,6 +61,9 @@ pub enum ConsumerError {
     /// Outputs could not be delivered, so the state that produced them cannot be committed.
     #[error("outputs lost: {0}")]
     OutputsLost(String),
+    /// The input topics are missing or not co-partitioned.
+    #[error("input topics: {0}")]
+    Topics(String),
     /// The state store stayed unavailable through a rebalance or shutdown drain.
     #[error("could not drain within the deadline: {0}")]
     Drain(String),
@@ -72,6 +75,7 @@ pub struct LeadscoreContext {
     metrics: Metrics,
     health: Arc<Health>,
     drain_timeout: Duration,
+    followers: Mutex<Vec<String>>,
     fatal: Mutex<Option<ConsumerError>>,
 }
 
@@ -88,16 +92,32 @@ impl LeadscoreContext {
             metrics,
             health,
             drain_timeout,
+            followers: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
         }
     }
 
-    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        let parts: Vec<(String, i32)> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
-            .collect();
+    /// The group assigns partitions of the first input topic only; partition
+    /// `p` of every other input topic follows partition `p` of it, so one
+    /// member owns all of a lead's events (its shard) and nobody else does.
+    fn expand(&self, tpl: &TopicPartitionList) -> (Vec<(String, i32)>, TopicPartitionList) {
+        let followers = self.followers.lock();
+        let mut parts = Vec::new();
+        for e in tpl.elements() {
+            parts.push((e.topic().to_owned(), e.partition()));
+            for f in followers.iter() {
+                parts.push((f.clone(), e.partition()));
+            }
+        }
+        let mut full = TopicPartitionList::with_capacity(parts.len());
+        for (topic, partition) in &parts {
+            full.add_partition(topic, *partition);
+        }
+        (parts, full)
+    }
+
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let (parts, mut tpl) = self.expand(tpl);
         let deadline = Instant::now() + self.drain_timeout;
         let positions = loop {
             match self.processor.lock().assign(&parts) {
@@ -131,7 +151,7 @@ impl LeadscoreContext {
             }
         }
         info!(partitions = parts.len(), "Partitions assigned.");
-        if let Err(error) = consumer.incremental_assign(tpl) {
+        if let Err(error) = consumer.incremental_assign(&tpl) {
             *self.fatal.lock() = Some(error.into());
         }
         self.health
@@ -140,11 +160,7 @@ impl LeadscoreContext {
     }
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let parts: Vec<(String, i32)> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
-            .collect();
+        let (parts, tpl) = self.expand(tpl);
         let lost = consumer.assignment_lost();
         let mut processor = self.processor.lock();
         if lost {
@@ -169,7 +185,7 @@ impl LeadscoreContext {
         }
         processor.release(&parts);
         drop(processor);
-        if let Err(error) = consumer.incremental_unassign(tpl) {
+        if let Err(error) = consumer.incremental_unassign(&tpl) {
             *self.fatal.lock() = Some(error.into());
         }
         self.health.assigned.fetch_sub(
@@ -289,6 +305,43 @@ fn commit<C: ConsumerContext>(
     }
 }
 
+/// Every input topic must exist with the same partition count: a lead's
+/// events are keyed to the same partition number in each.
+fn check_copartitioned(
+    consumer: &BaseConsumer<LeadscoreContext>,
+    topics: &[&str],
+) -> Result<(), ConsumerError> {
+    let mut counts = Vec::new();
+    for topic in topics {
+        let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let n = meta
+            .topics()
+            .iter()
+            .find(|t| t.name() == *topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        counts.push((*topic, n));
+    }
+    let missing: Vec<&str> = counts
+        .iter()
+        .filter(|(_, n)| *n == 0)
+        .map(|(t, _)| *t)
+        .collect();
+    if !missing.is_empty() {
+        return Err(ConsumerError::Topics(format!(
+            "{} do not exist; create them first (topics are never created automatically)",
+            missing.join(", ")
+        )));
+    }
+    if counts.windows(2).any(|w| w[0].1 != w[1].1) {
+        let list: Vec<String> = counts.iter().map(|(t, n)| format!("{t}={n}")).collect();
+        return Err(ConsumerError::Topics(format!(
+            "must all have the same partition count, got {}",
+            list.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 fn to_in<'a>(m: &'a BorrowedMessage<'a>) -> InMessage<'a> {
     InMessage {
         topic: m.topic(),
@@ -311,7 +364,12 @@ pub fn run(
     let processor = Arc::clone(&ctx.processor);
     let (metrics, health) = (ctx.metrics.clone(), Arc::clone(&ctx.health));
     let _span = info_span!("consumer").entered();
-    consumer.subscribe(topics)?;
+    check_copartitioned(consumer, topics)?;
+    let (anchor, followers) = topics
+        .split_first()
+        .ok_or_else(|| ConsumerError::Topics("no input topics".into()))?;
+    *ctx.followers.lock() = followers.iter().map(|t| (*t).to_owned()).collect();
+    consumer.subscribe(&[anchor])?;
     health.running.store(true, Ordering::SeqCst);
     health.set_store_up(true, &metrics);
     info!(?topics, "Consuming.");
