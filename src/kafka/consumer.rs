@@ -142,6 +142,11 @@ impl LeadscoreContext {
                 }
             }
         };
+        let resume: Vec<String> = parts
+            .iter()
+            .zip(&positions)
+            .filter_map(|((t, p), o)| o.map(|o| format!("{t}/{p}@{o}")))
+            .collect();
         for ((topic, partition), pos) in parts.iter().zip(positions) {
             if let Some(offset) = pos
                 && let Err(error) =
@@ -150,7 +155,11 @@ impl LeadscoreContext {
                 warn!(%error, topic, partition, "Cannot set the resume offset.");
             }
         }
-        info!(partitions = parts.len(), "Partitions assigned.");
+        info!(
+            partitions = parts.len(),
+            ?resume,
+            "Partitions assigned; resuming from the stored positions."
+        );
         if let Err(error) = consumer.incremental_assign(&tpl) {
             *self.fatal.lock() = Some(error.into());
         }
@@ -407,8 +416,6 @@ fn consume(
     health: &Health,
 ) -> Result<(), ConsumerError> {
     let ctx = consumer.context();
-    let mut stash: Vec<BorrowedMessage<'_>> = Vec::new();
-    let mut paused = false;
     while !cancel.is_cancelled() {
         if let Some(error) = ctx.fatal.lock().take() {
             return Err(error);
@@ -416,13 +423,11 @@ fn consume(
         health
             .heartbeat_ms
             .store(crate::event::wall_clock_ms(), Ordering::SeqCst);
-        let mut msgs = std::mem::take(&mut stash);
-        if msgs.is_empty() {
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => msgs.push(m),
-                Some(Err(error)) => warn!(%error, "Consumer error."),
-                None => {}
-            }
+        let mut msgs: Vec<BorrowedMessage<'_>> = Vec::new();
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => msgs.push(m),
+            Some(Err(error)) => warn!(%error, "Consumer error."),
+            None => {}
         }
         while !msgs.is_empty() && msgs.len() < batch_max {
             match consumer.poll(Duration::ZERO) {
@@ -435,88 +440,73 @@ fn consume(
             }
         }
         if !msgs.is_empty() {
-            let mut batch: Vec<InMessage<'_>> = msgs.iter().map(to_in).collect();
+            let batch: Vec<InMessage<'_>> = msgs.iter().map(to_in).collect();
             let mut backoff = Duration::from_millis(100);
             loop {
                 let result = processor.lock().process(&batch);
                 match result {
-                    Ok(()) => {
-                        health.set_store_up(true, metrics);
-                        break;
-                    }
+                    Ok(()) => break,
                     Err(error) if is_fatal(&error) => {
                         return Err(ConsumerError::OutputsLost(error.to_string()));
                     }
                     Err(error) => {
-                        // The store is down: hold this batch, stop fetching, keep
-                        // serving the group, and retry with back-off.
+                        // The store is down: hold this batch and consume nothing
+                        // more (memory stays bounded) until it answers again.
+                        // librdkafka keeps the group session alive meanwhile.
                         health.set_store_up(false, metrics);
+                        metrics.paused.set(1);
                         metrics.redis_errors.with_label_values(&["load"]).inc();
-                        warn!(%error, "Cannot load lead state; pausing consumption.");
-                        if !paused {
-                            set_paused(consumer, true, metrics);
-                            paused = true;
-                        }
-                        if let Some(m) = consumer.poll(backoff) {
-                            match m {
-                                Ok(m) => stash.push(m),
-                                Err(error) => warn!(%error, "Consumer error."),
-                            }
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        if cancel.is_cancelled() {
+                        warn!(%error, "Cannot load lead state; holding the batch until the store answers.");
+                        if !wait(cancel, &mut backoff) {
                             return Ok(());
                         }
-                        if let Some(error) = ctx.fatal.lock().take() {
-                            return Err(error);
-                        }
-                        // Drop messages of partitions given up meanwhile.
-                        let assignment = consumer.assignment()?;
-                        batch.retain(|m| assignment.find_partition(m.topic, m.partition).is_some());
-                        if batch.is_empty() {
-                            break;
-                        }
+                        health
+                            .heartbeat_ms
+                            .store(crate::event::wall_clock_ms(), Ordering::SeqCst);
                     }
                 }
             }
+            metrics.paused.set(0);
         }
-        let mut p = processor.lock();
-        let mut finished = p.poll_flush();
-        if finished.is_none() && p.flush_due() {
-            finished = match p.start_flush() {
-                Ok(None) => None,
-                Ok(Some(durable)) => Some(Ok(durable)),
-                Err(error) => Some(Err(error)),
-            };
-        }
-        match finished {
-            None => drop(p),
-            Some(Ok(durable)) => {
-                let processed = p.positions();
-                drop(p);
-                health.set_store_up(true, metrics);
-                commit(consumer, &durable, CommitMode::Async, metrics);
-                // Resume only once nothing fetched during the pause is waiting,
-                // and from exactly where processing got to.
-                if paused && stash.is_empty() {
-                    set_paused(consumer, false, metrics);
-                    seek_to(consumer, &processed);
-                    paused = false;
+        // Make state durable at the flush interval; while the store is down,
+        // retry here instead of consuming more.
+        let mut backoff = Duration::from_millis(100);
+        let mut retrying = false;
+        loop {
+            let mut p = processor.lock();
+            let mut finished = p.poll_flush();
+            if finished.is_none() && (retrying || p.flush_due()) {
+                finished = match p.start_flush() {
+                    Ok(None) => None,
+                    Ok(Some(durable)) => Some(Ok(durable)),
+                    Err(error) => Some(Err(error)),
+                };
+            }
+            match finished {
+                None => break,
+                Some(Ok(durable)) => {
+                    drop(p);
+                    health.set_store_up(true, metrics);
+                    metrics.paused.set(0);
+                    commit(consumer, &durable, CommitMode::Async, metrics);
+                    break;
                 }
-            }
-            Some(Err(error)) if is_fatal(&error) => {
-                return Err(ConsumerError::OutputsLost(error.to_string()));
-            }
-            Some(Err(error)) => {
-                p.defer_flush();
-                let backlog = p.dirty_len();
-                drop(p);
-                health.set_store_up(false, metrics);
-                warn!(%error, dirty = backlog, "Flush failed; offsets stay uncommitted until it succeeds.");
-                if !paused {
-                    // Hold memory: consume no more until state is durable again.
-                    set_paused(consumer, true, metrics);
-                    paused = true;
+                Some(Err(error)) if is_fatal(&error) => {
+                    return Err(ConsumerError::OutputsLost(error.to_string()));
+                }
+                Some(Err(error)) => {
+                    let backlog = p.dirty_len();
+                    drop(p);
+                    health.set_store_up(false, metrics);
+                    metrics.paused.set(1);
+                    warn!(%error, dirty = backlog, "Flush failed; holding consumption and offsets until it succeeds.");
+                    retrying = true;
+                    if !wait(cancel, &mut backoff) {
+                        return Ok(());
+                    }
+                    health
+                        .heartbeat_ms
+                        .store(crate::event::wall_clock_ms(), Ordering::SeqCst);
                 }
             }
         }
@@ -524,31 +514,15 @@ fn consume(
     Ok(())
 }
 
-/// Points fetching at the next offset to process: a paused partition's
-/// prefetched messages are dropped, and resuming must not skip them.
-fn seek_to(consumer: &BaseConsumer<LeadscoreContext>, next: &Durable) {
-    for (topic, partition, offset) in next {
-        if let Err(error) = consumer.seek(
-            topic,
-            *partition,
-            Offset::Offset(*offset),
-            Duration::from_secs(5),
-        ) {
-            warn!(%error, topic, partition, offset, "Cannot seek after resuming.");
+/// Sleeps `backoff` (doubling it up to 2 s); false if cancelled meanwhile.
+fn wait(cancel: &CancellationToken, backoff: &mut Duration) -> bool {
+    let until = Instant::now() + *backoff;
+    while Instant::now() < until {
+        if cancel.is_cancelled() {
+            return false;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn set_paused(consumer: &BaseConsumer<LeadscoreContext>, pause: bool, metrics: &Metrics) {
-    let result = consumer.assignment().and_then(|a| {
-        if pause {
-            consumer.pause(&a)
-        } else {
-            consumer.resume(&a)
-        }
-    });
-    if let Err(error) = result {
-        warn!(%error, pause, "Cannot change consumption state.");
-    }
-    metrics.paused.set(pause as i64);
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+    true
 }
