@@ -90,7 +90,7 @@ fn bench_engine(c: &mut Criterion) {
                 let mut out = Vec::new();
                 for e in &decoded {
                     let s = states
-                        .entry(e.subject().to_owned())
+                        .entry(leadscore::pipeline::subject_key(e).into_owned())
                         .or_insert_with(|| engine.new_state());
                     out.clear();
                     engine.apply(s, e, &mut out);

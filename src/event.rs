@@ -275,14 +275,6 @@ impl<'a> Event<'a> {
         })
     }
 
-    /// The id the state is kept under: the lead id, else the anonymous id.
-    pub fn subject(&self) -> &str {
-        self.lead_id
-            .as_deref()
-            .or(self.anonymous_id.as_deref())
-            .unwrap_or_default()
-    }
-
     /// The value of an attribute, if present (the first one wins on repeats).
     pub fn attribute(&self, key: &str) -> Option<&str> {
         self.attributes
@@ -383,7 +375,7 @@ mod tests {
     #[test]
     fn valid_event_passes() {
         let e = sample().validate().unwrap();
-        assert_eq!(e.subject(), "lead-1");
+        assert_eq!(e.lead_id.as_deref(), Some("lead-1"));
         assert_eq!(e.attribute("url"), Some("https://x/pricing"));
     }
 

@@ -158,6 +158,25 @@ fn reference(items: &Workload) -> (BTreeMap<String, Vec<u8>>, BTreeSet<String>) 
     (redis.leads(&names.prefix), output_ids(&broker, &names))
 }
 
+/// Lets `service` commit the whole workload, stops it cleanly, and compares
+/// the result with the uninterrupted run.
+fn finish_and_compare(
+    broker: &Broker,
+    redis: &Redis,
+    names: &Names,
+    total: usize,
+    timeout: Duration,
+    service: Service,
+    want: &(BTreeMap<String, Vec<u8>>, BTreeSet<String>),
+) {
+    wait_committed(broker, names, total, timeout, &service);
+    assert!(service.terminate().success(), "exit 0 on SIGTERM");
+    assert_same(
+        (redis.leads(&names.prefix), output_ids(broker, names)),
+        want,
+    );
+}
+
 fn assert_same(
     got: (BTreeMap<String, Vec<u8>>, BTreeSet<String>),
     want: &(BTreeMap<String, Vec<u8>>, BTreeSet<String>),
@@ -204,16 +223,13 @@ fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
         feeder.join().unwrap();
     });
     let service = Service::start(&broker, &redis, &names, &[]);
-    wait_committed(
+    finish_and_compare(
         &broker,
+        &redis,
         &names,
         items.len(),
         Duration::from_secs(300),
-        &service,
-    );
-    assert!(service.terminate().success());
-    assert_same(
-        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        service,
         &want,
     );
 }
@@ -238,16 +254,13 @@ fn graceful_shutdown_under_load_is_bounded_and_exact() {
         started.elapsed()
     );
     let service = Service::start(&broker, &redis, &names, &[]);
-    wait_committed(
+    finish_and_compare(
         &broker,
+        &redis,
         &names,
         items.len(),
         Duration::from_secs(120),
-        &service,
-    );
-    assert!(service.terminate().success());
-    assert_same(
-        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        service,
         &want,
     );
 }
@@ -334,16 +347,13 @@ fn a_broker_restart_mid_stream_loses_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     let broker = broker.restart();
     produce(&broker, &names.web, rest);
-    wait_committed(
+    finish_and_compare(
         &broker,
+        &redis,
         &names,
         items.len(),
         Duration::from_secs(180),
-        &service,
-    );
-    assert!(service.terminate().success());
-    assert_same(
-        (redis.leads(&names.prefix), output_ids(&broker, &names)),
+        service,
         &want,
     );
 }

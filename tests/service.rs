@@ -423,3 +423,25 @@ fn avro_input_and_output_work() {
     );
     assert!(service.terminate().success());
 }
+
+#[test]
+fn input_topics_that_are_not_co_partitioned_stop_the_service_with_a_clear_error() {
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = Names::new();
+    broker.create_topics(&[&names.web, &names.adpixel, &names.crm], 2);
+    broker.create_topics(&[&names.email], 3);
+    let (status, log) = Service::run_to_exit(&broker, &redis, &names, &[], WAIT);
+    assert!(!status.success());
+    assert!(log.contains("same partition count"), "{log}");
+    assert!(log.contains(&format!("{}=3", names.email)), "{log}");
+
+    let names = Names::new();
+    broker.create_topics(&[&names.web, &names.adpixel, &names.email], 2);
+    let (status, log) = Service::run_to_exit(&broker, &redis, &names, &[], WAIT);
+    assert!(!status.success());
+    assert!(
+        log.contains(&format!("{} do not exist", names.crm)),
+        "{log}"
+    );
+}

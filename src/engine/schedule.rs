@@ -61,11 +61,6 @@ impl Schedule {
             .collect()
     }
 
-    /// The earliest timer, if any.
-    pub fn next_due(&self) -> Option<Millis> {
-        self.by_time.first().map(|(t, _)| *t)
-    }
-
     /// The lead's timer, if set.
     pub fn get(&self, lead: &str) -> Option<Millis> {
         self.by_lead.get(lead).copied()

@@ -366,6 +366,35 @@ pub struct Service {
 impl Service {
     /// Starts `leadscore run` against the broker and Redis with `extra` environment.
     pub fn start(broker: &Broker, redis: &Redis, names: &Names, extra: &[(&str, &str)]) -> Service {
+        let service = Self::spawn(broker, redis, names, extra);
+        service.wait_ready();
+        service
+    }
+
+    /// Runs the service expecting it to stop by itself: its exit status and log.
+    pub fn run_to_exit(
+        broker: &Broker,
+        redis: &Redis,
+        names: &Names,
+        extra: &[(&str, &str)],
+        timeout: Duration,
+    ) -> (ExitStatus, String) {
+        let mut service = Self::spawn(broker, redis, names, extra);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = service.child.try_wait().unwrap() {
+                return (status, service.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running; log:\n{}",
+                service.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(broker: &Broker, redis: &Redis, names: &Names, extra: &[(&str, &str)]) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut env: HashMap<String, String> = [
@@ -409,14 +438,12 @@ impl Service {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let service = Service {
+        Service {
             child,
             http: format!("127.0.0.1:{port}"),
             log,
             _dir: dir,
-        };
-        service.wait_ready();
-        service
+        }
     }
 
     pub fn logs(&self) -> String {
