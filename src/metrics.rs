@@ -27,6 +27,8 @@ pub struct Metrics {
     pub outputs_produced: IntCounterVec,
     /// Output records the broker failed to take.
     pub produce_failures: IntCounter,
+    /// Messages not applied: already applied (below the partition's position) or from a released partition.
+    pub messages_skipped: IntCounter,
     /// Duration of one state flush (produce acks + Redis write + commit).
     pub flush_seconds: Histogram,
     /// Leads written per flush.
@@ -67,6 +69,12 @@ impl std::fmt::Debug for Metrics {
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
     r.register(Box::new(c.clone())).expect("registered once");
     c
 }
@@ -148,28 +156,27 @@ impl Metrics {
                 "Segment transitions published, by from, to and reason.",
                 &["from", "to", "reason"],
             ),
-            handoffs: {
-                let c =
-                    IntCounter::new("leadscore_handoffs_total", "Hand-offs to sales published.")
-                        .expect("valid metric");
-                r.register(Box::new(c.clone())).expect("registered once");
-                c
-            },
+            handoffs: counter(
+                &r,
+                "leadscore_handoffs_total",
+                "Hand-offs to sales published.",
+            ),
             outputs_produced: counter_vec(
                 &r,
                 "leadscore_outputs_produced_total",
                 "Output records acknowledged by the broker, by topic.",
                 &["topic"],
             ),
-            produce_failures: {
-                let c = IntCounter::new(
-                    "leadscore_produce_failures_total",
-                    "Output records the broker failed to take.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(c.clone())).expect("registered once");
-                c
-            },
+            produce_failures: counter(
+                &r,
+                "leadscore_produce_failures_total",
+                "Output records the broker failed to take.",
+            ),
+            messages_skipped: counter(
+                &r,
+                "leadscore_messages_skipped_total",
+                "Messages not applied: below their partition's position (already applied) or polled from a partition since given up.",
+            ),
             flush_seconds: histogram(
                 &r,
                 "leadscore_redis_flush_seconds",

@@ -156,6 +156,9 @@ pub struct Processor {
     config: ProcessorConfig,
     shards: BTreeMap<i32, Shard>,
     positions: BTreeMap<(String, i32), i64>,
+    /// Partitions given up and not assigned again: messages from them that
+    /// were polled before the revoke belong to their next owner.
+    released: Vec<(String, i32)>,
     dirty: HashSet<Arc<str>>,
     last_flush: Instant,
     deleted: Vec<(Arc<str>, i32)>,
@@ -198,6 +201,7 @@ impl Processor {
             config,
             shards: BTreeMap::new(),
             positions: BTreeMap::new(),
+            released: Vec::new(),
             dirty: HashSet::new(),
             last_flush: Instant::now(),
             deleted: Vec::new(),
@@ -232,6 +236,8 @@ impl Processor {
     pub fn assign(&mut self, partitions: &[(String, i32)]) -> Result<Vec<Option<i64>>, StoreError> {
         let positions = self.store.positions(partitions)?;
         for ((topic, partition), pos) in partitions.iter().zip(&positions) {
+            self.released
+                .retain(|(t, p)| !(p == partition && t == topic));
             let is_new = !self.shards.contains_key(partition);
             let shard = self.shards.entry(*partition).or_default();
             shard.partitions.insert(topic.clone());
@@ -256,6 +262,7 @@ impl Processor {
     pub fn release(&mut self, partitions: &[(String, i32)]) {
         for (topic, partition) in partitions {
             self.positions.remove(&(topic.clone(), *partition));
+            self.released.push((topic.clone(), *partition));
             let gone = match self.shards.get_mut(partition) {
                 Some(shard) => {
                     shard.partitions.remove(topic);
@@ -291,7 +298,76 @@ impl Processor {
 
     /// Processes one batch in order. On error nothing has changed and the
     /// same batch may be retried.
+    ///
+    /// Messages this processor must not apply are skipped: those below a
+    /// partition's position (already applied: redelivered after a restart or
+    /// a re-assignment) and those from partitions it has released (polled
+    /// before the revoke; the next owner reads them from the flushed position).
     pub fn process(&mut self, batch: &[InMessage<'_>]) -> Result<(), PipelineError> {
+        match self.unowned(batch) {
+            None => self.process_owned(batch),
+            Some(keep) => {
+                let owned: Vec<InMessage<'_>> = batch
+                    .iter()
+                    .zip(keep)
+                    .filter_map(|(m, k)| k.then_some(*m))
+                    .collect();
+                self.metrics
+                    .messages_skipped
+                    .inc_by((batch.len() - owned.len()) as u64);
+                debug!(
+                    skipped = batch.len() - owned.len(),
+                    "Skipping messages already applied or from released partitions."
+                );
+                self.process_owned(&owned)
+            }
+        }
+    }
+
+    /// `None` when every message in `batch` is this processor's to apply,
+    /// else which ones are.
+    fn unowned(&self, batch: &[InMessage<'_>]) -> Option<Vec<bool>> {
+        // (topic, partition, next offset to apply, released)
+        let mut cursors: Vec<(&str, i32, Option<i64>, bool)> = Vec::new();
+        let mut keep: Option<Vec<bool>> = None;
+        for (i, m) in batch.iter().enumerate() {
+            let at = match cursors
+                .iter()
+                .position(|(t, p, _, _)| *p == m.partition && *t == m.topic)
+            {
+                Some(at) => at,
+                None => {
+                    let next = self
+                        .positions
+                        .get(&(m.topic.to_owned(), m.partition))
+                        .copied();
+                    let released = self
+                        .released
+                        .iter()
+                        .any(|(t, p)| *p == m.partition && t == m.topic);
+                    cursors.push((m.topic, m.partition, next, released));
+                    cursors.len() - 1
+                }
+            };
+            let cursor = &mut cursors[at];
+            let ok = !cursor.3 && cursor.2.is_none_or(|next| m.offset >= next);
+            if ok {
+                cursor.2 = Some(m.offset + 1);
+            }
+            match (&mut keep, ok) {
+                (Some(keep), ok) => keep.push(ok),
+                (None, false) => {
+                    let mut k = vec![true; i];
+                    k.push(false);
+                    keep = Some(k);
+                }
+                (None, true) => {}
+            }
+        }
+        keep
+    }
+
+    fn process_owned(&mut self, batch: &[InMessage<'_>]) -> Result<(), PipelineError> {
         let started = Instant::now();
         let decoded: Vec<Result<Event<'_>, DecodeError>> = batch
             .iter()
