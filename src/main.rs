@@ -9,6 +9,12 @@ use tokio_util::sync::CancellationToken;
 
 use leadscore::settings::{LogFormat, Settings};
 
+/// The hot path allocates small, short-lived values on two threads (the
+/// consumer and the Redis writer); mimalloc's per-thread heaps serve them
+/// without glibc's arena locking.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Event-streaming lead scoring: Kafka in, decaying scores in memory and
 /// Redis, segment changes and sales hand-offs out.
 #[derive(Parser, Debug)]

@@ -20,20 +20,37 @@ const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6164_7363_6f72_6500_0000_0000_
 
 /// The deterministic id of a segment change.
 pub fn change_id(rules_version: &str, lead: &str, c: &SegmentChange, rules: &Rules) -> Uuid {
-    let trigger = match &c.trigger {
-        Some(t) => format!("event:{t}"),
-        None => format!("time:{}", c.at),
+    let at;
+    let trigger: [&str; 2] = match &c.trigger {
+        Some(t) => ["event:", t],
+        None => {
+            at = c.at.to_string();
+            ["time:", &at]
+        }
     };
-    let name = format!(
-        "change\x1f{rules_version}\x1f{lead}\x1f{trigger}\x1f{}",
-        c.to.name(rules)
-    );
-    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
+    id_of(&[
+        "change",
+        rules_version,
+        lead,
+        &trigger.concat(),
+        c.to.name(rules),
+    ])
 }
 
 /// The deterministic id of a hand-off.
 pub fn handoff_id(rules_version: &str, lead: &str, h: &Handoff) -> Uuid {
-    let name = format!("handoff\x1f{rules_version}\x1f{lead}\x1f{}", h.trigger);
+    id_of(&["handoff", rules_version, lead, &h.trigger])
+}
+
+/// UUIDv5 of the parts joined by the unit separator (U+001F).
+fn id_of(parts: &[&str]) -> Uuid {
+    let mut name = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            name.push('\x1f');
+        }
+        name.push_str(part);
+    }
     Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
 }
 
@@ -360,6 +377,36 @@ mod tests {
         assert_eq!(a, change_id("v1", "lead", &change(), &rules));
         assert_ne!(a, change_id("v2", "lead", &change(), &rules));
         assert_ne!(a, change_id("v1", "other", &change(), &rules));
+    }
+
+    /// Downstream consumers de-duplicate by these ids, across releases too:
+    /// the names they hash must never change.
+    #[test]
+    fn ids_are_pinned() {
+        let rules = Rules::default_rules();
+        let mut c = change();
+        assert_eq!(
+            change_id("v1", "lead", &c, &rules).to_string(),
+            "223f8901-249d-5e72-acd9-274eb8425007"
+        );
+        c.trigger = None;
+        assert_eq!(
+            change_id("v1", "lead", &c, &rules).to_string(),
+            "25bb747a-77a8-5272-87a2-ab4bf8f7cc8d"
+        );
+        let h = Handoff {
+            scores: c.scores,
+            segment: c.to,
+            top_signals: Vec::new(),
+            crossing_rule: None,
+            trigger: "e-9".into(),
+            fit_breakdown: Vec::new(),
+            at: c.at,
+        };
+        assert_eq!(
+            handoff_id("v1", "lead", &h).to_string(),
+            "86e84f7d-157b-5ac5-af3e-95e340d4104a"
+        );
     }
 
     #[test]

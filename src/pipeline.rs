@@ -120,7 +120,12 @@ pub struct Lead {
 }
 
 /// The in-memory lead map shared with the HTTP server.
-pub type LeadMap = DashMap<Arc<str>, Lead>;
+pub type LeadMap = DashMap<Arc<str>, Lead, Hasher>;
+
+/// The hasher of the per-event maps and sets: fast, and seeded per process.
+type Hasher = foldhash::fast::RandomState;
+
+type FastSet<T> = HashSet<T, Hasher>;
 
 #[derive(Debug, Default)]
 struct Shard {
@@ -159,11 +164,11 @@ pub struct Processor {
     /// Partitions given up and not assigned again: messages from them that
     /// were polled before the revoke belong to their next owner.
     released: Vec<(String, i32)>,
-    dirty: HashSet<Arc<str>>,
+    dirty: FastSet<Arc<str>>,
     last_flush: Instant,
     deleted: Vec<(Arc<str>, i32)>,
     /// Deleted keys whose deletion is not durable yet: never reload them.
-    tombstones: HashSet<Arc<str>>,
+    tombstones: FastSet<Arc<str>>,
     writer: Option<Writer>,
     decisions: Vec<Decision>,
     state_buf: Vec<u8>,
@@ -202,10 +207,10 @@ impl Processor {
             shards: BTreeMap::new(),
             positions: BTreeMap::new(),
             released: Vec::new(),
-            dirty: HashSet::new(),
+            dirty: FastSet::default(),
             last_flush: Instant::now(),
             deleted: Vec::new(),
-            tombstones: HashSet::new(),
+            tombstones: FastSet::default(),
             writer: None,
             decisions: Vec::new(),
             state_buf: Vec::new(),
@@ -571,7 +576,7 @@ impl Processor {
         decoded: &[Result<Event<'_>, DecodeError>],
     ) -> Result<(), StoreError> {
         let mut wanted: Vec<(Arc<str>, i32, bool)> = Vec::new();
-        let mut seen = HashSet::new();
+        let mut seen: FastSet<String> = FastSet::default();
         let mut batch_clock: BTreeMap<i32, Millis> = BTreeMap::new();
         for (m, e) in batch.iter().zip(decoded) {
             if let Ok(e) = e {

@@ -784,16 +784,23 @@ impl Engine {
         stat.last_at = t;
         stat.value += points;
         if self.explain_window > 0 {
+            let capped = points != r.points;
             if s.log.len() >= self.explain_window {
-                s.log.remove(0);
+                // Full: the oldest entry's slot (and its id's buffer) is reused.
+                s.log.rotate_left(1);
+                let last = s.log.last_mut().expect("window is non-empty");
+                last.event_id.clear();
+                last.event_id.push_str(event_id);
+                (last.rule, last.at, last.points, last.capped) = (rule, t, points, capped);
+            } else {
+                s.log.push(state::Contribution {
+                    rule,
+                    event_id: event_id.to_owned(),
+                    at: t,
+                    points,
+                    capped,
+                });
             }
-            s.log.push(state::Contribution {
-                rule,
-                event_id: event_id.to_owned(),
-                at: t,
-                points,
-                capped: points != r.points,
-            });
         }
         let g = &mut s.groups[r.group];
         *g = (*g + points).max(0.0);
