@@ -224,7 +224,8 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     }
     consumer.assign(&tpl)?;
     let p = producer(&args.brokers, 5)?;
-    let mut synth = Synth::new(args.leads, args.seed, crate::event::wall_clock_ms(), 0);
+    let started_ms = crate::event::wall_clock_ms();
+    let mut synth = Synth::new(args.leads, args.seed, started_ms, 0);
     let started = Instant::now();
     let mut sent = 0u64;
     let mut latencies: Vec<i64> = Vec::new();
@@ -247,6 +248,8 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
                 serde_json::from_slice::<SegmentChangeOut>(m.payload().unwrap_or_default())
                 && c.reason == "event"
                 && let Ok(at) = parse_rfc3339(&c.occurred_at)
+                // Only changes caused by this run's events (not a backlog's).
+                && at >= started_ms
             {
                 latencies.push(crate::event::wall_clock_ms() - at);
             }
