@@ -341,7 +341,15 @@ pub fn format_rfc3339(millis: Millis) -> String {
                     value /= 10;
                 }
             }
-            for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
+            for (at, sep) in [
+                (4, b'-'),
+                (7, b'-'),
+                (10, b'T'),
+                (13, b':'),
+                (16, b':'),
+                (19, b'.'),
+                (23, b'Z'),
+            ] {
                 out[at] = sep;
             }
             out.iter().map(|b| char::from(*b)).collect()

@@ -833,11 +833,7 @@ impl Engine {
         match stage {
             "customer" => s.status = Status::Customer,
             "opportunity_open" => s.status = Status::Opportunity,
-            "opportunity_lost" => {
-                if s.status == Status::Opportunity {
-                    s.status = Status::Nurture;
-                }
-            }
+            "opportunity_lost" if s.status == Status::Opportunity => s.status = Status::Nurture,
             "disqualified" => s.status = Status::Suppressed,
             "not_ready" => {
                 s.status = Status::NotReady {
