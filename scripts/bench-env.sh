@@ -1,0 +1,31 @@
+# Sourced by bench.sh and memory.sh: installs what is missing, builds the
+# release binary, starts a tansu broker and a Redis on spare loopback ports
+# (stopped on exit) and points the service at them. Sets BIN, KPORT, RPORT,
+# HPORT, WORK, EVENTS, LEADS, RUNS, RATE.
+EVENTS=${EVENTS:-1000000} LEADS=${LEADS:-100000} RUNS=${RUNS:-3} RATE=${RATE:-20000}
+TANSU="${TANSU_BIN:-$HOME/.cargo/bin/tansu}"
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+"$TANSU" --version >/dev/null 2>&1 || cargo install tansu@0.6.0 --locked --features dynostore,libsql
+cargo build --release --locked -q
+BIN=target/release/leadscore
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+KPORT=$(port) RPORT=$(port) HPORT=$(port)
+WORK=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+# memory:// is fine here (every consumer reads from the start); anything that
+# resumes from a committed position needs sqlite:// (DEVELOPERS.md).
+(cd "$WORK" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" --storage-engine memory://tansu/ >"$WORK/broker.log" 2>&1) &
+pids+=($!)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
+pids+=($!)
+sleep 1
+
+export LEADSCORE__KAFKA__BROKERS="127.0.0.1:$KPORT"
+export LEADSCORE__REDIS__URL="redis://127.0.0.1:$RPORT/0"
+export LEADSCORE__HTTP__LISTEN="127.0.0.1:$HPORT"
+export LEADSCORE__KAFKA__CONSUMER__FETCH_WAIT_MAX_MS=5
+export LEADSCORE__LOG__LEVEL=warn
+
