@@ -17,7 +17,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 # memory:// is fine here (every consumer reads from the start); anything that
 # resumes from a committed position needs sqlite:// (DEVELOPERS.md).
-(cd "$WORK" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" --storage-engine memory://tansu/ >"$WORK/broker.log" 2>&1) &
+STORAGE=${STORAGE:-memory://tansu/}
+(cd "$WORK" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$KPORT" --advertised-listener-url "tcp://127.0.0.1:$KPORT" --storage-engine "$STORAGE" >"$WORK/broker.log" 2>&1) &
 pids+=($!)
 redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
 pids+=($!)

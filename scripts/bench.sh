@@ -4,6 +4,7 @@
 # same backlog (fresh group, empty Redis) and reports each drain rate; then a
 # fixed-rate latency run. Prints the figures the README quotes.
 #   EVENTS=1000000 LEADS=100000 RUNS=3 RATE=20000 scripts/bench.sh
+# STORAGE=sqlite://tansu.db puts the broker on tansu's sqlite engine (much slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-env.sh
