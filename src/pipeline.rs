@@ -314,16 +314,30 @@ impl Processor {
             Some(keep) => {
                 let owned: Vec<InMessage<'_>> = batch
                     .iter()
-                    .zip(keep)
+                    .zip(&keep)
                     .filter_map(|(m, k)| k.then_some(*m))
                     .collect();
                 self.metrics
                     .messages_skipped
                     .inc_by((batch.len() - owned.len()) as u64);
-                debug!(
-                    skipped = batch.len() - owned.len(),
-                    "Skipping messages already applied or from released partitions."
-                );
+                let mut below = batch
+                    .iter()
+                    .zip(&keep)
+                    .filter(|(m, k)| !**k && !self.is_released(m.topic, m.partition));
+                match below.next() {
+                    Some((first, _)) => warn!(
+                        topic = first.topic,
+                        partition = first.partition,
+                        offset = first.offset,
+                        count = below.count() + 1,
+                        "Skipping redelivered messages below their partition's stored position (already applied). \
+                         If this input topic was deleted and recreated, leadscore's Redis keys for it must be cleared too."
+                    ),
+                    None => debug!(
+                        skipped = batch.len() - owned.len(),
+                        "Skipping messages polled before their partitions were revoked."
+                    ),
+                }
                 self.process_owned(&owned)
             }
         }
@@ -346,10 +360,7 @@ impl Processor {
                         .positions
                         .get(&(m.topic.to_owned(), m.partition))
                         .copied();
-                    let released = self
-                        .released
-                        .iter()
-                        .any(|(t, p)| *p == m.partition && t == m.topic);
+                    let released = self.is_released(m.topic, m.partition);
                     cursors.push((m.topic, m.partition, next, released));
                     cursors.len() - 1
                 }
@@ -370,6 +381,12 @@ impl Processor {
             }
         }
         keep
+    }
+
+    fn is_released(&self, topic: &str, partition: i32) -> bool {
+        self.released
+            .iter()
+            .any(|(t, p)| *p == partition && t == topic)
     }
 
     fn process_owned(&mut self, batch: &[InMessage<'_>]) -> Result<(), PipelineError> {
