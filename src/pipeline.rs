@@ -403,7 +403,7 @@ impl Processor {
             .collect();
         self.load_missing(batch, &decoded)?;
 
-        let mut consumed: HashMap<(&str, EventType), u64> = HashMap::new();
+        let mut consumed: HashMap<(&str, EventType), u64, Hasher> = HashMap::default();
         let mut next_offsets: Vec<(&str, i32, i64)> = Vec::new();
         let now_ms = crate::event::wall_clock_ms();
         for (m, event) in batch.iter().zip(decoded) {
