@@ -20,6 +20,10 @@ use leadscore::pipeline::{
 use leadscore::store::MemoryStore;
 use leadscore::synth::{Synth, SynthEvent};
 
+/// The allocator the `leadscore` binary uses, so the figures are the shipped ones.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EVENTS: usize = 100_000;
 const LEADS: usize = 10_000;
 

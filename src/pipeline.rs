@@ -127,6 +127,9 @@ type Hasher = foldhash::fast::RandomState;
 
 type FastSet<T> = HashSet<T, Hasher>;
 
+/// (topic, partition, next offset) per input partition of a batch.
+type NextOffsets<'b> = Vec<(&'b str, i32, i64)>;
+
 #[derive(Debug, Default)]
 struct Shard {
     clock: Option<Millis>,
@@ -309,8 +312,9 @@ impl Processor {
     /// a re-assignment) and those from partitions it has released (polled
     /// before the revoke; the next owner reads them from the flushed position).
     pub fn process(&mut self, batch: &[InMessage<'_>]) -> Result<(), PipelineError> {
-        match self.unowned(batch) {
-            None => self.process_owned(batch),
+        let (keep, next_offsets) = self.admit(batch);
+        match keep {
+            None => self.process_owned(batch, next_offsets),
             Some(keep) => {
                 let owned: Vec<InMessage<'_>> = batch
                     .iter()
@@ -338,14 +342,14 @@ impl Processor {
                         "Skipping messages polled before their partitions were revoked."
                     ),
                 }
-                self.process_owned(&owned)
+                self.process_owned(&owned, next_offsets)
             }
         }
     }
 
-    /// `None` when every message in `batch` is this processor's to apply,
-    /// else which ones are.
-    fn unowned(&self, batch: &[InMessage<'_>]) -> Option<Vec<bool>> {
+    /// Which messages of `batch` this processor applies (`None`: all of
+    /// them), and the position each input partition reaches once they are.
+    fn admit<'b>(&self, batch: &[InMessage<'b>]) -> (Option<Vec<bool>>, NextOffsets<'b>) {
         // (topic, partition, next offset to apply, released)
         let mut cursors: Vec<(&str, i32, Option<i64>, bool)> = Vec::new();
         let mut keep: Option<Vec<bool>> = None;
@@ -380,7 +384,11 @@ impl Processor {
                 (None, true) => {}
             }
         }
-        keep
+        let next_offsets = cursors
+            .into_iter()
+            .filter_map(|(t, p, next, _)| next.map(|n| (t, p, n)))
+            .collect();
+        (keep, next_offsets)
     }
 
     fn is_released(&self, topic: &str, partition: i32) -> bool {
@@ -389,7 +397,11 @@ impl Processor {
             .any(|(t, p)| *p == partition && t == topic)
     }
 
-    fn process_owned(&mut self, batch: &[InMessage<'_>]) -> Result<(), PipelineError> {
+    fn process_owned(
+        &mut self,
+        batch: &[InMessage<'_>],
+        next_offsets: NextOffsets<'_>,
+    ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let decoded: Vec<Result<Event<'_>, DecodeError>> = batch
             .iter()
@@ -404,16 +416,8 @@ impl Processor {
         self.load_missing(batch, &decoded)?;
 
         let mut consumed: HashMap<(&str, EventType), u64, Hasher> = HashMap::default();
-        let mut next_offsets: Vec<(&str, i32, i64)> = Vec::new();
         let now_ms = crate::event::wall_clock_ms();
         for (m, event) in batch.iter().zip(decoded) {
-            match next_offsets
-                .iter_mut()
-                .find(|(t, p, _)| *p == m.partition && *t == m.topic)
-            {
-                Some(entry) => entry.2 = m.offset + 1,
-                None => next_offsets.push((m.topic, m.partition, m.offset + 1)),
-            }
             let event = match event {
                 Ok(e) => e,
                 Err(error) => {

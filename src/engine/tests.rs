@@ -660,6 +660,12 @@ fn explanations_add_up_to_the_score() {
     let at = T0 + 3 * DAY;
     let x = e.explain(&s, at);
     assert_eq!(x.contributions.len(), 4, "bounded window");
+    let ids: Vec<&str> = x
+        .contributions
+        .iter()
+        .map(|c| c.event_id.as_str())
+        .collect();
+    assert_eq!(ids, ["p3", "p4", "c", "o"], "the newest, oldest first");
     let parts: f64 = x.contributions.iter().map(|c| c.points_now).sum::<f64>()
         + x.earlier.iter().map(|(_, p)| p).sum::<f64>()
         + x.adjustment;
