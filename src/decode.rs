@@ -26,6 +26,10 @@ pub enum Format {
     Json,
     /// One Avro binary datum per message, written with the family's schema in `schemas/`.
     Avro,
+    /// Confluent Schema Registry framing: magic byte 0, a 4-byte schema id,
+    /// then the Avro datum, written with the registered schema of that id.
+    #[serde(rename = "avro-registry")]
+    AvroRegistry,
 }
 
 /// Why a payload could not become an event. All variants are poison (dead-letter and move on).
@@ -61,17 +65,39 @@ impl DecodeError {
     }
 }
 
+/// What every decoder checks beyond the wire format.
+#[derive(Debug, Clone)]
+pub struct Contract {
+    /// Channel names accepted in a messaging event's `channel` (from the rules).
+    pub channels: std::sync::Arc<[String]>,
+    /// How far `occurred_at` may lie after the message's broker timestamp (or,
+    /// without one, the wall clock) before the event is rejected.
+    pub future_tolerance_ms: i64,
+}
+
+impl Default for Contract {
+    fn default() -> Self {
+        Contract {
+            channels: ["email", "sms", "zalo", "whatsapp"]
+                .map(String::from)
+                .into(),
+            future_tolerance_ms: 5 * 60_000,
+        }
+    }
+}
+
 /// Decodes payloads of one topic.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     source: Source,
     format: Format,
     avro: Option<Schema>,
+    contract: Contract,
 }
 
 impl Decoder {
     /// A decoder for a topic of `source` family in `format`.
-    pub fn new(source: Source, format: Format) -> Self {
+    pub fn new(source: Source, format: Format, contract: Contract) -> Self {
         // A hostile length prefix must not make the Avro reader allocate
         // more than a payload can hold (the first call sets it process-wide).
         apache_avro::max_allocation_bytes(MAX_PAYLOAD_BYTES * 4);
@@ -80,6 +106,7 @@ impl Decoder {
             source,
             format,
             avro,
+            contract,
         }
     }
 
@@ -88,8 +115,13 @@ impl Decoder {
         self.source
     }
 
-    /// Decodes and validates one payload.
-    pub fn decode<'a>(&self, payload: Option<&'a [u8]>) -> Result<Event<'a>, DecodeError> {
+    /// Decodes and validates one payload. `timestamp` is the message's broker
+    /// timestamp in ms, if it has one.
+    pub fn decode<'a>(
+        &self,
+        payload: Option<&'a [u8]>,
+        timestamp: Option<i64>,
+    ) -> Result<Event<'a>, DecodeError> {
         let bytes = payload
             .filter(|p| !p.is_empty())
             .ok_or(DecodeError::Empty)?;
@@ -100,7 +132,35 @@ impl Decoder {
             (Format::Avro, Some(schema)) => decode_avro(self.source, schema, bytes)?,
             _ => decode_json(self.source, bytes)?,
         };
-        Ok(event.validate()?)
+        let event = event.validate()?;
+        self.check(&event, timestamp)?;
+        Ok(event)
+    }
+
+    /// The checks that need configuration: channel names and future dates.
+    pub fn check(&self, event: &Event<'_>, timestamp: Option<i64>) -> Result<(), ContractError> {
+        if let Some(c) = event.channel.as_deref()
+            && !self.contract.channels.iter().any(|k| k == c)
+        {
+            return Err(ContractError::UnknownChannel {
+                got: truncate(c, 64),
+                known: self.contract.channels.join(", "),
+            });
+        }
+        let (reference, against) = match timestamp.filter(|t| *t > 0) {
+            Some(t) => (t, "broker timestamp"),
+            None => (crate::event::wall_clock_ms(), "wall clock"),
+        };
+        let ahead = event.occurred_at.saturating_sub(reference);
+        if ahead > self.contract.future_tolerance_ms {
+            return Err(ContractError::FromTheFuture {
+                occurred_at: crate::event::format_rfc3339(event.occurred_at),
+                ahead_ms: ahead,
+                against,
+                tolerance_ms: self.contract.future_tolerance_ms,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -127,6 +187,8 @@ struct RawEvent<'a> {
     occurred_at: Option<Str<'a>>,
     #[serde(borrow, rename = "type")]
     kind: Option<Str<'a>>,
+    #[serde(borrow, default)]
+    channel: Option<Str<'a>>,
     #[serde(borrow, default)]
     attributes: Option<Attributes<'a>>,
 }
@@ -182,6 +244,7 @@ fn decode_json(source: Source, bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         occurred_at: parse_rfc3339(&occurred_at)?,
         source,
         kind: parse_type(source, &kind)?,
+        channel: raw.channel.map(|s| s.0),
         attributes: raw.attributes.map(|a| a.0).unwrap_or_default(),
     })
 }
@@ -217,6 +280,7 @@ fn decode_avro(
         occurred_at: 0,
         source,
         kind: EventType::Identify,
+        channel: None,
         attributes: Vec::new(),
     };
     let mut kind = None;
@@ -225,6 +289,7 @@ fn decode_avro(
             ("event_id", Value::String(s)) => event.event_id = Cow::Owned(s),
             ("lead_id", v) => event.lead_id = avro_opt_string(v),
             ("anonymous_id", v) => event.anonymous_id = avro_opt_string(v),
+            ("channel", v) => event.channel = avro_opt_string(v),
             ("occurred_at", Value::TimestampMillis(t)) => event.occurred_at = t,
             ("type", Value::Enum(_, s)) | ("type", Value::String(s)) => kind = Some(s),
             ("attributes", Value::Map(m)) => {
@@ -268,7 +333,7 @@ pub fn encode_avro(schema: &Schema, event: &Event<'_>) -> Result<Vec<u8>, apache
         .iter()
         .position(|t| *t == event.kind)
         .unwrap_or_default() as u32;
-    let record = Value::Record(vec![
+    let mut fields = vec![
         ("event_id".into(), Value::String(event.event_id.to_string())),
         ("lead_id".into(), opt(&event.lead_id)),
         ("anonymous_id".into(), opt(&event.anonymous_id)),
@@ -290,8 +355,11 @@ pub fn encode_avro(schema: &Schema, event: &Event<'_>) -> Result<Vec<u8>, apache
                     .collect(),
             ),
         ),
-    ]);
-    apache_avro::to_avro_datum(schema, record)
+    ];
+    if event.source == Source::Email {
+        fields.push(("channel".into(), opt(&event.channel)));
+    }
+    apache_avro::to_avro_datum(schema, Value::Record(fields))
 }
 
 #[cfg(test)]
@@ -302,8 +370,8 @@ mod tests {
 
     #[test]
     fn json_borrows_and_validates() {
-        let d = Decoder::new(Source::Web, Format::Json);
-        let e = d.decode(Some(GOOD.as_bytes())).unwrap();
+        let d = Decoder::new(Source::Web, Format::Json, Contract::default());
+        let e = d.decode(Some(GOOD.as_bytes()), None).unwrap();
         assert!(matches!(e.event_id, Cow::Borrowed(_)));
         assert_eq!(e.kind, EventType::PageView);
         assert_eq!(e.attribute("url"), Some("https://example.com/pricing"));
@@ -311,7 +379,7 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_problem() {
-        let d = Decoder::new(Source::Web, Format::Json);
+        let d = Decoder::new(Source::Web, Format::Json, Contract::default());
         let cases: &[(&str, &str)] = &[
             ("{", "invalid JSON"),
             (r#"{"event_id":1}"#, "invalid JSON"),
@@ -337,13 +405,16 @@ mod tests {
             ),
         ];
         for (input, expected) in cases {
-            let err = d.decode(Some(input.as_bytes())).unwrap_err().to_string();
+            let err = d
+                .decode(Some(input.as_bytes()), None)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expected), "{input}: {err}");
         }
-        assert_eq!(d.decode(None), Err(DecodeError::Empty));
+        assert_eq!(d.decode(None, None), Err(DecodeError::Empty));
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
         assert!(matches!(
-            d.decode(Some(&big)),
+            d.decode(Some(&big), None),
             Err(DecodeError::TooLarge(_))
         ));
     }
@@ -360,17 +431,18 @@ mod tests {
                 occurred_at: 1_764_000_000_000,
                 source,
                 kind,
+                channel: (source == Source::Email).then(|| "sms".into()),
                 attributes: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
             };
             let bytes = encode_avro(&schema, &event).unwrap();
-            let decoded = Decoder::new(source, Format::Avro)
-                .decode(Some(&bytes))
+            let decoded = Decoder::new(source, Format::Avro, Contract::default())
+                .decode(Some(&bytes), None)
                 .unwrap();
             assert_eq!(decoded, event);
             let truncated = &bytes[..bytes.len() - 3];
             assert!(
-                Decoder::new(source, Format::Avro)
-                    .decode(Some(truncated))
+                Decoder::new(source, Format::Avro, Contract::default())
+                    .decode(Some(truncated), None)
                     .is_err()
             );
         }
@@ -381,8 +453,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             for source in Source::ALL {
-                let _ = Decoder::new(source, Format::Json).decode(Some(&bytes));
-                let _ = Decoder::new(source, Format::Avro).decode(Some(&bytes));
+                let _ = Decoder::new(source, Format::Json, Contract::default()).decode(Some(&bytes), None);
+                let _ = Decoder::new(source, Format::Avro, Contract::default()).decode(Some(&bytes), None);
             }
         }
 
@@ -392,14 +464,14 @@ mod tests {
             let i = flip % json.len();
             json[i] = byte;
             json.truncate(cut.max(1).min(json.len()));
-            let _ = Decoder::new(Source::Web, Format::Json).decode(Some(&json));
+            let _ = Decoder::new(Source::Web, Format::Json, Contract::default()).decode(Some(&json), None);
             let schema = input_schema(Source::Web);
-            let event = Decoder::new(Source::Web, Format::Json).decode(Some(GOOD.as_bytes())).unwrap();
+            let event = Decoder::new(Source::Web, Format::Json, Contract::default()).decode(Some(GOOD.as_bytes()), None).unwrap();
             let mut avro = encode_avro(&schema, &event).unwrap();
             let j = flip % avro.len();
             avro[j] = byte;
             avro.truncate(cut.max(1).min(avro.len()));
-            let _ = Decoder::new(Source::Web, Format::Avro).decode(Some(&avro));
+            let _ = Decoder::new(Source::Web, Format::Avro, Contract::default()).decode(Some(&avro), None);
         }
     }
 }

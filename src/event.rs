@@ -63,6 +63,8 @@ impl Source {
                 BookingAbandoned,
                 ChatMessage,
                 Identify,
+                BookingCompleted,
+                Purchase,
             ],
             Source::Adpixel => &[Impression, Click, AddToCart, Conversion],
             Source::Email => &[
@@ -75,7 +77,7 @@ impl Source {
                 Bounce,
                 SpamComplaint,
             ],
-            Source::Crm => &[ProfileUpdated, LifecycleChanged],
+            Source::Crm => &[ProfileUpdated, LifecycleChanged, ErasureRequested],
         }
     }
 
@@ -109,6 +111,10 @@ pub enum EventType {
     ChatMessage,
     /// Web: links an `anonymous_id` to a `lead_id`.
     Identify,
+    /// Web: a booking was completed.
+    BookingCompleted,
+    /// Web: a purchase (`value`).
+    Purchase,
     /// Ad pixel: an ad impression.
     Impression,
     /// Ad pixel or email: a click.
@@ -135,6 +141,8 @@ pub enum EventType {
     ProfileUpdated,
     /// CRM: lifecycle stage changed (`stage`).
     LifecycleChanged,
+    /// CRM: the person asked to be erased (also: a tombstone on the CRM topic).
+    ErasureRequested,
 }
 
 impl EventType {
@@ -149,6 +157,8 @@ impl EventType {
             BookingAbandoned => "booking_abandoned",
             ChatMessage => "chat_message",
             Identify => "identify",
+            BookingCompleted => "booking_completed",
+            Purchase => "purchase",
             Impression => "impression",
             Click => "click",
             AddToCart => "add_to_cart",
@@ -162,6 +172,7 @@ impl EventType {
             SpamComplaint => "spam_complaint",
             ProfileUpdated => "profile_updated",
             LifecycleChanged => "lifecycle_changed",
+            ErasureRequested => "erasure_requested",
         }
     }
 
@@ -215,6 +226,32 @@ pub enum ContractError {
     /// An `identify` event without both ids.
     #[error("identify needs both lead_id and anonymous_id")]
     IdentifyWithoutBothIds,
+    /// An erasure request without a lead id.
+    #[error("erasure_requested needs a lead_id")]
+    ErasureWithoutLead,
+    /// `channel` names a channel the rules do not list.
+    #[error("channel {got:?} is not one of the configured channels ({known})")]
+    UnknownChannel {
+        /// The channel as received.
+        got: String,
+        /// The configured channels, comma-separated.
+        known: String,
+    },
+    /// `occurred_at` lies further ahead of the message's broker timestamp
+    /// (or, without one, the wall clock) than the configured tolerance.
+    #[error(
+        "occurred_at {occurred_at} is {ahead_ms} ms after the message's {against} (tolerance {tolerance_ms} ms)"
+    )]
+    FromTheFuture {
+        /// The event time, RFC 3339.
+        occurred_at: String,
+        /// How far ahead it is.
+        ahead_ms: i64,
+        /// `broker timestamp` or `wall clock`.
+        against: &'static str,
+        /// The configured tolerance.
+        tolerance_ms: i64,
+    },
 }
 
 /// One validated input event. Strings borrow from the message where the decoder allows.
@@ -232,6 +269,8 @@ pub struct Event<'a> {
     pub source: Source,
     /// The event type.
     pub kind: EventType,
+    /// Messaging channel (messaging topic only; `None` is the first configured channel).
+    pub channel: Option<Cow<'a, str>>,
     /// String attributes, in message order.
     pub attributes: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
@@ -257,6 +296,9 @@ impl<'a> Event<'a> {
         if self.kind == EventType::Identify && (lead.is_none() || anon.is_none()) {
             return Err(ContractError::IdentifyWithoutBothIds);
         }
+        if self.kind == EventType::ErasureRequested && lead.is_none() {
+            return Err(ContractError::ErasureWithoutLead);
+        }
         if !(MIN_OCCURRED_AT..MAX_OCCURRED_AT).contains(&self.occurred_at) {
             return Err(ContractError::TimestampOutOfRange(self.occurred_at));
         }
@@ -268,19 +310,37 @@ impl<'a> Event<'a> {
         {
             return Err(ContractError::AttributesTooLarge);
         }
+        if self
+            .channel
+            .as_deref()
+            .is_some_and(|c| c.len() > MAX_ID_LEN)
+        {
+            return Err(ContractError::IdTooLong { field: "channel" });
+        }
         Ok(Event {
             lead_id: self.lead_id.filter(|s| !s.is_empty()),
             anonymous_id: self.anonymous_id.filter(|s| !s.is_empty()),
+            channel: if self.source == Source::Email {
+                self.channel.filter(|s| !s.is_empty())
+            } else {
+                None
+            },
             ..self
         })
     }
 
     /// The value of an attribute, if present (the first one wins on repeats).
+    /// `channel` also reads the event's channel field when no attribute has that name.
     pub fn attribute(&self, key: &str) -> Option<&str> {
         self.attributes
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_ref())
+            .or_else(|| {
+                (key == "channel")
+                    .then(|| self.channel.as_deref())
+                    .flatten()
+            })
     }
 
     /// Copies every borrowed string so the event outlives its message.
@@ -293,6 +353,7 @@ impl<'a> Event<'a> {
             occurred_at: self.occurred_at,
             source: self.source,
             kind: self.kind,
+            channel: self.channel.map(own),
             attributes: self
                 .attributes
                 .into_iter()
@@ -400,6 +461,7 @@ mod tests {
             occurred_at: parse_rfc3339("2026-11-22T10:00:00Z").unwrap(),
             source: Source::Web,
             kind: EventType::PageView,
+            channel: None,
             attributes: vec![("url".into(), "https://x/pricing".into())],
         }
     }

@@ -1,38 +1,86 @@
-//! The HTTP surface: `/metrics`, `/healthz`, `/readyz` and `GET /v1/leads/{id}`.
+//! The HTTP surface: `/metrics`, `/healthz`, `/readyz`, and the lead API
+//! (`GET /v1/leads/{id}`, `GET /v1/leads/{id}/explain`, `DELETE /v1/leads/{id}`).
+//!
+//! Served through hyper's HTTP/1 connection builder, so that the limits are
+//! hyper's: a header-read timeout that also closes idle keep-alive
+//! connections, at most `http.max_connections` connections at once (more wait
+//! in the listen queue), and a per-request timeout. `/v1/*` requires a bearer
+//! token when one is configured. Lead lookups read memory first, then Redis
+//! through a small pool of connections of their own.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
+use crate::decode::{Format, encode_avro, input_schema};
 use crate::engine::explain::Explanation;
-use crate::engine::{Engine, LeadState, Segment};
-use crate::event::{MAX_ID_LEN, format_rfc3339};
-use crate::kafka::consumer::Health;
-use crate::metrics::Metrics;
+use crate::engine::{Engine, Kind, LeadState, Segment};
+use crate::event::{Event, EventType, MAX_ID_LEN, Source, format_rfc3339, wall_clock_ms};
+use crate::kafka::runtime::Runtime;
 use crate::output::SignalOut;
-use crate::pipeline::LeadMap;
-use crate::store::Store;
+use crate::service::Stores;
+use crate::settings::{HttpSettings, Settings};
+use crate::shard::cache::LeadKey;
+use crate::store::{ShardId, Store};
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    /// Leads in memory.
-    pub leads: Arc<LeadMap>,
-    /// The engine (rules) for decaying to now.
-    pub engine: Engine,
-    /// Store for leads not in memory.
-    pub store: Arc<dyn Store>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Health of the consumer.
-    pub health: Arc<Health>,
+    rt: Arc<Runtime>,
+    stores: Arc<Vec<Arc<dyn Store>>>,
+    next: Arc<AtomicUsize>,
+    token: Option<[u8; 32]>,
+    eraser: Option<Arc<FutureProducer>>,
+    crm_topic: String,
+    crm_format: Format,
+}
+
+impl AppState {
+    /// The state of a running service.
+    pub fn new(rt: Arc<Runtime>, stores: &Stores, s: &Settings) -> anyhow::Result<Self> {
+        let eraser = crate::kafka::producer_config(&s.kafka)
+            .create::<FutureProducer>()
+            .ok()
+            .map(Arc::new);
+        Ok(AppState {
+            rt,
+            stores: Arc::new((0..4).map(|_| stores.make()).collect()),
+            next: Arc::new(AtomicUsize::new(0)),
+            token: s.http.auth_token.as_deref().map(digest),
+            eraser,
+            crm_topic: s.kafka.topics.crm.clone(),
+            crm_format: s.kafka.formats.crm,
+        })
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.stores.len();
+        Arc::clone(&self.stores[i])
+    }
+
+    fn engine(&self) -> &Engine {
+        &self.rt.engine
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// A lead as served by `GET /v1/leads/{id}`.
@@ -46,10 +94,18 @@ pub struct LeadView {
     pub engagement: f64,
     /// Fit.
     pub fit: f64,
-    /// Fit grade.
-    pub fit_grade: String,
+    /// Fit grade; null while no profile attribute is known (unknown fit).
+    pub fit_grade: Option<String>,
+    /// Profile attributes the fit rules use that are not known yet.
+    pub missing_profile: Vec<String>,
     /// Visible segment.
     pub segment: String,
+    /// Channels the lead opted out of.
+    pub opted_out_channels: Vec<String>,
+    /// First-touch source, if known.
+    pub first_touch_source: Option<String>,
+    /// First-touch campaign, if known.
+    pub first_touch_campaign: Option<String>,
     /// Event time of the last event applied.
     pub last_event_at: Option<String>,
     /// The instant the scores are decayed to.
@@ -76,26 +132,102 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The router.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let v1 = Router::new()
+        .route("/v1/leads/{id}", get(lead).delete(erase))
+        .route("/v1/leads/{id}/explain", get(explain))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/v1/leads/{id}", get(lead))
-        .route("/v1/leads/{id}/explain", get(explain))
+        .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(request_timeout, time_limit))
         .with_state(state)
 }
 
-/// Serves until `cancel` fires.
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "request timed out"),
+    }
+}
+
+async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(want) = &s.token else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(digest);
+    match given {
+        // Digests of equal length, compared in constant time.
+        Some(d) if bool::from(d.ct_eq(want)) => next.run(req).await,
+        _ => {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required (Authorization: Bearer …)",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+/// Serves until `cancel` fires, with hyper's limits (see the module doc).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    cfg: HttpSettings,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    let app = router(state, Duration::from_millis(cfg.request_timeout_ms));
+    let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
+        .keep_alive(true);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = cancel.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "Cannot accept an HTTP connection.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = cancel.cancelled() => break,
+        };
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(3)) => {}
+    }
+    Ok(())
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
@@ -104,13 +236,13 @@ async fn metrics(State(s): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(),
+        s.rt.metrics.render(),
     )
         .into_response()
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
-    if s.health.alive(Duration::from_secs(60)) {
+    if s.rt.health.alive(Duration::from_secs(60)) {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "consumer loop stalled")
@@ -118,8 +250,13 @@ async fn healthz(State(s): State<AppState>) -> Response {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.health.ready() {
+    if s.rt.health.ready() {
         (StatusCode::OK, "ready\n").into_response()
+    } else if let Some(f) = s.rt.fatal() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: stopping on an error: {f}"),
+        )
     } else {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -128,18 +265,28 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-/// The view of a lead's state at `at` (never before its last event).
+/// The view of a lead's state at `at` (never before its clock).
 pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
     let at = at.max(state.as_of);
     let scores = engine.scores_at(state, at);
     let rules = engine.rules();
+    let opted: Vec<u8> = state
+        .channels
+        .iter()
+        .filter(|c| c.opted_out)
+        .map(|c| c.channel)
+        .collect();
     LeadView {
         lead_id: id.to_owned(),
         score: scores.total,
         engagement: scores.engagement,
         fit: scores.fit,
-        fit_grade: scores.grade.as_str().to_owned(),
+        fit_grade: scores.grade.map(|g| g.as_str().to_owned()),
+        missing_profile: engine.missing_profile(state),
         segment: Segment::of(state).name(rules).to_owned(),
+        opted_out_channels: engine.opted_out_names(&opted),
+        first_touch_source: state.first_touch.as_ref().map(|f| f.source.clone()),
+        first_touch_campaign: state.first_touch.as_ref().and_then(|f| f.campaign.clone()),
         last_event_at: (state.last_event_at != i64::MIN)
             .then(|| format_rfc3339(state.last_event_at)),
         as_of: format_rfc3339(at),
@@ -157,52 +304,70 @@ pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
     }
 }
 
-/// The lead's state: from memory, else from the store.
-async fn find(s: &AppState, id: &str) -> Result<LeadState, Response> {
+fn check_id(id: &str) -> Result<(), Response> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(error(
             StatusCode::BAD_REQUEST,
             format!("lead id must be 1..={MAX_ID_LEN} bytes"),
         ));
     }
-    let in_memory = s.leads.get(id).map(|l| l.state.clone());
-    let state = match in_memory {
-        Some(state) => state,
-        None => {
-            let store = Arc::clone(&s.store);
-            let key = id.to_owned();
-            let loaded = tokio::task::spawn_blocking(move || store.load(&[key.as_str()])).await;
-            match loaded {
-                Ok(Ok(mut v)) => match v.pop().flatten() {
-                    Some(bytes) => s.engine.decode(&bytes).map_err(|e| {
-                        error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("stored state unreadable: {e}"),
-                        )
-                    })?,
-                    None => return Err(error(StatusCode::NOT_FOUND, "unknown lead")),
-                },
-                Ok(Err(e)) => {
-                    return Err(error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("state store unavailable: {e}"),
-                    ));
-                }
-                Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    Ok(())
+}
+
+/// Which shards hold a lead: in memory here, else in the store. Returns the
+/// shards and the state found first.
+async fn locate(s: &AppState, id: &str) -> Result<(Vec<ShardId>, Option<LeadState>), Response> {
+    let key = LeadKey::lead(id);
+    let engine = s.engine();
+    let mut shards = Vec::new();
+    let mut found: Option<LeadState> = None;
+    for (shard, cache) in s.rt.caches.read().iter() {
+        if let Some(blob) = cache.lock().peek(&key) {
+            shards.push(*shard);
+            if found.is_none() {
+                found = engine.decode(&blob).ok();
             }
         }
-    };
-    if state.is_new() {
-        return Err(error(StatusCode::NOT_FOUND, "unknown lead"));
     }
-    Ok(state)
+    if found.is_some() {
+        return Ok((shards, found));
+    }
+    let all: Vec<ShardId> = (0..s.rt.partitions()).collect();
+    let store = s.store();
+    let k = key.clone();
+    let result = tokio::task::spawn_blocking(move || store.find(&k, &all)).await;
+    match result {
+        Ok(Ok(hits)) => {
+            for (shard, bytes) in hits {
+                shards.push(shard);
+                if found.is_none() {
+                    found = engine.decode(&bytes).ok();
+                }
+            }
+            Ok((shards, found))
+        }
+        Ok(Err(e)) => {
+            s.rt.metrics.redis_errors.with_label_values(&["http"]).inc();
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("state store unavailable: {e}"),
+            ))
+        }
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn find(s: &AppState, id: &str) -> Result<LeadState, Response> {
+    check_id(id)?;
+    match locate(s, id).await? {
+        (_, Some(state)) if !state.is_new() && state.kind == Kind::Lead => Ok(state),
+        _ => Err(error(StatusCode::NOT_FOUND, "unknown lead")),
+    }
 }
 
 async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match find(&s, &id).await {
-        Ok(state) => {
-            Json(view(&s.engine, &id, &state, crate::event::wall_clock_ms())).into_response()
-        }
+        Ok(state) => Json(view(s.engine(), &id, &state, wall_clock_ms())).into_response(),
         Err(response) => response,
     }
 }
@@ -210,11 +375,83 @@ async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
 async fn explain(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match find(&s, &id).await {
         Ok(state) => {
-            let x = s.engine.explain(&state, crate::event::wall_clock_ms());
-            Json(explain_view(&s.engine, &id, &x)).into_response()
+            let x = s.engine().explain(&state, wall_clock_ms());
+            Json(explain_view(s.engine(), &id, &x)).into_response()
         }
         Err(response) => response,
     }
+}
+
+/// `DELETE /v1/leads/{id}`: erases a person. The request goes through the CRM
+/// topic (an `erasure_requested` event, to the partition that holds the
+/// lead), so it is applied in order by whichever member owns that shard,
+/// removes the lead and its linked anonymous ids from memory, Redis and the
+/// timers, and is never lost across restarts. Answers 202 once the broker
+/// has the request.
+async fn erase(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    if let Err(r) = check_id(&id) {
+        return r;
+    }
+    let Some(producer) = s.eraser.clone() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no producer for erasure requests",
+        );
+    };
+    let shards = match locate(&s, &id).await {
+        Ok((shards, _)) => shards,
+        Err(r) => return r,
+    };
+    let event_id = format!("erasure-{}", uuid::Uuid::new_v4());
+    let event = Event {
+        event_id: event_id.clone().into(),
+        lead_id: Some(id.clone().into()),
+        anonymous_id: None,
+        occurred_at: wall_clock_ms(),
+        source: Source::Crm,
+        kind: EventType::ErasureRequested,
+        channel: None,
+        attributes: Vec::new(),
+    };
+    let payload = match s.crm_format {
+        Format::Json => serde_json::json!({
+            "event_id": event_id, "lead_id": id, "occurred_at": format_rfc3339(event.occurred_at), "type": "erasure_requested",
+        })
+        .to_string()
+        .into_bytes(),
+        _ => match encode_avro(&input_schema(Source::Crm), &event) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+    };
+    let targets: Vec<Option<i32>> = if shards.is_empty() {
+        vec![None]
+    } else {
+        shards.into_iter().map(Some).collect()
+    };
+    for partition in &targets {
+        let mut record = FutureRecord::to(&s.crm_topic)
+            .key(id.as_bytes())
+            .payload(&payload);
+        if let Some(p) = partition {
+            record = record.partition(*p);
+        }
+        if let Err((e, _)) = producer.send(record, Duration::from_secs(10)).await {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot queue the erasure request: {e}"),
+            );
+        }
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "erasure_event_id": event_id,
+            "lead_id": id,
+            "partitions": targets.iter().flatten().collect::<Vec<_>>(),
+        })),
+    )
+        .into_response()
 }
 
 /// The JSON form of an explanation.
@@ -226,7 +463,7 @@ pub fn explain_view(engine: &Engine, id: &str, x: &Explanation) -> serde_json::V
         "score": x.scores.total,
         "engagement": x.scores.engagement,
         "fit": x.scores.fit,
-        "fit_grade": x.scores.grade.as_str(),
+        "fit_grade": x.scores.grade.map(|g| g.as_str()),
         "segment": x.segment.name(rules),
         "contributions": x.contributions.iter().map(|c| serde_json::json!({
             "rule": c.rule,

@@ -9,9 +9,11 @@ use tokio_util::sync::CancellationToken;
 
 use leadscore::settings::{LogFormat, Settings};
 
-/// The hot path allocates small, short-lived values on two threads (the
-/// consumer and the Redis writer); mimalloc's per-thread heaps serve them
-/// without glibc's arena locking.
+mod tools;
+
+/// The hot path allocates small, short-lived values on several threads (the
+/// workers and their writers); mimalloc's per-thread heaps serve them without
+/// glibc's arena locking.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -39,11 +41,11 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Run the whole service against an in-process broker with a synthetic stream.
-    Demo(leadscore::demo::DemoArgs),
+    Demo(tools::demo::DemoArgs),
     /// Drive a running service through the broker and report throughput and latency.
-    Loadgen(leadscore::loadgen::LoadgenArgs),
+    Loadgen(tools::loadgen::LoadgenArgs),
     /// Score a file of events (NDJSON) with no Kafka and no Redis; optionally compare two rules files.
-    Replay(leadscore::replay::ReplayArgs),
+    Replay(tools::replay::ReplayArgs),
 }
 
 fn init_logging(level: &str, format: LogFormat) {
@@ -110,13 +112,17 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo(args) => {
-            init_logging("warn,leadscore=warn", LogFormat::Text);
-            finish(runtime().block_on(leadscore::demo::run(args)))
+            init_logging(
+                &std::env::var("LEADSCORE_DEMO_LOG")
+                    .unwrap_or_else(|_| "warn,leadscore=warn".into()),
+                LogFormat::Text,
+            );
+            finish(runtime().block_on(tools::demo::run(args)))
         }
-        Command::Replay(args) => finish(leadscore::replay::run(args)),
+        Command::Replay(args) => finish(tools::replay::run(args)),
         Command::Loadgen(args) => {
             init_logging("warn", LogFormat::Text);
-            finish(runtime().block_on(leadscore::loadgen::run(args)))
+            finish(runtime().block_on(tools::loadgen::run(args)))
         }
     }
 }

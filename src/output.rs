@@ -12,7 +12,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::decode::Format;
-use crate::engine::{Decision, Handoff, Rules, SegmentChange};
+use crate::engine::{Decision, Engine, Handoff, Rules, SegmentChange};
 use crate::event::{Millis, format_rfc3339};
 
 /// Namespace of leadscore's deterministic event ids.
@@ -71,7 +71,9 @@ pub struct SegmentChangeOut {
     pub engagement: f64,
     /// Fit score.
     pub fit: f64,
-    /// `event`, `decay` or `lifecycle`.
+    /// Fit grade (`A`…`D`); null while no profile is known (unknown fit).
+    pub fit_grade: Option<String>,
+    /// `event`, `decay`, `lifecycle`, `frequency_cap` or `opt_out`.
     pub reason: String,
     /// Triggering input event, if any.
     pub trigger_event_id: Option<String>,
@@ -79,6 +81,8 @@ pub struct SegmentChangeOut {
     pub occurred_at: String,
     /// Rules version.
     pub rules_version: String,
+    /// Channels the lead has opted out of.
+    pub opted_out_channels: Vec<String>,
 }
 
 /// One signal in a hand-off.
@@ -107,8 +111,8 @@ pub struct HandoffOut {
     pub engagement: f64,
     /// Fit.
     pub fit: f64,
-    /// Fit grade.
-    pub fit_grade: String,
+    /// Fit grade; null while no profile is known (unknown fit).
+    pub fit_grade: Option<String>,
     /// Segment at hand-off.
     pub segment: String,
     /// Top contributing signals.
@@ -119,6 +123,12 @@ pub struct HandoffOut {
     pub trigger_event_id: String,
     /// Fit points by rule.
     pub fit_breakdown: BTreeMap<String, f64>,
+    /// Profile attributes the fit rules use that are not known yet.
+    pub missing_profile: Vec<String>,
+    /// Source of the lead's first touch (e.g. `utm_source`), if known.
+    pub first_touch_source: Option<String>,
+    /// Campaign of the lead's first touch, if known.
+    pub first_touch_campaign: Option<String>,
     /// Event time, RFC 3339.
     pub occurred_at: String,
     /// Rules version.
@@ -176,7 +186,8 @@ impl Encoder {
     }
 
     /// The published form of a decision.
-    pub fn describe(rules: &Rules, lead: &str, d: &Decision) -> Described {
+    pub fn describe(engine: &Engine, lead: &str, d: &Decision) -> Described {
+        let rules = &**engine.rules();
         let v = &rules.version;
         match d {
             Decision::Change(c) => Described::Change(SegmentChangeOut {
@@ -187,10 +198,12 @@ impl Encoder {
                 score: c.scores.total,
                 engagement: c.scores.engagement,
                 fit: c.scores.fit,
+                fit_grade: c.scores.grade.map(|g| g.as_str().to_owned()),
                 reason: c.reason.as_str().to_owned(),
                 trigger_event_id: c.trigger.clone(),
                 occurred_at: format_rfc3339(c.at),
                 rules_version: v.clone(),
+                opted_out_channels: engine.opted_out_names(&c.opted_out),
             }),
             Decision::Handoff(h) => Described::Handoff(HandoffOut {
                 event_id: handoff_id(v, lead, h).to_string(),
@@ -198,7 +211,7 @@ impl Encoder {
                 score: h.scores.total,
                 engagement: h.scores.engagement,
                 fit: h.scores.fit,
-                fit_grade: h.scores.grade.as_str().to_owned(),
+                fit_grade: h.scores.grade.map(|g| g.as_str().to_owned()),
                 segment: h.segment.name(rules).to_owned(),
                 top_signals: h
                     .top_signals
@@ -213,22 +226,27 @@ impl Encoder {
                 crossing_signal: h.crossing_rule.clone(),
                 trigger_event_id: h.trigger.clone(),
                 fit_breakdown: h.fit_breakdown.iter().cloned().collect(),
+                missing_profile: h.missing_profile.clone(),
+                first_touch_source: h.first_touch.as_ref().map(|f| f.0.clone()),
+                first_touch_campaign: h.first_touch.as_ref().and_then(|f| f.1.clone()),
                 occurred_at: format_rfc3339(h.at),
                 rules_version: v.clone(),
             }),
+            Decision::Expire { .. } => unreachable!("expiry is not published"),
         }
     }
 
-    /// Encodes one decision.
-    pub fn encode(&self, rules: &Rules, lead: &str, d: &Decision) -> Record {
+    /// Encodes one published decision (a change or a hand-off).
+    pub fn encode(&self, engine: &Engine, lead: &str, d: &Decision) -> Record {
         let (kind, at) = match d {
             Decision::Change(c) => (OutputKind::SegmentChange, c.at),
             Decision::Handoff(h) => (OutputKind::Handoff, h.at),
+            Decision::Expire { at } => (OutputKind::SegmentChange, *at),
         };
-        let described = Encoder::describe(rules, lead, d);
+        let described = Encoder::describe(engine, lead, d);
         let payload = match self.format {
             Format::Json => described.to_json(),
-            Format::Avro => self.to_avro(&described, d),
+            Format::Avro | Format::AvroRegistry => self.to_avro(&described, d),
         };
         Record {
             kind,
@@ -244,6 +262,8 @@ impl Encoder {
             Some(x) => Value::Union(1, Box::new(Value::String(x.clone()))),
             None => Value::Union(0, Box::new(Value::Null)),
         };
+        let strings =
+            |v: &[String]| Value::Array(v.iter().map(|x| Value::String(x.clone())).collect());
         let (schema, record) = match (described, d) {
             (Described::Change(c), Decision::Change(raw)) => (
                 &self.change_schema,
@@ -255,13 +275,15 @@ impl Encoder {
                     ("score".into(), Value::Double(c.score)),
                     ("engagement".into(), Value::Double(c.engagement)),
                     ("fit".into(), Value::Double(c.fit)),
+                    ("fit_grade".into(), opt(&c.fit_grade)),
                     (
                         "reason".into(),
-                        Value::Enum(raw.reason as u32, c.reason.clone()),
+                        Value::Enum(u32::from(raw.reason.code()), c.reason.clone()),
                     ),
                     ("trigger_event_id".into(), opt(&c.trigger_event_id)),
                     ("occurred_at".into(), Value::TimestampMillis(raw.at)),
                     ("rules_version".into(), s(&c.rules_version)),
+                    ("opted_out_channels".into(), strings(&c.opted_out_channels)),
                 ]),
             ),
             (Described::Handoff(h), Decision::Handoff(raw)) => (
@@ -272,7 +294,7 @@ impl Encoder {
                     ("score".into(), Value::Double(h.score)),
                     ("engagement".into(), Value::Double(h.engagement)),
                     ("fit".into(), Value::Double(h.fit)),
-                    ("fit_grade".into(), s(&h.fit_grade)),
+                    ("fit_grade".into(), opt(&h.fit_grade)),
                     ("segment".into(), s(&h.segment)),
                     (
                         "top_signals".into(),
@@ -301,6 +323,9 @@ impl Encoder {
                                 .collect(),
                         ),
                     ),
+                    ("missing_profile".into(), strings(&h.missing_profile)),
+                    ("first_touch_source".into(), opt(&h.first_touch_source)),
+                    ("first_touch_campaign".into(), opt(&h.first_touch_campaign)),
                     ("occurred_at".into(), Value::TimestampMillis(raw.at)),
                     ("rules_version".into(), s(&h.rules_version)),
                 ]),
@@ -344,6 +369,11 @@ pub mod dead_letter_headers {
     pub const PARTITION: &str = "leadscore.source.partition";
     /// Source offset.
     pub const OFFSET: &str = "leadscore.source.offset";
+    /// Size of the original payload in bytes (the dead letter carries at most
+    /// `kafka.dead_letter_max_bytes` of it).
+    pub const ORIGINAL_SIZE: &str = "leadscore.original.size";
+    /// xxh3-64 (hex) of the original payload, when the dead letter carries a cut copy.
+    pub const ORIGINAL_HASH: &str = "leadscore.original.xxh3";
 }
 
 #[cfg(test)]
@@ -352,7 +382,7 @@ mod tests {
 
     use super::*;
     use crate::engine::rules::Grade;
-    use crate::engine::{Engine, Reason, Scores, Segment};
+    use crate::engine::{EngineConfig, Reason, Scores, Segment};
 
     fn change() -> SegmentChange {
         SegmentChange {
@@ -362,11 +392,12 @@ mod tests {
                 total: 30.0,
                 engagement: 30.0,
                 fit: 0.0,
-                grade: Grade::D,
+                grade: Some(Grade::D),
             },
             reason: Reason::Event,
             trigger: Some("e-1".into()),
             at: 1_764_000_000_000,
+            opted_out: Vec::new(),
         }
     }
 
@@ -401,6 +432,8 @@ mod tests {
             crossing_rule: None,
             trigger: "e-9".into(),
             fit_breakdown: Vec::new(),
+            missing_profile: Vec::new(),
+            first_touch: None,
             at: c.at,
         };
         assert_eq!(
@@ -411,15 +444,15 @@ mod tests {
 
     #[test]
     fn json_and_avro_encode() {
-        let engine = Engine::new(Arc::new(Rules::default_rules()), 16);
-        let rules = engine.rules();
+        let engine = Engine::new(Arc::new(Rules::default_rules()), EngineConfig::default());
         let d = Decision::Change(change());
-        let json = Encoder::new(Format::Json).encode(rules, "lead-7", &d);
+        let json = Encoder::new(Format::Json).encode(&engine, "lead-7", &d);
         let parsed: SegmentChangeOut = serde_json::from_slice(&json.payload).unwrap();
         assert_eq!(parsed.previous_segment, "cold");
         assert_eq!(parsed.segment, "warm");
         assert_eq!(parsed.occurred_at, "2025-11-24T16:00:00.000Z");
-        let avro = Encoder::new(Format::Avro).encode(rules, "lead-7", &d);
+        assert_eq!(parsed.fit_grade.as_deref(), Some("D"));
+        let avro = Encoder::new(Format::Avro).encode(&engine, "lead-7", &d);
         let (schema, _) = output_schemas();
         let back = apache_avro::from_avro_datum(&schema, &mut &avro.payload[..], None).unwrap();
         assert!(matches!(back, Value::Record(_)));

@@ -1,34 +1,38 @@
-//! Wiring: builds the store, engine, processor, Kafka clients and HTTP server
-//! from [`Settings`], runs them under one cancellation token, and drains on
-//! shutdown. A failed part cancels the rest and the run returns an error.
+//! Wiring: builds the store, engine, producer, consumer, workers and HTTP
+//! server from [`Settings`](crate::settings::Settings), runs them under one
+//! cancellation token, and shuts down in order: the consumer leaves the group
+//! (its revocation drains and commits), the workers stop, the producer
+//! flushes, the HTTP server closes. A part that fails cancels the rest and
+//! the run returns its error.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use parking_lot::Mutex;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use crate::decode::Decoder;
-use crate::engine::Engine;
+use crate::decode::{Contract, Decoder};
+use crate::engine::{Engine, EngineConfig};
+use crate::event::Source;
 use crate::http::{self, AppState};
-use crate::kafka::consumer::{self, Health, LeadscoreContext};
-use crate::kafka::sink::KafkaSink;
-use crate::kafka::{consumer_config, producer_config};
+use crate::kafka::consumer::{self, GroupContext};
+use crate::kafka::runtime::{Health, Runtime};
+use crate::kafka::worker::Worker;
+use crate::kafka::{consumer_config, producer_config, sink};
 use crate::metrics::Metrics;
 use crate::output::Encoder;
-use crate::pipeline::{LeadMap, Processor, ProcessorConfig};
-use crate::settings::{Backend, Loaded};
-use crate::store::{MemoryStore, RedisStore, Store};
+use crate::settings::{Backend, Loaded, Settings};
+use crate::shard::ShardConfig;
+use crate::shard::cache::Limit;
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
 
 /// Handles to a running service, for callers that watch it (the demo, tests).
 #[derive(Clone, Debug)]
 pub struct Running {
-    /// Leads in memory.
-    pub leads: Arc<LeadMap>,
     /// Metrics.
     pub metrics: Metrics,
     /// Health.
@@ -37,20 +41,99 @@ pub struct Running {
     pub http_addr: std::net::SocketAddr,
 }
 
-fn make_store(loaded: &Loaded) -> anyhow::Result<Arc<dyn Store>> {
-    let r = &loaded.settings.redis;
-    Ok(match loaded.settings.state.backend {
-        Backend::Memory => Arc::new(MemoryStore::default()),
-        Backend::Redis => Arc::new(
-            RedisStore::new(
-                &r.url,
-                &r.key_prefix,
-                Duration::from_millis(r.timeout_ms),
-                r.pipeline_batch,
-            )
-            .context("redis.url")?,
-        ),
-    })
+/// Makes stores: one per user, each with its own connection.
+pub enum Stores {
+    /// Redis (connections are opened lazily).
+    Redis(RedisStore),
+    /// In memory (shared).
+    Memory(Arc<MemoryStore>),
+}
+
+impl Stores {
+    /// The stores the settings name.
+    pub fn from_settings(s: &Settings) -> anyhow::Result<Stores> {
+        Ok(match s.state.backend {
+            Backend::Memory => Stores::Memory(Arc::new(MemoryStore::default())),
+            Backend::Redis => Stores::Redis(RedisStore::connect(&s.redis).context("redis")?),
+        })
+    }
+
+    /// A store with a connection of its own.
+    pub fn make(&self) -> Arc<dyn Store> {
+        match self {
+            Stores::Redis(r) => Arc::new(r.sibling()),
+            Stores::Memory(m) => Arc::clone(m) as Arc<dyn Store>,
+        }
+    }
+}
+
+/// The engine settings from the service settings.
+pub fn engine_config(s: &Settings) -> EngineConfig {
+    EngineConfig {
+        dedup_window: s.state.dedup_window,
+        explain_window: s.state.explain_window,
+        history_window: 8,
+        retention_ms: (!s.state.retention.is_zero()).then(|| s.state.retention.as_millis() as i64),
+        expire_below: s.state.expire_below,
+    }
+}
+
+/// The input topics in merge order, with their families.
+pub fn inputs(s: &Settings) -> (Arc<[Arc<str>]>, Arc<[Source]>) {
+    let inputs = s.kafka.topics.inputs();
+    (
+        inputs.iter().map(|(_, t)| Arc::<str>::from(*t)).collect(),
+        inputs.iter().map(|(s, _)| *s).collect(),
+    )
+}
+
+/// The decoders of the input topics, in merge order.
+pub fn decoders(s: &Settings, engine: &Engine) -> Vec<Decoder> {
+    let contract = Contract {
+        channels: engine.rules().channels.clone().into(),
+        future_tolerance_ms: s.event_time.future_tolerance_ms as i64,
+    };
+    s.kafka
+        .topics
+        .inputs()
+        .iter()
+        .map(|(source, _)| Decoder::new(*source, s.kafka.formats.of(*source), contract.clone()))
+        .collect()
+}
+
+/// The shard settings.
+pub fn shard_config(s: &Settings) -> ShardConfig {
+    ShardConfig {
+        allowed_lateness_ms: s.event_time.allowed_lateness_ms as i64,
+        future_tolerance_ms: s.event_time.future_tolerance_ms as i64,
+        cache: Limit {
+            leads: s.state.max_leads_in_memory,
+            bytes: s.state.max_memory_mb.saturating_mul(1 << 20),
+        },
+        timer_page: s.redis.timer_page,
+        round: 2048,
+        dead_letter_max_bytes: s.kafka.dead_letter_max_bytes,
+    }
+}
+
+/// Checks the store is safe to use and registers these rules' layout;
+/// returns the engine knowing every earlier layout.
+pub fn prepare_store(s: &Settings, store: &dyn Store, engine: Engine) -> anyhow::Result<Engine> {
+    let health = store.check().context("checking the state store")?;
+    for w in &health.warn {
+        warn!(warning = %w, "State store.");
+    }
+    if !health.refuse.is_empty() && !s.redis.allow_eviction {
+        anyhow::bail!(
+            "refusing to keep state in this store:\n  - {}",
+            health.refuse.join("\n  - ")
+        );
+    }
+    store
+        .register_layout(engine.layout())
+        .context("registering the rules layout")?;
+    let known = store.layouts().context("reading earlier rules layouts")?;
+    Ok(engine.with_known_layouts(known))
 }
 
 /// Runs the service until `cancel` fires (or a part fails). `on_start` is
@@ -60,111 +143,132 @@ pub async fn run(
     cancel: CancellationToken,
     on_start: impl FnOnce(Running),
 ) -> anyhow::Result<()> {
-    let s = &loaded.settings;
+    let s = Arc::new(loaded.settings);
     let metrics = Metrics::new();
-    let leads = Arc::new(LeadMap::default());
     let health = Arc::new(Health::default());
-    let engine = Engine::new(Arc::clone(&loaded.rules), s.state.dedup_window)
-        .with_explain_window(s.state.explain_window);
-    let store = make_store(&loaded)?;
-    // The HTTP server reads through its own connection.
-    let http_store = match s.state.backend {
-        Backend::Memory => Arc::clone(&store),
-        Backend::Redis => make_store(&loaded)?,
+    let stores = Stores::from_settings(&s)?;
+    let setup_store = stores.make();
+    let engine = {
+        let s2 = Arc::clone(&s);
+        let rules = Arc::clone(&loaded.rules);
+        let store = Arc::clone(&setup_store);
+        tokio::task::spawn_blocking(move || {
+            prepare_store(&s2, &*store, Engine::new(rules, engine_config(&s2)))
+        })
+        .await??
     };
-    let decoders: HashMap<String, Decoder> = s
+    let engine = Arc::new(engine);
+    let (inputs, sources) = inputs(&s);
+    let outputs: Vec<String> = s
         .kafka
         .topics
-        .inputs()
+        .outputs()
         .iter()
-        .map(|(source, topic)| {
-            (
-                (*topic).to_owned(),
-                Decoder::new(*source, s.kafka.formats.of(*source)),
-            )
-        })
+        .map(|t| (*t).to_owned())
         .collect();
-    let sink = KafkaSink::new(
-        &producer_config(&s.kafka),
-        s.kafka.topics.clone(),
-        metrics.clone(),
-    )
-    .context("creating the producer")?;
-    let writer_store = match s.state.backend {
-        Backend::Memory => Arc::clone(&store),
-        Backend::Redis => make_store(&loaded)?,
+    metrics.init(
+        engine.rules(),
+        &inputs.iter().map(|t| &**t).collect::<Vec<_>>(),
+        &outputs.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let workers = match s.processing.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
     };
-    let processor = Processor::new(
-        engine.clone(),
-        Arc::clone(&leads),
-        store,
-        Box::new(sink),
-        decoders,
-        Encoder::new(s.kafka.formats.outputs),
-        metrics.clone(),
-        ProcessorConfig {
-            flush_interval: Duration::from_millis(s.redis.flush_interval_ms),
-            flush_max_dirty: s.redis.flush_max_dirty,
-            ack_timeout: Duration::from_millis(s.shutdown.drain_timeout_ms / 2),
-        },
-    )
-    .with_writer(writer_store);
-    let context = LeadscoreContext::new(
-        Arc::new(Mutex::new(processor)),
+    let rt = Arc::new(Runtime::new(
+        Arc::clone(&engine),
         metrics.clone(),
         Arc::clone(&health),
-        Duration::from_millis(s.shutdown.drain_timeout_ms),
+        Arc::clone(&inputs),
+        sources,
+        s.kafka.batch_max_messages,
+        Duration::from_millis(s.event_time.idle_timeout_ms),
+        Duration::from_millis(s.redis.flush_interval_ms),
+        s.redis.flush_max_dirty,
+        Duration::from_millis(s.shutdown.drain_timeout_ms / 2),
+        shard_config(&s),
+        cancel.clone(),
+    ));
+    let (producer, sinks) = sink::sinks(
+        &producer_config(&s.kafka),
+        &s.kafka.topics,
+        &metrics,
+        workers,
+    )
+    .context("creating the producer")?;
+    let drain_timeout = Duration::from_millis(s.shutdown.drain_timeout_ms);
+    let context = GroupContext::new(Arc::clone(&rt), stores.make(), drain_timeout);
+    let consumer: Arc<BaseConsumer<GroupContext>> = Arc::new(
+        consumer_config(&s.kafka)
+            .create_with_context(context)
+            .context("creating the consumer")?,
     );
-    let consumer: BaseConsumer<LeadscoreContext> = consumer_config(&s.kafka)
-        .create_with_context(context)
-        .context("creating the consumer")?;
+    let encoder = Encoder::new(s.kafka.formats.outputs);
+    let mut handles = Vec::with_capacity(workers);
+    for (id, sink) in sinks.into_iter().enumerate() {
+        handles.push(
+            Worker::spawn(
+                id,
+                Arc::clone(&rt),
+                decoders(&s, &engine),
+                encoder.clone(),
+                stores.make(),
+                stores.make(),
+                sink,
+                Arc::clone(&consumer),
+            )
+            .context("starting a worker")?,
+        );
+    }
+    let controls: Vec<_> = handles
+        .iter()
+        .map(|h| (h.control.clone(), Arc::clone(&h.wake)))
+        .collect();
+    consumer.context().attach(&consumer, controls.clone());
 
     let listener = tokio::net::TcpListener::bind(&s.http.listen)
         .await
         .with_context(|| format!("http.listen: cannot bind {}", s.http.listen))?;
     let http_addr = listener.local_addr()?;
-    info!(%http_addr, "HTTP server listening (/metrics, /healthz, /readyz, /v1/leads/{{id}}).");
-    let app = AppState {
-        leads: Arc::clone(&leads),
-        engine,
-        store: http_store,
-        metrics: metrics.clone(),
-        health: Arc::clone(&health),
-    };
-    let http_task = tokio::spawn(http::serve(listener, app, cancel.clone()));
-
+    info!(%http_addr, workers, "HTTP server listening (/metrics, /healthz, /readyz, /v1/leads/{{id}}).");
+    let app = AppState::new(Arc::clone(&rt), &stores, &s)?;
+    let http_task = tokio::spawn(http::serve(listener, app, s.http.clone(), cancel.clone()));
     on_start(Running {
-        leads,
         metrics,
         health,
         http_addr,
     });
 
-    let topics: Vec<String> = s
-        .kafka
-        .topics
-        .inputs()
-        .iter()
-        .map(|(_, t)| (*t).to_owned())
-        .collect();
-    let batch_max = s.kafka.batch_max_messages;
-    let consumer_cancel = cancel.clone();
+    let consumer_rt = Arc::clone(&rt);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("leadscore-consumer".into())
         .spawn(move || {
-            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-            let result = consumer::run(&consumer, &refs, batch_max, &consumer_cancel);
+            let refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+            let result = consumer::run(&consumer, &consumer_rt, &refs, &controls, drain_timeout);
+            if let Err(e) = &result {
+                consumer_rt.fail(e.to_string());
+            }
+            drop(controls);
             drop(consumer);
             let _ = done_tx.send(());
             result
         })?;
     done_rx.await.ok();
-    // Whatever ended the consumer ends everything else.
     cancel.cancel();
     let result = thread
         .join()
         .map_err(|_| anyhow::anyhow!("consumer thread panicked"))?;
+    for h in handles {
+        let _ = h.control.send(crate::kafka::worker::Control::Stop);
+        h.wake.notify();
+        if h.thread.join().is_err() {
+            error!("A worker thread panicked.");
+        }
+    }
+    if rt.fatal().is_none() {
+        sink::flush(&producer, Duration::from_secs(5));
+    }
     match tokio::time::timeout(Duration::from_secs(5), http_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => error!(error = %e, "HTTP server failed."),

@@ -23,10 +23,16 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     /// State store.
     pub redis: RedisSettings,
-    /// In-memory state.
+    /// In-memory state: limits, retention, de-duplication.
     pub state: StateSettings,
+    /// Event time across the input topics: the watermark.
+    pub event_time: EventTimeSettings,
+    /// Processing threads.
+    pub processing: ProcessingSettings,
     /// Scoring rules.
     pub scoring: ScoringSettings,
+    /// Confluent Schema Registry (for `avro-registry` topics).
+    pub schema_registry: SchemaRegistrySettings,
     /// HTTP server.
     pub http: HttpSettings,
     /// Shutdown and rebalance draining.
@@ -49,6 +55,9 @@ pub struct KafkaSettings {
     pub formats: FormatSettings,
     /// Most messages handled per poll batch.
     pub batch_max_messages: usize,
+    /// Largest payload copied into a dead letter; longer ones are cut, with
+    /// their original size and hash in headers.
+    pub dead_letter_max_bytes: usize,
     /// Extra librdkafka properties for the consumer (e.g. `"security.protocol" = "SASL_SSL"`).
     /// From the environment, `_` in the key becomes `.`.
     pub consumer: BTreeMap<String, String>,
@@ -64,6 +73,7 @@ impl Default for KafkaSettings {
             topics: TopicSettings::default(),
             formats: FormatSettings::default(),
             batch_max_messages: 8192,
+            dead_letter_max_bytes: 65_536,
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
         }
@@ -153,8 +163,20 @@ impl FormatSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// Connection URL, `redis://[:password@]host:port/db`.
+    /// Connection URL, `redis://[user:password@]host:port/db` (`rediss://` for
+    /// TLS). In cluster mode, the seed nodes, comma-separated.
     pub url: String,
+    /// `single` (one server, or a primary behind a failover proxy) or `cluster` (Redis Cluster).
+    pub mode: RedisMode,
+    /// TLS: a PEM file of the CA that signed the server's certificate.
+    pub tls_ca_file: Option<PathBuf>,
+    /// TLS: a PEM client certificate, for servers that ask for one.
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS: the PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Start even if Redis may evict keys (`maxmemory-policy` other than
+    /// `noeviction`): evicted state is lost state. Off by default.
+    pub allow_eviction: bool,
     /// Prefix of every key leadscore writes.
     pub key_prefix: String,
     /// Write changed state at least this often.
@@ -165,17 +187,35 @@ pub struct RedisSettings {
     pub pipeline_batch: usize,
     /// Give up one Redis call after this long (it is retried).
     pub timeout_ms: u64,
+    /// Timers read per page when a shard's clock reaches the end of those in memory.
+    pub timer_page: usize,
+}
+
+/// How leadscore talks to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One server.
+    Single,
+    /// A Redis Cluster (each shard's keys share one hash slot).
+    Cluster,
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
         RedisSettings {
             url: "redis://127.0.0.1:6379/0".into(),
+            mode: RedisMode::Single,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            allow_eviction: false,
             key_prefix: "leadscore:".into(),
             flush_interval_ms: 200,
             flush_max_dirty: 50_000,
             pipeline_batch: 1000,
             timeout_ms: 5000,
+            timer_page: 10_000,
         }
     }
 }
@@ -190,6 +230,18 @@ pub struct StateSettings {
     pub dedup_window: usize,
     /// How many recent counted events each lead keeps for `/explain` (0–255).
     pub explain_window: usize,
+    /// Most leads held in memory per instance; beyond it, clean leads are
+    /// evicted and reloaded from Redis on their next event.
+    pub max_leads_in_memory: usize,
+    /// Most megabytes of lead state held in memory per instance.
+    pub max_memory_mb: usize,
+    /// Leads (and anonymous visitors) with no event for this long, and decayed
+    /// below `expire_below`, are deleted (`0s`: never). Opt-outs, customers,
+    /// opportunities and suppressed leads are kept.
+    #[serde(with = "humantime_serde")]
+    pub retention: std::time::Duration,
+    /// "Decayed to nothing": engagement below this many points.
+    pub expire_below: f64,
 }
 
 impl Default for StateSettings {
@@ -197,7 +249,76 @@ impl Default for StateSettings {
         StateSettings {
             backend: Backend::Redis,
             dedup_window: 16,
-            explain_window: crate::engine::DEFAULT_EXPLAIN_WINDOW,
+            explain_window: 16,
+            max_leads_in_memory: 2_000_000,
+            max_memory_mb: 1024,
+            retention: std::time::Duration::from_secs(180 * 86_400),
+            expire_below: 1.0,
+        }
+    }
+}
+
+/// Event time across a shard's input topics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeSettings {
+    /// Disorder tolerated within one input partition: events up to this much
+    /// older than their topic's newest are still merged in event-time order.
+    /// Transitions wait this long behind the slowest input.
+    pub allowed_lateness_ms: u64,
+    /// An input with nothing pending and nothing new for this long stops
+    /// holding the others back; when all of a shard's inputs are idle its
+    /// clock follows the wall clock (less the allowed lateness), so quiet
+    /// leads still decay. 0: caught-up inputs never hold the others back.
+    pub idle_timeout_ms: u64,
+    /// Events dated further than this after their message's broker timestamp
+    /// are dead-lettered (`contract`), and no shard clock runs further ahead
+    /// of the wall clock.
+    pub future_tolerance_ms: u64,
+}
+
+impl Default for EventTimeSettings {
+    fn default() -> Self {
+        EventTimeSettings {
+            allowed_lateness_ms: 0,
+            idle_timeout_ms: 1_000,
+            future_tolerance_ms: 300_000,
+        }
+    }
+}
+
+/// Processing threads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingSettings {
+    /// Worker threads; each owns a share of the shards (0: one per CPU core).
+    pub workers: usize,
+}
+
+/// The Confluent Schema Registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistrySettings {
+    /// Base URL, e.g. `http://schema-registry:8081` (required for `avro-registry` topics).
+    pub url: Option<String>,
+    /// Basic-auth user.
+    pub username: Option<String>,
+    /// Basic-auth password.
+    pub password: Option<String>,
+    /// A PEM CA file for an `https://` registry with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// Give up one registry call after this long (it is retried).
+    pub timeout_ms: u64,
+}
+
+impl Default for SchemaRegistrySettings {
+    fn default() -> Self {
+        SchemaRegistrySettings {
+            url: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            timeout_ms: 5000,
         }
     }
 }
@@ -226,12 +347,26 @@ pub struct ScoringSettings {
 pub struct HttpSettings {
     /// Listen address for /metrics, /healthz, /readyz and /v1/leads.
     pub listen: String,
+    /// When set, `/v1/*` requires `Authorization: Bearer <token>`
+    /// (`/metrics`, `/healthz`, `/readyz` and `/openapi.json` stay open).
+    pub auth_token: Option<String>,
+    /// Most open connections; more wait in the listen queue.
+    pub max_connections: usize,
+    /// A connection that sends no complete request header for this long
+    /// (including an idle keep-alive connection) is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest time one request may take.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: "0.0.0.0:8080".into(),
+            auth_token: None,
+            max_connections: 256,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 10_000,
         }
     }
 }
@@ -352,12 +487,15 @@ impl Settings {
                 "kafka" => section_into(v, at, &mut settings.kafka),
                 "redis" => section_into(v, at, &mut settings.redis),
                 "state" => section_into(v, at, &mut settings.state),
+                "event_time" => section_into(v, at, &mut settings.event_time),
+                "processing" => section_into(v, at, &mut settings.processing),
                 "scoring" => section_into(v, at, &mut settings.scoring),
+                "schema_registry" => section_into(v, at, &mut settings.schema_registry),
                 "http" => section_into(v, at, &mut settings.http),
                 "shutdown" => section_into(v, at, &mut settings.shutdown),
                 "log" => section_into(v, at, &mut settings.log),
                 other => Err(format!(
-                    "{other}: unknown section (expected kafka, redis, state, scoring, http, shutdown, log)"
+                    "{other}: unknown section (expected kafka, redis, state, event_time, processing, scoring, schema_registry, http, shutdown, log)"
                 )),
             };
             if let Err(e) = result {
@@ -424,15 +562,54 @@ impl Settings {
                 }
             }
         }
+        if !(64..=16 * 1024 * 1024).contains(&k.dead_letter_max_bytes) {
+            p.push("kafka.dead_letter_max_bytes: must be 64..=16777216".into());
+        }
         let r = &self.redis;
-        if !(r.url.starts_with("redis://")
-            || r.url.starts_with("rediss://")
-            || r.url.starts_with("unix://"))
-        {
-            p.push(format!(
-                "redis.url: {:?} is not a redis:// URL",
-                mask_url(&r.url)
-            ));
+        let urls: Vec<&str> = match r.mode {
+            RedisMode::Single => vec![r.url.as_str()],
+            RedisMode::Cluster => r.url.split(',').map(str::trim).collect(),
+        };
+        for url in &urls {
+            let ok = url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || (r.mode == RedisMode::Single
+                    && (url.starts_with("unix://") || url.starts_with("redis+unix://")));
+            if !ok {
+                p.push(format!(
+                    "redis.url: {:?} is not a redis:// or rediss:// URL{}",
+                    mask_url(url),
+                    if r.mode == RedisMode::Cluster {
+                        " (cluster mode takes a comma-separated list of them)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        for (name, file) in [
+            ("redis.tls_ca_file", &r.tls_ca_file),
+            ("redis.tls_cert_file", &r.tls_cert_file),
+            ("redis.tls_key_file", &r.tls_key_file),
+            ("schema_registry.ca_file", &self.schema_registry.ca_file),
+        ] {
+            if let Some(f) = file
+                && std::fs::metadata(f).is_err()
+            {
+                p.push(format!("{name}: cannot read {}", f.display()));
+            }
+        }
+        if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
+            p.push("redis.tls_cert_file and redis.tls_key_file go together".into());
+        }
+        if r.key_prefix.contains(['{', '}']) {
+            p.push(
+                "redis.key_prefix: must not contain { or } (leadscore adds a hash tag per shard)"
+                    .into(),
+            );
+        }
+        if !(1..=1_000_000).contains(&r.timer_page) {
+            p.push("redis.timer_page: must be 1..=1000000".into());
         }
         if r.flush_interval_ms == 0 || r.flush_interval_ms > 60_000 {
             p.push("redis.flush_interval_ms: must be 1..=60000".into());
@@ -451,6 +628,52 @@ impl Settings {
         }
         if self.state.explain_window > 255 {
             p.push("state.explain_window: at most 255".into());
+        }
+        if self.state.max_leads_in_memory == 0 {
+            p.push("state.max_leads_in_memory: must be at least 1".into());
+        }
+        if self.state.max_memory_mb == 0 {
+            p.push("state.max_memory_mb: must be at least 1".into());
+        }
+        if !(self.state.expire_below.is_finite() && self.state.expire_below >= 0.0) {
+            p.push("state.expire_below: must be a finite number ≥ 0".into());
+        }
+        let e = &self.event_time;
+        if e.future_tolerance_ms > 7 * 86_400_000 {
+            p.push("event_time.future_tolerance_ms: at most 7 days".into());
+        }
+        if e.allowed_lateness_ms > 7 * 86_400_000 {
+            p.push("event_time.allowed_lateness_ms: at most 7 days".into());
+        }
+        if self.processing.workers > 256 {
+            p.push("processing.workers: at most 256".into());
+        }
+        let registry_needed = Source::ALL
+            .iter()
+            .map(|s| k.formats.of(*s))
+            .chain([k.formats.outputs])
+            .any(|f| f == Format::AvroRegistry);
+        match &self.schema_registry.url {
+            None if registry_needed => p.push(
+                "schema_registry.url: required when a topic's format is avro-registry".into(),
+            ),
+            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                p.push(format!(
+                    "schema_registry.url: {:?} is not an http(s) URL",
+                    mask_url(u)
+                ));
+            }
+            _ => {}
+        }
+        let h = &self.http;
+        if h.max_connections == 0 {
+            p.push("http.max_connections: must be at least 1".into());
+        }
+        if h.header_read_timeout_ms < 100 || h.request_timeout_ms < 100 {
+            p.push("http.header_read_timeout_ms and http.request_timeout_ms: at least 100".into());
+        }
+        if h.auth_token.as_deref().is_some_and(|t| t.len() < 16) {
+            p.push("http.auth_token: use at least 16 characters".into());
         }
         if self.http.listen.parse::<SocketAddr>().is_err() {
             p.push(format!(
@@ -480,7 +703,21 @@ impl Settings {
     /// The settings as TOML with secrets masked (for `check-config`).
     pub fn to_masked_toml(&self) -> String {
         let mut copy = self.clone();
-        copy.redis.url = mask_url(&copy.redis.url);
+        copy.redis.url = copy
+            .redis
+            .url
+            .split(',')
+            .map(mask_url)
+            .collect::<Vec<_>>()
+            .join(",");
+        let hide = |v: &mut Option<String>| {
+            if v.is_some() {
+                *v = Some("********".into());
+            }
+        };
+        hide(&mut copy.http.auth_token);
+        hide(&mut copy.schema_registry.password);
+        copy.schema_registry.url = copy.schema_registry.url.as_deref().map(mask_url);
         for map in [&mut copy.kafka.consumer, &mut copy.kafka.producer] {
             for (k, v) in map.iter_mut() {
                 if is_secret(k) {
@@ -502,19 +739,49 @@ pub const OWNED_PROPERTIES: [&str; 6] = [
     "partition.assignment.strategy",
 ];
 
+/// Whether a librdkafka property holds a secret.
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("token")
+    [
+        "password",
+        "secret",
+        "token",
+        "oauthbearer.config",
+        "jaas",
+        "key.pem",
+        "credential",
+        "sasl.kerberos.keytab",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
 }
 
-/// Hides the password in a URL.
+/// Hides the credentials in a URL: user and password before `@`, and
+/// `password`/`pass` query parameters (unix-socket URLs).
 pub fn mask_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://********{}", &url[..scheme], &url[at..])
         }
         _ => url.to_owned(),
+    };
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _))
+                    if ["pass", "password", "passwd", "user"]
+                        .contains(&k.to_ascii_lowercase().as_str()) =>
+                {
+                    format!("{k}=********")
+                }
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", masked.join("&"));
     }
+    out
 }
 
 fn section_into<T: DeserializeOwned>(

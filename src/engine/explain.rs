@@ -31,7 +31,7 @@ pub struct CapInForce {
     pub window_start: Millis,
     /// Window end (exclusive).
     pub window_end: Millis,
-    /// Matches counted in the window.
+    /// Matches that count in the window (the earliest by event time).
     pub matches: u32,
     /// Absolute points counted in the window.
     pub points: f64,
@@ -66,19 +66,26 @@ pub struct Explanation {
 }
 
 impl Engine {
-    /// Explains a lead's scores at `at` (not before its last change).
+    /// Explains a lead's scores at `at` (not before its clock).
     pub fn explain(&self, s: &LeadState, at: Millis) -> Explanation {
         let at = at.max(s.as_of);
         let rules = self.rules();
         let decay = |rule: u16, from: Millis| {
-            let h = rules.half_lives[rules.rules[rule as usize].group];
-            (-((at - from).max(0) as f64) / h).exp2()
+            let group = rules.rules.get(rule as usize).map_or(0, |r| r.group);
+            let h = rules.half_lives.get(group).copied().unwrap_or(1) as f64;
+            libm::exp2(-((at - from).max(0) as f64) / h)
+        };
+        let name = |rule: u16| {
+            rules
+                .rules
+                .get(rule as usize)
+                .map_or_else(|| format!("rule #{rule}"), |r| r.name.clone())
         };
         let contributions: Vec<Contributed> = s
             .log
             .iter()
             .map(|c| Contributed {
-                rule: rules.rules[c.rule as usize].name.clone(),
+                rule: name(c.rule),
                 event_id: c.event_id.clone(),
                 at: c.at,
                 points_then: c.points,
@@ -88,41 +95,48 @@ impl Engine {
             .collect();
         let mut earlier = Vec::new();
         let mut attributed = 0.0;
-        for st in &s.stats {
-            let now = st.value * decay(st.rule, s.as_of);
+        for r in &s.rules {
+            let Some(rule) = rules.rules.get(r.rule as usize) else {
+                continue;
+            };
+            let Some(w) = s.window(rule.group as u8) else {
+                continue;
+            };
+            let h = rules.half_lives.get(rule.group).copied().unwrap_or(1);
+            let now = r.cells.value_at(w, h, at);
             let logged: f64 = s
                 .log
                 .iter()
-                .filter(|c| c.rule == st.rule)
+                .filter(|c| c.rule == r.rule)
                 .fold(0.0, |acc, c| acc + c.points * decay(c.rule, c.at));
             let rest = now - logged;
             if rest.abs() > 1e-9 {
-                earlier.push((rules.rules[st.rule as usize].name.clone(), rest));
+                earlier.push((rule.name.clone(), rest));
             }
             attributed += now;
         }
         let scores = self.scores_at(s, at);
         let caps = s
-            .stats
+            .rules
             .iter()
-            .filter_map(|st| {
-                let cap = rules.rules[st.rule as usize].cap?;
-                (st.cap_window == at.div_euclid(cap.window_ms)).then(|| CapInForce {
-                    rule: rules.rules[st.rule as usize].name.clone(),
-                    window_start: st.cap_window * cap.window_ms,
-                    window_end: (st.cap_window + 1) * cap.window_ms,
-                    matches: st.cap_matches,
-                    points: st.cap_points,
+            .filter_map(|r| {
+                let rule = rules.rules.get(r.rule as usize)?;
+                let cap = rule.cap?;
+                let state = r.cap.as_ref()?;
+                (state.window == at.div_euclid(cap.window_ms)).then(|| CapInForce {
+                    rule: rule.name.clone(),
+                    window_start: state.window * cap.window_ms,
+                    window_end: (state.window + 1) * cap.window_ms,
+                    matches: state.admitted.len() as u32,
+                    points: super::allowances(rule.points, &cap, &state.admitted)
+                        .iter()
+                        .map(|p| p.abs())
+                        .sum(),
                     max_matches: cap.max_matches,
                     max_points: cap.max_points,
                 })
             })
             .collect();
-        let reason = |r: u8| match r {
-            1 => Reason::Decay,
-            2 => Reason::Lifecycle,
-            _ => Reason::Event,
-        };
         Explanation {
             at,
             segment: Segment::of(s),
@@ -138,7 +152,7 @@ impl Engine {
                     (
                         Segment::from_code(h.from),
                         Segment::from_code(h.to),
-                        reason(h.reason),
+                        Reason::from_code(h.reason),
                         h.at,
                     )
                 })

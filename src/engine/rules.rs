@@ -40,9 +40,86 @@ pub struct RulesFile {
     /// Profile fit scoring.
     #[serde(default)]
     pub fit: FitConfig,
+    /// Messaging channels (email, SMS, chat apps).
+    #[serde(default)]
+    pub messaging: MessagingConfig,
+    /// How many messages a lead may receive per rolling window before resting.
+    #[serde(default)]
+    pub frequency_cap: FrequencyCapConfig,
+    /// First-touch attribution (source and campaign of the earliest event carrying one).
+    #[serde(default)]
+    pub attribution: AttributionConfig,
     /// Engagement rules; for each event the first matching rule applies.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+}
+
+/// Messaging channels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagingConfig {
+    /// Channel names accepted in the `channel` field of messaging events
+    /// (the email topic); the first is the default when the field is absent.
+    pub channels: Vec<String>,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        MessagingConfig {
+            channels: ["email", "sms", "zalo", "whatsapp"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// A rolling-window cap on messages delivered to one lead, across channels.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyCapConfig {
+    /// Deliveries within `window` that put the lead to rest (0 or absent: no cap).
+    #[serde(default)]
+    pub max_messages: u8,
+    /// The rolling window.
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
+}
+
+/// First-touch attribution.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributionConfig {
+    /// Attributes naming the source, first present wins (e.g. `utm_source`).
+    pub source_attributes: Vec<String>,
+    /// Attributes naming the campaign, first present wins.
+    pub campaign_attributes: Vec<String>,
+    /// Sources that get their own metric label; others are counted as `other`.
+    pub sources: Vec<String>,
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        AttributionConfig {
+            source_attributes: vec!["utm_source".into(), "source".into()],
+            campaign_attributes: vec![
+                "utm_campaign".into(),
+                "campaign".into(),
+                "campaign_id".into(),
+            ],
+            sources: [
+                "google",
+                "facebook",
+                "instagram",
+                "tiktok",
+                "zalo",
+                "newsletter",
+                "direct",
+                "referral",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
 }
 
 /// Total = `engagement_weight` × engagement + `fit_weight` × fit.
@@ -146,17 +223,33 @@ pub struct HandoffConfig {
     /// How many top contributing signals a hand-off carries.
     #[serde(default = "default_top_signals")]
     pub top_signals: usize,
+    /// Whether a lead with no profile yet (unknown fit) may be handed off
+    /// when `min_grade` is set: `allow` (default) or `block`.
+    #[serde(default)]
+    pub unknown_fit: UnknownFit,
+}
+
+/// Hand-off policy for leads whose fit is unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownFit {
+    /// Unknown fit passes the grade condition.
+    #[default]
+    Allow,
+    /// Unknown fit fails the grade condition.
+    Block,
 }
 
 fn default_top_signals() -> usize {
     5
 }
 
-/// Email behaviour.
+/// Messaging behaviour (named after email, its first channel).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
-    /// This many deliveries in a row without an open or click move the lead to `reengage` (0: off).
+    /// This many deliveries in a row on one channel without an open, click or
+    /// reply on it move the lead to `reengage` (0: off).
     pub reengage_after: u8,
     /// Opens this soon after delivery are machine opens (privacy proxies, scanners) and count zero.
     #[serde(with = "humantime_serde")]
@@ -198,7 +291,7 @@ pub enum Grade {
     B,
     /// Weak fit.
     C,
-    /// Poor or unknown fit.
+    /// Poor fit (a profile is known and scores low; no profile is no grade).
     D,
 }
 
@@ -283,6 +376,36 @@ pub struct RuleConfig {
     /// Optional cap per lead per window.
     #[serde(default)]
     pub cap: Option<CapConfig>,
+    /// A lifecycle stage the match moves the lead to (e.g. `customer` for a
+    /// completed booking): an exit from behaviour, not only from the CRM.
+    #[serde(default)]
+    pub then: Option<Stage>,
+}
+
+/// Lifecycle stages a rule can move a lead to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Bought or booked: out of nurture.
+    Customer,
+    /// In the sales pipeline: out of nurture.
+    OpportunityOpen,
+    /// Said "not now": re-nurtured after the not-ready period.
+    NotReady,
+    /// Not a prospect: no nurture.
+    Disqualified,
+}
+
+impl Stage {
+    /// The CRM `stage` value with the same meaning.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Customer => "customer",
+            Stage::OpportunityOpen => "opportunity_open",
+            Stage::NotReady => "not_ready",
+            Stage::Disqualified => "disqualified",
+        }
+    }
 }
 
 /// At most `max_matches` matches or `max_points` points per lead per tumbling window.
@@ -448,8 +571,10 @@ pub struct Rule {
     pub points: f64,
     /// Index into [`Rules::half_lives`].
     pub group: usize,
-    /// Cap, if any: (max matches, max points, window ms).
+    /// Cap, if any.
     pub cap: Option<Cap>,
+    /// Lifecycle stage a match moves the lead to.
+    pub then: Option<Stage>,
 }
 
 /// A compiled cap.
@@ -499,7 +624,7 @@ pub struct Rules {
     /// Score weights.
     pub weights: ScoreWeights,
     /// Half-life in ms per decay group; group 0 is the default.
-    pub half_lives: Vec<f64>,
+    pub half_lives: Vec<i64>,
     /// Group names, parallel to `half_lives` (group 0 is `default`).
     pub group_names: Vec<String>,
     /// Nurture tiers, lowest first.
@@ -524,6 +649,12 @@ pub struct Rules {
     pub fit_attributes: Vec<String>,
     /// Engagement rules.
     pub rules: Vec<Rule>,
+    /// Messaging channels; index 0 is the default.
+    pub channels: Vec<String>,
+    /// Frequency cap: (max messages, window ms), if any.
+    pub frequency_cap: Option<(u8, Millis)>,
+    /// First-touch attribution.
+    pub attribution: AttributionConfig,
     /// Per (source, type): indices into `rules`, in file order.
     by_type: BTreeMap<(Source, EventType), Vec<u16>>,
 }
@@ -563,7 +694,7 @@ impl Rules {
             problems.push("score.fit_weight: must be a finite number ≥ 0".into());
         }
         let mut group_names = vec!["default".to_owned()];
-        let mut half_lives = vec![ms(file.decay.half_life) as f64];
+        let mut half_lives = vec![ms(file.decay.half_life)];
         if file.decay.half_life.is_zero() {
             problems.push("decay.half_life: must be greater than zero".into());
         }
@@ -572,7 +703,7 @@ impl Rules {
                 problems.push(format!("decay.groups.{name}: must be greater than zero"));
             }
             group_names.push(name.clone());
-            half_lives.push(ms(*hl) as f64);
+            half_lives.push(ms(*hl));
         }
 
         if half_lives.len() > MAX_GROUPS {
@@ -644,8 +775,11 @@ impl Rules {
                 ));
                 continue;
             };
-            if !rc.points.is_finite() {
-                problems.push(format!("{at}: points must be finite"));
+            if !(rc.points.is_finite() && rc.points.abs() <= super::exact::MAX_POINTS) {
+                problems.push(format!(
+                    "{at}: points must be finite and within ±{}",
+                    super::exact::MAX_POINTS
+                ));
             }
             let group = match &rc.group {
                 None => 0,
@@ -693,13 +827,62 @@ impl Rules {
                 points: rc.points,
                 group,
                 cap,
+                then: rc.then,
             });
         }
 
+        let channels = file.messaging.channels.clone();
+        if channels.is_empty() {
+            problems.push("messaging.channels: at least one channel is needed".into());
+        }
+        if channels.len() > 64 {
+            problems.push("messaging.channels: at most 64".into());
+        }
+        for (i, c) in channels.iter().enumerate() {
+            if c.is_empty()
+                || c.len() > 32
+                || !c
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                problems.push(format!(
+                    "messaging.channels[{i}]: {c:?} must be 1..=32 characters of a-z, 0-9 or _"
+                ));
+            }
+            if channels[..i].contains(c) {
+                problems.push(format!("messaging.channels: {c:?} is listed twice"));
+            }
+        }
+        let frequency_cap = match (file.frequency_cap.max_messages, file.frequency_cap.window) {
+            (0, _) => None,
+            (n, Some(w)) if !w.is_zero() => Some((n, ms(w))),
+            (_, _) => {
+                problems.push(
+                    "frequency_cap.window: required (and above zero) when max_messages is set"
+                        .into(),
+                );
+                None
+            }
+        };
+        if file.frequency_cap.max_messages > 64 {
+            problems.push("frequency_cap.max_messages: at most 64".into());
+        }
+        let a = &file.attribution;
+        if a.sources.len() > 50 {
+            problems.push("attribution.sources: at most 50 (each is a metric label value)".into());
+        }
+        for s in &a.sources {
+            if s == "other" || s == "unknown" {
+                problems.push(format!("attribution.sources: {s:?} is reserved"));
+            }
+        }
         if !problems.is_empty() {
             return Err(RulesError(problems));
         }
         Ok(Rules {
+            channels,
+            frequency_cap,
+            attribution: file.attribution,
             version: file.version,
             weights: file.score,
             half_lives,
@@ -728,6 +911,27 @@ impl Rules {
                 .iter()
                 .all(|(attr, p)| event.attribute(attr).is_some_and(|v| p.matches(v)))
         })
+    }
+
+    /// The index of a messaging channel by name.
+    pub fn channel_index(&self, name: &str) -> Option<u8> {
+        self.channels
+            .iter()
+            .position(|c| c == name)
+            .map(|i| i as u8)
+    }
+
+    /// The metric label of a first-touch source: itself if configured, else `other`.
+    pub fn source_label<'a>(&'a self, source: Option<&'a str>) -> &'a str {
+        match source {
+            None => "unknown",
+            Some(s) => self
+                .attribution
+                .sources
+                .iter()
+                .find(|c| c.as_str() == s)
+                .map_or("other", String::as_str),
+        }
     }
 
     /// The grade of a fit score.

@@ -1,17 +1,38 @@
-//! Per-lead state and its compact binary form (the Redis value).
+//! Per-lead state and its compact binary form: the value kept in memory (one
+//! allocation per lead) and in Redis.
 //!
-//! Scores are stored as values at `as_of`; decay to any later instant is
-//! computed, never written back, so the stored bits depend only on the events
-//! applied, in order.
+//! Every score-bearing part is a function of the *set* of events applied, not
+//! of their order: engagement is held in exact integer [`Cells`] per rule,
+//! profile fit keeps per attribute the update latest by event time, caps admit
+//! the earliest matches of a window by event time, and the de-duplication
+//! memory keeps the latest event ids by event time. Segment tiers, lifecycle
+//! status and the transition history follow the order events are applied in,
+//! which the shard's event-time merge makes canonical.
+//!
+//! The binary form is versioned and names nothing: rule, group, fit and channel
+//! positions refer to the rules layout recorded in its header (see
+//! [`super::layout`]), so a stored lead can be remapped when the rules change.
 
+use super::exact::Cells;
 use crate::event::Millis;
+
+/// What a stored key holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// An identified lead.
+    Lead,
+    /// An anonymous visitor, scored silently until identified.
+    Visitor,
+    /// A visitor merged into a lead: its anonymous id now routes to that lead.
+    Alias(String),
+}
 
 /// Where a lead stands apart from its score tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     /// In nurture: the visible segment is the score tier.
     Nurture,
-    /// Too many emails in a row without engagement.
+    /// Too many messages in a row without engagement on a channel.
     Reengage,
     /// Said "not now"; returns to nurture at `until`.
     NotReady {
@@ -20,9 +41,9 @@ pub enum Status {
     },
     /// An open sales opportunity: out of nurture.
     Opportunity,
-    /// A customer: out of nurture.
+    /// A customer (from the CRM, a completed booking or a purchase): out of nurture.
     Customer,
-    /// Unsubscribed, bounced hard, complained or disqualified: no nurture events.
+    /// Complained, or disqualified: no nurture on any channel.
     Suppressed,
 }
 
@@ -56,64 +77,114 @@ impl Status {
     }
 }
 
-/// What one rule has contributed to one lead.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RuleStat {
-    /// Index into the compiled rules.
-    pub rule: u16,
-    /// Matches that counted (including capped ones that counted zero).
-    pub count: u32,
-    /// Contributed points, decayed to the lead's `as_of`.
-    pub value: f64,
-    /// Event time of the last match.
-    pub last_at: Millis,
-    /// Tumbling cap window index of `cap_used`.
-    pub cap_window: i64,
-    /// Matches counted in the cap window.
-    pub cap_matches: u32,
-    /// Absolute points counted in the cap window.
-    pub cap_points: f64,
+/// The admitted matches of a capped rule in its latest cap window.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CapState {
+    /// Tumbling window index (event time / window length).
+    pub window: i64,
+    /// Event times of the matches that count, earliest first (at most the
+    /// number the cap lets through).
+    pub admitted: Vec<Millis>,
 }
 
-/// One counted event, kept for explanations (a bounded log per lead).
+/// What one engagement rule has contributed to one lead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleState {
+    /// Index into the compiled rules.
+    pub rule: u16,
+    /// Matches seen (including capped ones that count zero).
+    pub count: u32,
+    /// Event time of the latest match.
+    pub last_at: Millis,
+    /// Exact decayed sum of the points it contributed, aligned with its
+    /// decay group's window.
+    pub cells: Cells,
+    /// Cap bookkeeping, for capped rules.
+    pub cap: Option<CapState>,
+}
+
+/// The profile value behind one fit attribute: the update latest by event time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FitSlot {
+    /// Index among the rules' fit attributes.
+    pub slot: u8,
+    /// The fit rule that matched the value (none: it matched no rule, 0 points).
+    pub rule: Option<u16>,
+    /// Event time of the update.
+    pub at: Millis,
+    /// Tie-break between updates at the same instant (from the event id).
+    pub tie: u32,
+}
+
+/// One messaging channel of a lead (email, SMS, chat apps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelState {
+    /// Index among the rules' channels.
+    pub channel: u8,
+    /// Unsubscribed, bounced hard or otherwise opted out of this channel.
+    pub opted_out: bool,
+    /// Messages delivered in a row without an open, click or reply.
+    pub streak: u8,
+    /// Event time of the last delivery.
+    pub last_delivered_at: Option<Millis>,
+}
+
+/// The first-touch attribution of a lead: the earliest event carrying a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstTouch {
+    /// Event time.
+    pub at: Millis,
+    /// Tie-break (from the event id).
+    pub tie: u32,
+    /// Source (e.g. `utm_source`), at most 64 bytes.
+    pub source: String,
+    /// Campaign, if the event carried one, at most 64 bytes.
+    pub campaign: Option<String>,
+}
+
+/// One counted event, kept for explanations.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Contribution {
     /// Index into the compiled rules.
     pub rule: u16,
     /// The input event.
     pub event_id: String,
-    /// Event time it counted at.
+    /// Its event time.
     pub at: Millis,
-    /// Points counted then (after any cap).
+    /// Points counted for it when applied (after any cap).
     pub points: f64,
     /// Whether a cap cut the rule's points.
     pub capped: bool,
 }
 
 /// One past segment transition, kept for explanations.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
-    /// Segment code before (see [`Transition::code`]).
+    /// Segment code before (see `Segment::code`).
     pub from: u16,
     /// Segment code after.
     pub to: u16,
-    /// 0 event, 1 decay, 2 lifecycle.
+    /// Reason code (see `Reason::code`).
     pub reason: u8,
     /// Event time.
     pub at: Millis,
 }
 
-/// The state of one lead (or anonymous visitor).
+/// The state of one lead, anonymous visitor or alias.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeadState {
-    /// Event time the stored values are valid at.
+    /// What the key holds.
+    pub kind: Kind,
+    /// The lead's clock: the latest instant its segment was evaluated at.
     pub as_of: Millis,
-    /// Engagement per decay group at `as_of` (each ≥ 0).
-    pub groups: Vec<f64>,
-    /// Per-rule contributions, in first-match order.
-    pub stats: Vec<RuleStat>,
-    /// Fit points per fit-attribute slot.
-    pub fit: Vec<(u8, f64)>,
+    /// Latest event time applied.
+    pub last_event_at: Millis,
+    /// Newest cell per decay group touched: (group, cell), by group.
+    pub windows: Vec<(u8, i64)>,
+    /// Per-rule contributions, by rule index.
+    pub rules: Vec<RuleState>,
+    /// Profile fit, by slot.
+    pub fit: Vec<FitSlot>,
     /// Score tier index (tracked in every status).
     pub tier: u8,
     /// Event time the tier was entered.
@@ -126,271 +197,515 @@ pub struct LeadState {
     pub last_handoff_at: Option<Millis>,
     /// Event time of the last engagement (an event worth positive points).
     pub last_engaged_at: Option<Millis>,
-    /// Emails delivered in a row without an open or click.
-    pub unengaged_streak: u8,
-    /// Event time of the last email delivery.
-    pub last_delivered_at: Option<Millis>,
-    /// Fingerprints of the most recent event ids (a ring).
-    pub recent: Vec<u64>,
-    /// Next write position in `recent`.
-    pub recent_next: u8,
-    /// Event time of the last event applied.
-    pub last_event_at: Millis,
-    /// The most recent counted events, oldest first (bounded).
+    /// Events before this instant no longer count (a CRM recycle).
+    pub recycled_at: Option<Millis>,
+    /// Messaging channels, by channel index.
+    pub channels: Vec<ChannelState>,
+    /// Times of the latest deliveries (at most the frequency cap), earliest first.
+    pub deliveries: Vec<Millis>,
+    /// Resting (frequency cap reached) until this instant.
+    pub resting_until: Option<Millis>,
+    /// First-touch attribution.
+    pub first_touch: Option<FirstTouch>,
+    /// Anonymous ids merged into this lead (so an erasure reaches them).
+    pub linked: Vec<String>,
+    /// De-duplication memory: the latest (event time, id fingerprint) pairs, ascending.
+    pub recent: Vec<(Millis, u64)>,
+    /// The latest counted events by event time, ascending (bounded).
     pub log: Vec<Contribution>,
     /// The most recent segment transitions, oldest first (bounded).
     pub history: Vec<Transition>,
 }
 
+/// A time never reached: the state of a lead nothing was applied to.
+pub const NEVER: Millis = i64::MIN;
+
 impl LeadState {
-    /// A new lead with no history, sized for `groups` decay groups.
-    pub fn new(groups: usize) -> Self {
+    /// A state with no history.
+    pub fn new(kind: Kind) -> Self {
         LeadState {
-            as_of: i64::MIN,
-            groups: vec![0.0; groups],
-            stats: Vec::new(),
+            kind,
+            as_of: NEVER,
+            last_event_at: NEVER,
+            windows: Vec::new(),
+            rules: Vec::new(),
             fit: Vec::new(),
             tier: 0,
-            tier_since: i64::MIN,
+            tier_since: NEVER,
             status: Status::Nurture,
             armed: true,
             last_handoff_at: None,
             last_engaged_at: None,
-            unengaged_streak: 0,
-            last_delivered_at: None,
+            recycled_at: None,
+            channels: Vec::new(),
+            deliveries: Vec::new(),
+            resting_until: None,
+            first_touch: None,
+            linked: Vec::new(),
             recent: Vec::new(),
-            recent_next: 0,
-            last_event_at: i64::MIN,
             log: Vec::new(),
             history: Vec::new(),
         }
     }
 
+    /// Resets to a fresh state of `kind`, keeping allocated capacity.
+    pub fn reset(&mut self, kind: Kind) {
+        let mut fresh = LeadState::new(kind);
+        std::mem::swap(&mut fresh.windows, &mut self.windows);
+        std::mem::swap(&mut fresh.rules, &mut self.rules);
+        std::mem::swap(&mut fresh.recent, &mut self.recent);
+        fresh.windows.clear();
+        fresh.rules.clear();
+        fresh.recent.clear();
+        *self = fresh;
+    }
+
     /// Whether no event was ever applied.
     pub fn is_new(&self) -> bool {
-        self.as_of == i64::MIN
+        self.as_of == NEVER
     }
 
-    /// Remembers an event fingerprint, keeping at most `capacity`.
-    pub fn remember(&mut self, fingerprint: u64, capacity: usize) {
-        if capacity == 0 {
+    /// The newest cell of a decay group, if it has contributions.
+    pub fn window(&self, group: u8) -> Option<i64> {
+        self.windows
+            .iter()
+            .find(|(g, _)| *g == group)
+            .map(|(_, c)| *c)
+    }
+
+    /// The rule's state, if it ever matched.
+    pub fn rule(&self, rule: u16) -> Option<&RuleState> {
+        self.rules
+            .binary_search_by_key(&rule, |r| r.rule)
+            .ok()
+            .map(|i| &self.rules[i])
+    }
+
+    /// Whether an event fingerprint is remembered.
+    pub fn seen(&self, fingerprint: u64) -> bool {
+        self.recent.iter().any(|(_, f)| *f == fingerprint)
+    }
+
+    /// Remembers an event, keeping the `capacity` latest by (time, fingerprint).
+    pub fn remember(&mut self, at: Millis, fingerprint: u64, capacity: usize) {
+        if capacity == 0 || self.seen(fingerprint) {
             return;
         }
-        if self.recent.len() < capacity {
-            self.recent.push(fingerprint);
-            self.recent_next = (self.recent.len() % capacity) as u8;
-        } else {
-            let i = self.recent_next as usize % self.recent.len();
-            self.recent[i] = fingerprint;
-            self.recent_next = ((i + 1) % capacity) as u8;
-        }
-    }
-
-    /// Whether the fingerprint is among the remembered ones.
-    pub fn seen(&self, fingerprint: u64) -> bool {
-        self.recent.contains(&fingerprint)
-    }
-
-    /// Encodes to the compact binary form stored in Redis.
-    pub fn encode(&self, layout: u32, out: &mut Vec<u8>) {
-        out.clear();
-        out.push(FORMAT_VERSION);
-        put_u32(out, layout);
-        put_i64(out, self.as_of);
-        out.push(self.groups.len() as u8);
-        for g in &self.groups {
-            put_f64(out, *g);
-        }
-        put_u16(out, self.stats.len() as u16);
-        for s in &self.stats {
-            put_u16(out, s.rule);
-            put_u32(out, s.count);
-            put_f64(out, s.value);
-            put_i64(out, s.last_at);
-            put_i64(out, s.cap_window);
-            put_u32(out, s.cap_matches);
-            put_f64(out, s.cap_points);
-        }
-        out.push(self.fit.len() as u8);
-        for (slot, p) in &self.fit {
-            out.push(*slot);
-            put_f64(out, *p);
-        }
-        out.push(self.tier);
-        put_i64(out, self.tier_since);
-        let (code, until) = self.status.code();
-        out.push(code);
-        put_i64(out, until);
-        out.push(self.armed as u8);
-        put_opt(out, self.last_handoff_at);
-        put_opt(out, self.last_engaged_at);
-        out.push(self.unengaged_streak);
-        put_opt(out, self.last_delivered_at);
-        out.push(self.recent.len() as u8);
-        out.push(self.recent_next);
-        for f in &self.recent {
-            put_u64(out, *f);
-        }
-        put_i64(out, self.last_event_at);
-        out.push(self.log.len() as u8);
-        for c in &self.log {
-            put_u16(out, c.rule);
-            let id = &c.event_id.as_bytes()[..c.event_id.len().min(u8::MAX as usize)];
-            out.push(id.len() as u8);
-            out.extend_from_slice(id);
-            put_i64(out, c.at);
-            put_f64(out, c.points);
-            out.push(c.capped as u8);
-        }
-        out.push(self.history.len() as u8);
-        for h in &self.history {
-            put_u16(out, h.from);
-            put_u16(out, h.to);
-            out.push(h.reason);
-            put_i64(out, h.at);
-        }
-    }
-
-    /// Decodes the binary form. With a different rules `layout`, per-rule
-    /// contributions and fit slots are dropped (their indices mean other rules
-    /// now) and engagement is folded into the groups that exist.
-    pub fn decode(bytes: &[u8], layout: u32, groups: usize) -> Result<LeadState, StateError> {
-        let mut r = Reader { bytes, pos: 0 };
-        if r.u8()? != FORMAT_VERSION {
-            return Err(StateError::Version);
-        }
-        let stored_layout = r.u32()?;
-        let as_of = r.i64()?;
-        let n = r.u8()? as usize;
-        let mut gs = Vec::with_capacity(n);
-        for _ in 0..n {
-            gs.push(r.f64()?);
-        }
-        let n = r.u16()? as usize;
-        let mut stats = Vec::with_capacity(n);
-        for _ in 0..n {
-            stats.push(RuleStat {
-                rule: r.u16()?,
-                count: r.u32()?,
-                value: r.f64()?,
-                last_at: r.i64()?,
-                cap_window: r.i64()?,
-                cap_matches: r.u32()?,
-                cap_points: r.f64()?,
-            });
-        }
-        let n = r.u8()? as usize;
-        let mut fit = Vec::with_capacity(n);
-        for _ in 0..n {
-            fit.push((r.u8()?, r.f64()?));
-        }
-        let tier = r.u8()?;
-        let tier_since = r.i64()?;
-        let code = r.u8()?;
-        let until = r.i64()?;
-        let status = Status::from_code(code, until).ok_or(StateError::Corrupt)?;
-        let armed = r.u8()? != 0;
-        let last_handoff_at = r.opt()?;
-        let last_engaged_at = r.opt()?;
-        let unengaged_streak = r.u8()?;
-        let last_delivered_at = r.opt()?;
-        let n = r.u8()? as usize;
-        let recent_next = r.u8()?;
-        let mut recent = Vec::with_capacity(n);
-        for _ in 0..n {
-            recent.push(r.u64()?);
-        }
-        let last_event_at = r.i64()?;
-        let n = r.u8()? as usize;
-        let mut log = Vec::with_capacity(n);
-        for _ in 0..n {
-            let rule = r.u16()?;
-            let len = r.u8()? as usize;
-            let id = r.bytes(len)?;
-            log.push(Contribution {
-                rule,
-                event_id: String::from_utf8_lossy(id).into_owned(),
-                at: r.i64()?,
-                points: r.f64()?,
-                capped: r.u8()? != 0,
-            });
-        }
-        let n = r.u8()? as usize;
-        let mut history = Vec::with_capacity(n);
-        for _ in 0..n {
-            history.push(Transition {
-                from: r.u16()?,
-                to: r.u16()?,
-                reason: r.u8()?,
-                at: r.i64()?,
-            });
-        }
-        if r.pos != bytes.len() {
-            return Err(StateError::Corrupt);
-        }
-        let mut state = LeadState {
-            as_of,
-            groups: gs,
-            stats,
-            fit,
-            tier,
-            tier_since,
-            status,
-            armed,
-            last_handoff_at,
-            last_engaged_at,
-            unengaged_streak,
-            last_delivered_at,
-            recent,
-            recent_next,
-            last_event_at,
-            log,
-            history,
-        };
-        if stored_layout != layout || state.groups.len() != groups {
-            let total: f64 = state.groups.iter().sum();
-            state.groups = vec![0.0; groups];
-            if let Some(g) = state.groups.first_mut() {
-                *g = total;
+        let key = (at, fingerprint);
+        if self.recent.len() >= capacity {
+            if key <= self.recent[0] {
+                return;
             }
-            state.stats.clear();
-            state.fit.clear();
-            state.log.clear();
+            self.recent.remove(0);
         }
-        Ok(state)
+        let i = self.recent.partition_point(|k| *k < key);
+        self.recent.insert(i, key);
+    }
+
+    /// Whether the memory cannot tell if an event at `at` is a duplicate (it
+    /// is full and the event is older than everything it remembers).
+    pub fn older_than_memory(&self, at: Millis, fingerprint: u64, capacity: usize) -> bool {
+        self.recent.len() >= capacity && self.recent.first().is_some_and(|k| (at, fingerprint) < *k)
     }
 }
 
-/// Why a stored state could not be read.
+/// Why stored bytes could not be read. Never fatal: the lead starts afresh.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
-    /// Written by an unknown format version.
-    #[error("unknown state format version")]
-    Version,
+    /// Written by an unknown format version (an older leadscore's layout).
+    #[error("unknown state format version {0}")]
+    Version(u8),
     /// Truncated or inconsistent bytes.
     #[error("corrupt state bytes")]
     Corrupt,
 }
 
-const FORMAT_VERSION: u8 = 2;
+/// Version byte of the binary form.
+pub const FORMAT_VERSION: u8 = 3;
 
-fn put_u16(out: &mut Vec<u8>, v: u16) {
-    out.extend_from_slice(&v.to_le_bytes());
+// Presence bits of the optional fields.
+const HAS_HANDOFF: u16 = 1;
+const HAS_ENGAGED: u16 = 1 << 1;
+const HAS_RECYCLED: u16 = 1 << 2;
+const HAS_RESTING: u16 = 1 << 3;
+const HAS_FIRST_TOUCH: u16 = 1 << 4;
+const ARMED: u16 = 1 << 5;
+const HAS_LOG: u16 = 1 << 6;
+const HAS_HISTORY: u16 = 1 << 7;
+const HAS_LINKED: u16 = 1 << 8;
+const HAS_CHANNELS: u16 = 1 << 9;
+const HAS_FIT: u16 = 1 << 10;
+const HAS_DELIVERIES: u16 = 1 << 11;
+
+impl LeadState {
+    /// Encodes to the compact binary form under rules layout `layout`.
+    /// Times are written relative to the lead's clock, numbers as varints.
+    pub fn encode(&self, layout: u32, out: &mut Vec<u8>) {
+        out.clear();
+        let mut w = Writer(out);
+        w.u8(FORMAT_VERSION);
+        w.u32(layout);
+        match &self.kind {
+            Kind::Lead => w.u8(0),
+            Kind::Visitor => w.u8(1),
+            Kind::Alias(to) => {
+                w.u8(2);
+                w.str(to);
+            }
+        }
+        let base = self.as_of;
+        w.ivar(base);
+        if base == NEVER {
+            return;
+        }
+        let mut flags = 0u16;
+        for (bit, on) in [
+            (HAS_HANDOFF, self.last_handoff_at.is_some()),
+            (HAS_ENGAGED, self.last_engaged_at.is_some()),
+            (HAS_RECYCLED, self.recycled_at.is_some()),
+            (HAS_RESTING, self.resting_until.is_some()),
+            (HAS_FIRST_TOUCH, self.first_touch.is_some()),
+            (ARMED, self.armed),
+            (HAS_LOG, !self.log.is_empty()),
+            (HAS_HISTORY, !self.history.is_empty()),
+            (HAS_LINKED, !self.linked.is_empty()),
+            (HAS_CHANNELS, !self.channels.is_empty()),
+            (HAS_FIT, !self.fit.is_empty()),
+            (HAS_DELIVERIES, !self.deliveries.is_empty()),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        w.uvar(u64::from(flags));
+        w.time(base, self.last_event_at);
+        w.time(base, self.tier_since);
+        w.u8(self.tier);
+        let (code, until) = self.status.code();
+        w.u8(code);
+        if code == 2 {
+            w.time(base, until);
+        }
+        for v in [
+            self.last_handoff_at,
+            self.last_engaged_at,
+            self.recycled_at,
+            self.resting_until,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            w.time(base, v);
+        }
+        w.uvar(self.windows.len() as u64);
+        for (g, cell) in &self.windows {
+            w.u8(*g);
+            w.ivar(*cell);
+        }
+        w.uvar(self.rules.len() as u64);
+        for r in &self.rules {
+            w.uvar(u64::from(r.rule));
+            w.uvar(u64::from(r.count));
+            w.time(base, r.last_at);
+            w.ivar(r.cells.current);
+            w.ivar(r.cells.previous);
+            match &r.cap {
+                None => w.u8(0),
+                Some(cap) => {
+                    w.u8(1 + cap.admitted.len().min(254) as u8);
+                    w.ivar(cap.window);
+                    for t in cap.admitted.iter().take(254) {
+                        w.time(base, *t);
+                    }
+                }
+            }
+        }
+        if flags & HAS_FIT != 0 {
+            w.uvar(self.fit.len() as u64);
+            for f in &self.fit {
+                w.u8(f.slot);
+                w.uvar(f.rule.map_or(0, |r| u64::from(r) + 1));
+                w.time(base, f.at);
+                w.u32(f.tie);
+            }
+        }
+        if flags & HAS_CHANNELS != 0 {
+            w.uvar(self.channels.len() as u64);
+            for c in &self.channels {
+                w.u8(c.channel);
+                w.u8(u8::from(c.opted_out) | (u8::from(c.last_delivered_at.is_some()) << 1));
+                w.u8(c.streak);
+                if let Some(t) = c.last_delivered_at {
+                    w.time(base, t);
+                }
+            }
+        }
+        if flags & HAS_DELIVERIES != 0 {
+            w.uvar(self.deliveries.len() as u64);
+            for t in &self.deliveries {
+                w.time(base, *t);
+            }
+        }
+        if let Some(ft) = &self.first_touch {
+            w.time(base, ft.at);
+            w.u32(ft.tie);
+            w.str(&ft.source);
+            w.str(ft.campaign.as_deref().unwrap_or(""));
+        }
+        if flags & HAS_LINKED != 0 {
+            w.uvar(self.linked.len() as u64);
+            for a in &self.linked {
+                w.str(a);
+            }
+        }
+        w.uvar(self.recent.len() as u64);
+        for (t, f) in &self.recent {
+            w.time(base, *t);
+            w.u64(*f);
+        }
+        if flags & HAS_LOG != 0 {
+            w.uvar(self.log.len() as u64);
+            for c in &self.log {
+                w.uvar(u64::from(c.rule));
+                w.str(&c.event_id);
+                w.time(base, c.at);
+                w.f64(c.points);
+                w.u8(u8::from(c.capped));
+            }
+        }
+        if flags & HAS_HISTORY != 0 {
+            w.uvar(self.history.len() as u64);
+            for h in &self.history {
+                w.uvar(u64::from(h.from));
+                w.uvar(u64::from(h.to));
+                w.u8(h.reason);
+                w.time(base, h.at);
+            }
+        }
+    }
+
+    /// The rules layout a stored state was written under.
+    pub fn stored_layout(bytes: &[u8]) -> Result<u32, StateError> {
+        let mut r = Reader { bytes, pos: 0 };
+        match r.u8()? {
+            FORMAT_VERSION => r.u32(),
+            v => Err(StateError::Version(v)),
+        }
+    }
+
+    /// Decodes the binary form into `self` (reusing its allocations).
+    /// Returns the layout it was written under.
+    pub fn decode_into(&mut self, bytes: &[u8]) -> Result<u32, StateError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = r.u8()?;
+        if version != FORMAT_VERSION {
+            return Err(StateError::Version(version));
+        }
+        let layout = r.u32()?;
+        let kind = match r.u8()? {
+            0 => Kind::Lead,
+            1 => Kind::Visitor,
+            2 => Kind::Alias(r.string()?),
+            _ => return Err(StateError::Corrupt),
+        };
+        self.reset(kind);
+        let base = r.ivar()?;
+        self.as_of = base;
+        if base == NEVER {
+            return r.finish(layout);
+        }
+        let flags = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+        self.last_event_at = r.time(base)?;
+        self.tier_since = r.time(base)?;
+        self.tier = r.u8()?;
+        let code = r.u8()?;
+        let until = if code == 2 { r.time(base)? } else { 0 };
+        self.status = Status::from_code(code, until).ok_or(StateError::Corrupt)?;
+        self.armed = flags & ARMED != 0;
+        let opt = |bit: u16, r: &mut Reader<'_>| -> Result<Option<Millis>, StateError> {
+            if flags & bit != 0 {
+                r.time(base).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        self.last_handoff_at = opt(HAS_HANDOFF, &mut r)?;
+        self.last_engaged_at = opt(HAS_ENGAGED, &mut r)?;
+        self.recycled_at = opt(HAS_RECYCLED, &mut r)?;
+        self.resting_until = opt(HAS_RESTING, &mut r)?;
+        let n = r.len(8)?;
+        for _ in 0..n {
+            let g = r.u8()?;
+            let cell = r.ivar()?;
+            self.windows.push((g, cell));
+        }
+        let n = r.len(6)?;
+        for _ in 0..n {
+            let rule = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+            let count = u32::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+            let last_at = r.time(base)?;
+            let cells = Cells {
+                current: r.ivar()?,
+                previous: r.ivar()?,
+            };
+            let cap = match r.u8()? {
+                0 => None,
+                m => {
+                    let window = r.ivar()?;
+                    let mut admitted = Vec::with_capacity(usize::from(m - 1));
+                    for _ in 1..m {
+                        admitted.push(r.time(base)?);
+                    }
+                    Some(CapState { window, admitted })
+                }
+            };
+            self.rules.push(RuleState {
+                rule,
+                count,
+                last_at,
+                cells,
+                cap,
+            });
+        }
+        if flags & HAS_FIT != 0 {
+            let n = r.len(7)?;
+            for _ in 0..n {
+                let slot = r.u8()?;
+                let rule = match r.uvar()? {
+                    0 => None,
+                    v => Some(u16::try_from(v - 1).map_err(|_| StateError::Corrupt)?),
+                };
+                let at = r.time(base)?;
+                let tie = r.u32()?;
+                self.fit.push(FitSlot {
+                    slot,
+                    rule,
+                    at,
+                    tie,
+                });
+            }
+        }
+        if flags & HAS_CHANNELS != 0 {
+            let n = r.len(3)?;
+            for _ in 0..n {
+                let channel = r.u8()?;
+                let bits = r.u8()?;
+                let streak = r.u8()?;
+                let last_delivered_at = if bits & 2 != 0 {
+                    Some(r.time(base)?)
+                } else {
+                    None
+                };
+                self.channels.push(ChannelState {
+                    channel,
+                    opted_out: bits & 1 != 0,
+                    streak,
+                    last_delivered_at,
+                });
+            }
+        }
+        if flags & HAS_DELIVERIES != 0 {
+            let n = r.len(1)?;
+            for _ in 0..n {
+                let t = r.time(base)?;
+                self.deliveries.push(t);
+            }
+        }
+        if flags & HAS_FIRST_TOUCH != 0 {
+            let at = r.time(base)?;
+            let tie = r.u32()?;
+            let source = r.string()?;
+            let campaign = r.string()?;
+            self.first_touch = Some(FirstTouch {
+                at,
+                tie,
+                source,
+                campaign: (!campaign.is_empty()).then_some(campaign),
+            });
+        }
+        if flags & HAS_LINKED != 0 {
+            let n = r.len(1)?;
+            for _ in 0..n {
+                let a = r.string()?;
+                self.linked.push(a);
+            }
+        }
+        let n = r.len(9)?;
+        for _ in 0..n {
+            let t = r.time(base)?;
+            let f = r.u64()?;
+            self.recent.push((t, f));
+        }
+        if flags & HAS_LOG != 0 {
+            let n = r.len(12)?;
+            for _ in 0..n {
+                let rule = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+                let event_id = r.string()?;
+                let at = r.time(base)?;
+                let points = r.f64()?;
+                let capped = r.u8()? != 0;
+                self.log.push(Contribution {
+                    rule,
+                    event_id,
+                    at,
+                    points,
+                    capped,
+                });
+            }
+        }
+        if flags & HAS_HISTORY != 0 {
+            let n = r.len(4)?;
+            for _ in 0..n {
+                let from = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+                let to = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+                let reason = r.u8()?;
+                let at = r.time(base)?;
+                self.history.push(Transition {
+                    from,
+                    to,
+                    reason,
+                    at,
+                });
+            }
+        }
+        r.finish(layout)
+    }
 }
-fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-fn put_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-fn put_i64(out: &mut Vec<u8>, v: i64) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-fn put_f64(out: &mut Vec<u8>, v: f64) {
-    out.extend_from_slice(&v.to_bits().to_le_bytes());
-}
-fn put_opt(out: &mut Vec<u8>, v: Option<Millis>) {
-    put_i64(out, v.unwrap_or(i64::MIN));
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.u64(v.to_bits());
+    }
+    fn uvar(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+    fn ivar(&mut self, v: i64) {
+        self.uvar(((v << 1) ^ (v >> 63)) as u64);
+    }
+    /// A time relative to the lead's clock.
+    fn time(&mut self, base: Millis, t: Millis) {
+        self.ivar(t.wrapping_sub(base));
+    }
+    fn str(&mut self, s: &str) {
+        let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.uvar(bytes.len() as u64);
+        self.0.extend_from_slice(bytes);
+    }
 }
 
 struct Reader<'a> {
@@ -399,67 +714,125 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], StateError> {
-        let end = self.pos + N;
-        let slice = self.bytes.get(self.pos..end).ok_or(StateError::Corrupt)?;
-        self.pos = end;
-        Ok(slice.try_into().expect("slice has N bytes"))
-    }
-    fn bytes(&mut self, n: usize) -> Result<&[u8], StateError> {
-        let end = self.pos + n;
+    fn take(&mut self, n: usize) -> Result<&[u8], StateError> {
+        let end = self.pos.checked_add(n).ok_or(StateError::Corrupt)?;
         let slice = self.bytes.get(self.pos..end).ok_or(StateError::Corrupt)?;
         self.pos = end;
         Ok(slice)
     }
     fn u8(&mut self) -> Result<u8, StateError> {
-        Ok(self.take::<1>()?[0])
-    }
-    fn u16(&mut self) -> Result<u16, StateError> {
-        Ok(u16::from_le_bytes(self.take()?))
+        Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, StateError> {
-        Ok(u32::from_le_bytes(self.take()?))
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn u64(&mut self) -> Result<u64, StateError> {
-        Ok(u64::from_le_bytes(self.take()?))
-    }
-    fn i64(&mut self) -> Result<i64, StateError> {
-        Ok(i64::from_le_bytes(self.take()?))
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
     }
     fn f64(&mut self) -> Result<f64, StateError> {
         Ok(f64::from_bits(self.u64()?))
     }
-    fn opt(&mut self) -> Result<Option<Millis>, StateError> {
-        let v = self.i64()?;
-        Ok((v != i64::MIN).then_some(v))
+    fn uvar(&mut self) -> Result<u64, StateError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(StateError::Corrupt)
+    }
+    fn ivar(&mut self) -> Result<i64, StateError> {
+        let u = self.uvar()?;
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+    fn time(&mut self, base: Millis) -> Result<Millis, StateError> {
+        Ok(base.wrapping_add(self.ivar()?))
+    }
+    /// A count of items each at least `min_bytes` long: bounded by what is left.
+    fn len(&mut self, min_bytes: usize) -> Result<usize, StateError> {
+        let n = usize::try_from(self.uvar()?).map_err(|_| StateError::Corrupt)?;
+        if n.saturating_mul(min_bytes) > self.bytes.len() - self.pos {
+            return Err(StateError::Corrupt);
+        }
+        Ok(n)
+    }
+    fn string(&mut self) -> Result<String, StateError> {
+        let n = self.len(1)?;
+        let b = self.take(n)?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| StateError::Corrupt)
+    }
+    fn finish(&self, layout: u32) -> Result<u32, StateError> {
+        if self.pos == self.bytes.len() {
+            Ok(layout)
+        } else {
+            Err(StateError::Corrupt)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
-    #[test]
-    fn round_trips_and_rejects_garbage() {
-        let mut s = LeadState::new(2);
-        s.as_of = 1_700_000_000_000;
-        s.groups = vec![12.5, 0.25];
-        s.stats.push(RuleStat {
+    fn sample() -> LeadState {
+        let mut s = LeadState::new(Kind::Lead);
+        s.as_of = 1_764_000_000_000;
+        s.last_event_at = s.as_of - 5;
+        s.tier = 2;
+        s.tier_since = s.as_of - 1000;
+        s.status = Status::NotReady {
+            until: s.as_of + 77,
+        };
+        s.windows = vec![(0, 7300), (1, 7301)];
+        s.rules.push(RuleState {
             rule: 3,
             count: 2,
-            value: 7.0,
-            last_at: 5,
-            cap_window: 9,
-            cap_matches: 1,
-            cap_points: 2.0,
+            last_at: s.as_of - 9,
+            cells: Cells {
+                current: 1 << 40,
+                previous: -5,
+            },
+            cap: Some(CapState {
+                window: 20_400,
+                admitted: vec![s.as_of - 9, s.as_of - 2],
+            }),
         });
-        s.fit.push((1, 10.0));
-        s.status = Status::NotReady { until: 77 };
+        s.fit.push(FitSlot {
+            slot: 1,
+            rule: Some(4),
+            at: s.as_of - 3,
+            tie: 99,
+        });
+        s.channels.push(ChannelState {
+            channel: 1,
+            opted_out: true,
+            streak: 3,
+            last_delivered_at: Some(s.as_of - 60),
+        });
+        s.deliveries = vec![s.as_of - 60, s.as_of - 10];
+        s.resting_until = Some(s.as_of + 86_400_000);
         s.last_engaged_at = Some(42);
+        s.first_touch = Some(FirstTouch {
+            at: s.as_of - 100,
+            tie: 7,
+            source: "google".into(),
+            campaign: Some("spring".into()),
+        });
+        s.linked.push("cookie-1".into());
         s.log.push(Contribution {
             rule: 3,
             event_id: "ev-1".into(),
-            at: 9,
+            at: s.as_of - 9,
             points: 2.5,
             capped: true,
         });
@@ -467,28 +840,63 @@ mod tests {
             from: 0,
             to: 1,
             reason: 0,
-            at: 8,
+            at: s.as_of - 8,
         });
         for f in 0..20 {
-            s.remember(f, 16);
+            s.remember(s.as_of - 100 + f as i64, f, 16);
         }
-        let mut buf = Vec::new();
-        s.encode(7, &mut buf);
-        assert_eq!(LeadState::decode(&buf, 7, 2).unwrap(), s);
-        assert!(LeadState::decode(&buf[..buf.len() - 1], 7, 2).is_err());
-        assert!(LeadState::decode(b"\x09garbage", 7, 2).is_err());
-        let other = LeadState::decode(&buf, 8, 1).unwrap();
-        assert_eq!(other.groups, vec![12.75]);
-        assert!(other.stats.is_empty());
+        s
     }
 
     #[test]
-    fn remembers_a_bounded_window() {
-        let mut s = LeadState::new(1);
-        for f in 0..40 {
-            s.remember(f, 16);
+    fn round_trips_and_rejects_garbage() {
+        let s = sample();
+        let mut buf = Vec::new();
+        s.encode(7, &mut buf);
+        let mut back = LeadState::new(Kind::Visitor);
+        assert_eq!(back.decode_into(&buf), Ok(7));
+        assert_eq!(back, s);
+        assert!(back.decode_into(&buf[..buf.len() - 1]).is_err());
+        assert_eq!(
+            back.decode_into(b"\x02garbage"),
+            Err(StateError::Version(2))
+        );
+        let mut alias = LeadState::new(Kind::Alias("lead-9".into()));
+        alias.as_of = 5;
+        alias.encode(1, &mut buf);
+        back.decode_into(&buf).unwrap();
+        assert_eq!(back.kind, Kind::Alias("lead-9".into()));
+    }
+
+    #[test]
+    fn remembers_the_latest_by_event_time() {
+        let mut s = LeadState::new(Kind::Lead);
+        for f in (0..40u64).rev() {
+            s.remember(f as i64, f, 16);
         }
         assert_eq!(s.recent.len(), 16);
         assert!(s.seen(39) && s.seen(24) && !s.seen(23));
+        assert!(s.older_than_memory(3, 3, 16));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut s = LeadState::new(Kind::Lead);
+            let _ = s.decode_into(&bytes);
+            let mut with_header = vec![FORMAT_VERSION, 0, 0, 0, 0];
+            with_header.extend_from_slice(&bytes);
+            let _ = s.decode_into(&with_header);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(i in 0usize..400, b in any::<u8>()) {
+            let mut buf = Vec::new();
+            sample().encode(7, &mut buf);
+            let at = i % buf.len();
+            buf[at] = b;
+            let mut s = LeadState::new(Kind::Lead);
+            let _ = s.decode_into(&buf);
+        }
     }
 }

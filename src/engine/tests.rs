@@ -10,10 +10,15 @@ use crate::event::{Event, EventType, Source};
 
 const HOUR: Millis = 3_600_000;
 const DAY: Millis = 24 * HOUR;
+/// 2025-11-24T16:00:00Z, mid-day so a 1-day cap window holds the tests' events.
 const T0: Millis = 1_764_000_000_000;
 
 fn engine() -> Engine {
-    Engine::new(Arc::new(Rules::default_rules()), 16)
+    Engine::new(Arc::new(Rules::default_rules()), EngineConfig::default())
+}
+
+fn engine_with(rules_text: &str, config: EngineConfig) -> Engine {
+    Engine::new(Arc::new(Rules::from_toml(rules_text).unwrap()), config)
 }
 
 fn ev(
@@ -30,6 +35,7 @@ fn ev(
         occurred_at: at,
         source,
         kind,
+        channel: None,
         attributes: attrs
             .iter()
             .map(|(k, v)| (Cow::Owned((*k).to_owned()), Cow::Owned((*v).to_owned())))
@@ -41,6 +47,12 @@ fn web(id: &str, at: Millis, kind: EventType, url: &str) -> Event<'static> {
     ev(id, at, Source::Web, kind, &[("url", url)])
 }
 
+fn msg(id: &str, at: Millis, kind: EventType, channel: &str) -> Event<'static> {
+    let mut e = ev(id, at, Source::Email, kind, &[]);
+    e.channel = Some(Cow::Owned(channel.to_owned()));
+    e
+}
+
 fn changes(out: &[Decision]) -> Vec<(String, String, Reason)> {
     let rules = Rules::default_rules();
     out.iter()
@@ -50,32 +62,131 @@ fn changes(out: &[Decision]) -> Vec<(String, String, Reason)> {
                 c.to.name(&rules).to_owned(),
                 c.reason,
             )),
-            Decision::Handoff(_) => None,
+            _ => None,
         })
         .collect()
 }
 
+fn handoffs(out: &[Decision]) -> Vec<&Handoff> {
+    out.iter()
+        .filter_map(|d| match d {
+            Decision::Handoff(h) => Some(&**h),
+            _ => None,
+        })
+        .collect()
+}
+
+fn new_lead(e: &Engine) -> LeadState {
+    e.new_state(Kind::Lead)
+}
+
+/// The brief's hot buffet lead: menu, price list four times, promotion email
+/// opened and clicked, a reply, a booking started and abandoned, a question in
+/// chat. No CRM profile.
+fn buffet_journey() -> Vec<Event<'static>> {
+    let mut t = T0;
+    let mut next = || {
+        t += 10 * 60_000;
+        t
+    };
+    let mut v = vec![web("m", next(), EventType::PageView, "/menu")];
+    for i in 0..4 {
+        v.push(web(
+            &format!("pl{i}"),
+            next(),
+            EventType::PageView,
+            "/price-list",
+        ));
+    }
+    v.push(msg("d", next(), EventType::Delivered, "email"));
+    v.push(msg("o", next(), EventType::Open, "email"));
+    let mut click = msg("c", next(), EventType::Click, "email");
+    click
+        .attributes
+        .push(("link_url".into(), "https://x/promo".into()));
+    v.push(click);
+    v.push(msg("r", next(), EventType::Reply, "email"));
+    v.push(web("bs", next(), EventType::BookingStarted, ""));
+    v.push(web("ba", next(), EventType::BookingAbandoned, ""));
+    v.push(ev(
+        "chat",
+        next(),
+        Source::Web,
+        EventType::ChatMessage,
+        &[("intent", "booking"), ("text", "table for six tonight?")],
+    ));
+    v
+}
+
 #[test]
-fn buffet_restaurant_journey() {
+fn the_buffet_lead_with_no_profile_is_handed_to_sales_once() {
     let e = engine();
-    let mut s = e.new_state();
+    let mut s = new_lead(&e);
     let mut out = Vec::new();
-    let profile = ev(
-        "p",
-        T0 - 1,
-        Source::Crm,
-        EventType::ProfileUpdated,
-        &[("industry", "restaurants")],
+    for event in buffet_journey() {
+        e.apply(&mut s, &event, &mut out);
+    }
+    assert_eq!(Segment::of(&s), Segment::Tier(2), "hot");
+    assert_eq!(e.grade(&s), None, "no profile: unknown fit, not D");
+    let h = handoffs(&out);
+    assert_eq!(h.len(), 1, "{out:?}");
+    assert_eq!(h[0].scores.grade, None);
+    assert_eq!(
+        h[0].missing_profile,
+        vec!["industry", "company_size", "job_title", "budget", "country"]
     );
-    e.apply(&mut s, &profile, &mut out);
-    // Cold: only looked at the menu.
+    // With a poor-fit profile the same lead is not handed off.
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(
+        &mut s,
+        &ev(
+            "p",
+            T0,
+            Source::Crm,
+            EventType::ProfileUpdated,
+            &[("industry", "mining"), ("country", "AQ")],
+        ),
+        &mut out,
+    );
+    for event in buffet_journey() {
+        e.apply(&mut s, &event, &mut out);
+    }
+    assert_eq!(e.grade(&s), Some(Grade::D));
+    assert!(handoffs(&out).is_empty());
+    // And `unknown_fit = "block"` blocks the lead with no profile.
+    let strict = rules::DEFAULT_RULES.replace("unknown_fit = \"allow\"", "unknown_fit = \"block\"");
+    let e = engine_with(&strict, EngineConfig::default());
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    for event in buffet_journey() {
+        e.apply(&mut s, &event, &mut out);
+    }
+    assert!(handoffs(&out).is_empty());
+}
+
+#[test]
+fn buffet_restaurant_journey_with_a_profile() {
+    let e = engine();
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(
+        &mut s,
+        &ev(
+            "p",
+            T0 - 1,
+            Source::Crm,
+            EventType::ProfileUpdated,
+            &[("industry", "restaurants")],
+        ),
+        &mut out,
+    );
     e.apply(
         &mut s,
         &web("1", T0, EventType::PageView, "/menu"),
         &mut out,
     );
     assert_eq!(Segment::of(&s), Segment::Tier(0));
-    // Warm: viewed the price list and the pricing page.
     e.apply(
         &mut s,
         &web("2", T0 + 1000, EventType::PageView, "/price-list"),
@@ -90,30 +201,21 @@ fn buffet_restaurant_journey() {
         changes(&out),
         vec![("cold".into(), "warm".into(), Reason::Event)]
     );
-    // Hot: started a booking and abandoned it; that crosses the hand-off line.
     out.clear();
     e.apply(
         &mut s,
         &web("4", T0 + 3000, EventType::BookingAbandoned, ""),
         &mut out,
     );
-    assert_eq!(Segment::of(&s), Segment::Tier(2));
     assert_eq!(
         changes(&out),
         vec![("warm".into(), "hot".into(), Reason::Event)]
     );
-    let h = out
-        .iter()
-        .find_map(|d| match d {
-            Decision::Handoff(h) => Some(h),
-            _ => None,
-        })
-        .expect("a hand-off");
+    let h = handoffs(&out)[0];
     assert_eq!(h.crossing_rule.as_deref(), Some("booking_abandoned"));
     assert_eq!(h.top_signals[0].rule, "booking_abandoned");
-    assert_eq!(h.trigger, "4");
+    assert_eq!(h.scores.grade, Some(Grade::C));
     assert_eq!(h.fit_breakdown, vec![("industry_target".to_owned(), 15.0)]);
-    // Fires once: asking in chat right after does not hand off again.
     out.clear();
     e.apply(
         &mut s,
@@ -126,13 +228,70 @@ fn buffet_restaurant_journey() {
         ),
         &mut out,
     );
-    assert!(out.is_empty(), "{out:?}");
+    assert!(out.is_empty(), "fires once: {out:?}");
+}
+
+#[test]
+fn a_completed_booking_or_conversion_exits_to_customer_with_no_handoff() {
+    for last in [
+        web("done", T0 + 5000, EventType::BookingCompleted, ""),
+        ev(
+            "conv",
+            T0 + 5000,
+            Source::Adpixel,
+            EventType::Conversion,
+            &[("value", "120")],
+        ),
+    ] {
+        let e = engine();
+        let mut s = new_lead(&e);
+        let mut out = Vec::new();
+        e.apply(
+            &mut s,
+            &web("1", T0, EventType::PageView, "/pricing"),
+            &mut out,
+        );
+        e.apply(
+            &mut s,
+            &web("2", T0 + 1, EventType::PageView, "/pricing"),
+            &mut out,
+        );
+        out.clear();
+        e.apply(&mut s, &last, &mut out);
+        assert_eq!(
+            changes(&out),
+            vec![("warm".into(), "customer".into(), Reason::Lifecycle)],
+            "{last:?}"
+        );
+        assert!(handoffs(&out).is_empty());
+        out.clear();
+        e.apply(
+            &mut s,
+            &web("after", T0 + 6000, EventType::BookingAbandoned, ""),
+            &mut out,
+        );
+        e.apply(
+            &mut s,
+            &ev(
+                "chat",
+                T0 + 7000,
+                Source::Web,
+                EventType::ChatMessage,
+                &[("intent", "booking")],
+            ),
+            &mut out,
+        );
+        assert!(
+            out.is_empty(),
+            "a customer gets no further changes or hand-offs: {out:?}"
+        );
+    }
 }
 
 #[test]
 fn decay_downgrades_at_the_exact_crossing() {
     let e = engine();
-    let mut s = e.new_state();
+    let mut s = new_lead(&e);
     let mut out = Vec::new();
     e.apply(
         &mut s,
@@ -141,25 +300,15 @@ fn decay_downgrades_at_the_exact_crossing() {
     );
     e.apply(
         &mut s,
-        &web("2", T0 + 1, EventType::PageView, "/pricing"),
+        &web("2", T0 + 1, EventType::BookingStarted, ""),
         &mut out,
     );
-    e.apply(
-        &mut s,
-        &web("3", T0 + 2, EventType::PageView, "/pricing"),
-        &mut out,
-    );
-    assert_eq!(
-        Segment::of(&s),
-        Segment::Tier(2),
-        "{:?}",
-        e.scores_at(&s, T0)
-    );
-    out.clear();
+    assert_eq!(Segment::of(&s), Segment::Tier(2));
     let due = e.next_transition(&s).expect("hot decays");
-    // Hot exits below 50: the total crosses exactly at `due`.
-    assert!(e.scores_at(&s, due).total < 50.0);
-    assert!(e.scores_at(&s, due - 1).total >= 50.0);
+    let before = e.scores_at(&s, due - 1).total;
+    let after = e.scores_at(&s, due).total;
+    assert!(before >= 50.0 && after < 50.0, "{before} {after}");
+    out.clear();
     e.advance(&mut s, due - 1, &mut out);
     assert!(out.is_empty());
     e.advance(&mut s, due, &mut out);
@@ -167,315 +316,516 @@ fn decay_downgrades_at_the_exact_crossing() {
         changes(&out),
         vec![("hot".into(), "warm".into(), Reason::Decay)]
     );
-    // Advancing far ahead in one step or many gives the same changes at the same instants.
-    let mut a = s.clone();
-    let mut b = s.clone();
-    let (mut oa, mut ob) = (Vec::new(), Vec::new());
-    e.advance(&mut a, T0 + 60 * DAY, &mut oa);
-    for d in 1..=60 {
-        e.advance(&mut b, T0 + d * DAY, &mut ob);
-    }
-    assert_eq!(oa, ob);
-    assert_eq!(a, b);
-    assert_eq!(
-        changes(&oa),
-        vec![("warm".into(), "cold".into(), Reason::Decay)]
-    );
 }
 
 #[test]
 fn hysteresis_prevents_flapping() {
     let e = engine();
-    let mut s = e.new_state();
+    let mut s = new_lead(&e);
     let mut out = Vec::new();
-    // 25 points: enters warm (enter 25).
     e.apply(
         &mut s,
-        &web("1", T0, EventType::BookingStarted, ""),
+        &ev("1", T0, Source::Web, EventType::FormSubmit, &[]),
         &mut out,
     );
-    assert_eq!(Segment::of(&s), Segment::Tier(1));
-    // Decays just below 25 but above the exit (20): still warm.
-    let t = T0 + 2 * DAY;
-    assert!(e.scores_at(&s, t).total < 25.0 && e.scores_at(&s, t).total > 20.0);
-    e.apply(
-        &mut s,
-        &web("2", t, EventType::PageView, "/careers"),
-        &mut out,
-    );
-    e.apply(
-        &mut s,
-        &web("3", t + 1, EventType::PageView, "/about"),
-        &mut out,
-    );
-    assert_eq!(
-        changes(&out),
-        vec![
-            ("cold".into(), "warm".into(), Reason::Event),
-            ("warm".into(), "cold".into(), Reason::Event)
-        ]
-    );
-}
-
-#[test]
-fn caps_limit_points_per_window() {
-    let e = engine();
-    let mut s = e.new_state();
-    let mut out = Vec::new();
-    for i in 0..6 {
-        let open = ev(
-            &format!("o{i}"),
-            T0 + i * 60_000,
-            Source::Email,
-            EventType::Open,
-            &[],
-        );
-        e.apply(&mut s, &open, &mut out);
-    }
-    let stat = s
-        .stats
-        .iter()
-        .find(|st| e.rules().rules[st.rule as usize].name == "email_open")
-        .unwrap();
-    assert_eq!(stat.count, 6);
-    // Three opens a day count; values decayed a little over five minutes.
-    assert!((stat.value - 9.0).abs() < 0.01, "{}", stat.value);
-    // Next day the cap resets.
-    let open = ev("o-next", T0 + DAY, Source::Email, EventType::Open, &[]);
-    e.apply(&mut s, &open, &mut out);
-    assert!(e.scores_at(&s, T0 + DAY).engagement > e.engagement_at(&s, T0 + DAY - 1) - 1e-9);
-}
-
-#[test]
-fn machine_opens_count_zero_and_reengage_works() {
-    let e = engine();
-    let mut s = e.new_state();
-    let mut out = Vec::new();
     for i in 0..3 {
-        let at = T0 + i * DAY;
         e.apply(
             &mut s,
-            &ev(
-                &format!("d{i}"),
-                at,
-                Source::Email,
-                EventType::Delivered,
-                &[],
-            ),
+            &web(&format!("m{i}"), T0 + 1 + i, EventType::PageView, "/menu"),
             &mut out,
         );
-        // An open two seconds after delivery is a privacy proxy.
+    }
+    assert_eq!(Segment::of(&s), Segment::Tier(1), "26 points: warm");
+    // Decay takes it below warm's enter (25) long before its exit (20).
+    let down = e.next_transition(&s).unwrap();
+    assert!(e.scores_at(&s, down - 1).total >= 20.0);
+    assert!(e.scores_at(&s, down).total < 20.0);
+    let mid = T0 + (down - T0) / 2;
+    let total = e.scores_at(&s, mid).total;
+    assert!(total < 25.0 && total >= 20.0, "{total}");
+    e.advance(&mut s, mid, &mut out);
+    assert_eq!(
+        Segment::of(&s),
+        Segment::Tier(1),
+        "between exit and enter: still warm"
+    );
+    // Back up by a point: not a new transition either.
+    out.clear();
+    e.apply(
+        &mut s,
+        &ev("2", mid, Source::Adpixel, EventType::Click, &[]),
+        &mut out,
+    );
+    assert!(changes(&out).is_empty(), "{out:?}");
+    e.advance(&mut s, down + 30 * DAY, &mut out);
+    assert_eq!(Segment::of(&s), Segment::Tier(0));
+}
+
+#[test]
+fn caps_count_the_earliest_matches_of_a_window_whatever_the_order() {
+    let e = engine();
+    // Pricing: 15 points, at most 45 per day.
+    let events: Vec<Event<'static>> = (0..5)
+        .map(|i| {
+            web(
+                &format!("p{i}"),
+                T0 + i * HOUR,
+                EventType::PageView,
+                "/pricing",
+            )
+        })
+        .collect();
+    let mut a = new_lead(&e);
+    let mut b = new_lead(&e);
+    let mut out = Vec::new();
+    for x in &events {
+        e.apply(&mut a, x, &mut out);
+    }
+    for x in events.iter().rev() {
+        e.apply(&mut b, x, &mut out);
+    }
+    assert_eq!(a.rules, b.rules, "same admitted matches, same exact sums");
+    let t = T0 + 5 * HOUR;
+    let expected: f64 = (0..3)
+        .map(|i| 15.0 * (-((t - (T0 + i * HOUR)) as f64) / (7.0 * DAY as f64)).exp2())
+        .sum();
+    assert!((e.engagement_at(&a, t) - expected).abs() < 1e-6);
+    assert_eq!(a.rule(0).unwrap().count, 5);
+}
+
+#[test]
+fn a_late_event_counts_at_its_own_time() {
+    let e = engine();
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(
+        &mut s,
+        &ev("1", T0 + DAY, Source::Web, EventType::FormSubmit, &[]),
+        &mut out,
+    );
+    e.apply(
+        &mut s,
+        &ev("2", T0, Source::Web, EventType::FormSubmit, &[]),
+        &mut out,
+    );
+    assert_eq!(s.as_of, T0 + DAY, "the clock never runs backwards");
+    let half_life = 7.0 * DAY as f64;
+    let expected = 20.0 + 20.0 * (-(DAY as f64) / half_life).exp2();
+    assert!((e.engagement_at(&s, T0 + DAY) - expected).abs() < 1e-6);
+}
+
+#[test]
+fn machine_opens_count_zero_and_reengage_works_per_channel() {
+    let e = engine();
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(
+        &mut s,
+        &msg("d1", T0, EventType::Delivered, "email"),
+        &mut out,
+    );
+    e.apply(
+        &mut s,
+        &msg("o1", T0 + 2000, EventType::Open, "email"),
+        &mut out,
+    );
+    assert_eq!(
+        e.engagement_at(&s, T0 + 2000),
+        0.0,
+        "a machine open counts zero"
+    );
+    // Three deliveries in a row without engagement on one channel: re-engage
+    // (days apart, so the frequency cap does not rest the lead).
+    for i in 0..3 {
         e.apply(
             &mut s,
-            &ev(
-                &format!("m{i}"),
-                at + 2000,
-                Source::Email,
-                EventType::Open,
-                &[],
+            &msg(
+                &format!("sms{i}"),
+                T0 + (i + 1) * 2 * DAY,
+                EventType::Delivered,
+                "sms",
             ),
             &mut out,
         );
     }
-    assert_eq!(e.engagement_at(&s, T0 + 3 * DAY), 0.0);
     assert_eq!(Segment::of(&s), Segment::Reengage);
+    out.clear();
     e.apply(
         &mut s,
-        &ev("c", T0 + 4 * DAY, Source::Email, EventType::Click, &[]),
+        &msg("reply", T0 + 7 * DAY, EventType::Reply, "sms"),
         &mut out,
     );
-    assert_eq!(Segment::of(&s), Segment::Tier(0));
+    assert_eq!(
+        Segment::of(&s),
+        Segment::Tier(1),
+        "an SMS reply scores like an email reply: {out:?}"
+    );
+}
+
+#[test]
+fn an_opt_out_suppresses_that_channel_only() {
+    let e = engine();
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(
+        &mut s,
+        &msg("d1", T0, EventType::Delivered, "email"),
+        &mut out,
+    );
+    e.apply(
+        &mut s,
+        &msg("d2", T0 + DAY, EventType::Delivered, "sms"),
+        &mut out,
+    );
+    out.clear();
+    e.apply(
+        &mut s,
+        &msg("stop", T0 + 2 * DAY, EventType::Unsubscribe, "sms"),
+        &mut out,
+    );
+    assert_eq!(
+        Segment::of(&s),
+        Segment::Tier(0),
+        "still reachable by email"
+    );
+    match &out[..] {
+        [Decision::Change(c)] => {
+            assert_eq!(
+                (c.from, c.to, c.reason),
+                (Segment::Tier(0), Segment::Tier(0), Reason::OptOut)
+            );
+            assert_eq!(e.opted_out_names(&c.opted_out), vec!["sms"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    out.clear();
+    e.apply(
+        &mut s,
+        &msg("unsub", T0 + 3 * DAY, EventType::Unsubscribe, "email"),
+        &mut out,
+    );
     assert_eq!(
         changes(&out),
-        vec![
-            ("cold".into(), "reengage".into(), Reason::Event),
-            ("reengage".into(), "cold".into(), Reason::Event)
-        ]
+        vec![("cold".into(), "suppressed".into(), Reason::OptOut)]
+    );
+}
+
+#[test]
+fn the_frequency_cap_rests_the_lead_and_lifts_at_the_right_instant() {
+    let e = engine();
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(
+        &mut s,
+        &msg("d1", T0, EventType::Delivered, "email"),
+        &mut out,
+    );
+    e.apply(
+        &mut s,
+        &msg("d2", T0 + HOUR, EventType::Delivered, "sms"),
+        &mut out,
+    );
+    assert!(out.is_empty());
+    e.apply(
+        &mut s,
+        &msg("d3", T0 + 2 * HOUR, EventType::Delivered, "email"),
+        &mut out,
+    );
+    assert_eq!(
+        changes(&out),
+        vec![("cold".into(), "resting".into(), Reason::FrequencyCap)]
+    );
+    assert_eq!(
+        e.next_transition(&s),
+        Some(T0 + DAY),
+        "lifts when the first delivery leaves the window"
+    );
+    out.clear();
+    e.advance(&mut s, T0 + DAY - 1, &mut out);
+    assert!(out.is_empty());
+    e.advance(&mut s, T0 + DAY, &mut out);
+    assert_eq!(
+        changes(&out),
+        vec![("resting".into(), "cold".into(), Reason::FrequencyCap)]
     );
 }
 
 #[test]
 fn exits_and_lifecycle() {
     let e = engine();
-    let mut s = e.new_state();
+    let mut s = new_lead(&e);
     let mut out = Vec::new();
     e.apply(
         &mut s,
-        &web("1", T0, EventType::BookingStarted, ""),
-        &mut out,
-    );
-    e.apply(
-        &mut s,
-        &ev("2", T0 + 1, Source::Email, EventType::Unsubscribe, &[]),
-        &mut out,
-    );
-    assert_eq!(Segment::of(&s), Segment::Suppressed);
-    out.clear();
-    // No nurture events while suppressed, however hot.
-    for i in 0..5 {
-        e.apply(
-            &mut s,
-            &web(
-                &format!("b{i}"),
-                T0 + 10 + i,
-                EventType::BookingAbandoned,
-                "",
-            ),
-            &mut out,
-        );
-    }
-    assert!(out.is_empty(), "{out:?}");
-    // Recycled: back to nurture with engagement reset.
-    e.apply(
-        &mut s,
         &ev(
-            "r",
-            T0 + 100,
-            Source::Crm,
-            EventType::LifecycleChanged,
-            &[("stage", "recycled")],
-        ),
-        &mut out,
-    );
-    assert_eq!(
-        changes(&out),
-        vec![("suppressed".into(), "cold".into(), Reason::Lifecycle)]
-    );
-    assert_eq!(e.engagement_at(&s, T0 + 100), 0.0);
-    // Not ready: returns to nurture after the period, by itself.
-    out.clear();
-    e.apply(
-        &mut s,
-        &ev(
-            "n",
-            T0 + 200,
+            "1",
+            T0,
             Source::Crm,
             EventType::LifecycleChanged,
             &[("stage", "not_ready")],
         ),
         &mut out,
     );
-    let back = e.next_transition(&s).unwrap();
-    assert_eq!(back, T0 + 200 + 90 * DAY);
-    e.advance(&mut s, back, &mut out);
+    assert_eq!(Segment::of(&s), Segment::NotReady);
+    let until = e.next_transition(&s).unwrap();
+    assert_eq!(until, T0 + 90 * DAY);
+    out.clear();
+    e.advance(&mut s, until, &mut out);
     assert_eq!(
         changes(&out),
-        vec![
-            ("cold".into(), "not_ready".into(), Reason::Lifecycle),
-            ("not_ready".into(), "cold".into(), Reason::Lifecycle)
-        ]
+        vec![("not_ready".into(), "cold".into(), Reason::Lifecycle)]
     );
-}
-
-#[test]
-fn fit_grades_from_profile() {
-    let e = engine();
-    let mut s = e.new_state();
-    let mut out = Vec::new();
-    let profile = ev(
-        "p",
-        T0,
-        Source::Crm,
-        EventType::ProfileUpdated,
-        &[
-            ("industry", "restaurants"),
-            ("company_size", "120"),
-            ("job_title", "Owner"),
-            ("budget", "5000"),
-        ],
-    );
-    e.apply(&mut s, &profile, &mut out);
-    let scores = e.scores_at(&s, T0);
-    assert_eq!(scores.fit, 45.0);
-    assert_eq!(scores.grade, Grade::A);
-    // Fit does not decay.
-    assert_eq!(e.scores_at(&s, T0 + 365 * DAY).fit, 45.0);
-    // A later update changes one attribute only.
     e.apply(
         &mut s,
         &ev(
-            "p2",
-            T0 + 1,
+            "2",
+            until + 1,
             Source::Crm,
-            EventType::ProfileUpdated,
-            &[("industry", "mining")],
+            EventType::LifecycleChanged,
+            &[("stage", "opportunity_open")],
         ),
         &mut out,
     );
-    assert_eq!(e.fit(&s), 30.0);
-    assert_eq!(e.fit_breakdown(&s).len(), 3);
+    assert_eq!(Segment::of(&s), Segment::Opportunity);
+    e.apply(
+        &mut s,
+        &ev(
+            "3",
+            until + 2,
+            Source::Crm,
+            EventType::LifecycleChanged,
+            &[("stage", "opportunity_lost")],
+        ),
+        &mut out,
+    );
+    assert_eq!(Segment::of(&s), Segment::Tier(0));
+    e.apply(
+        &mut s,
+        &ev("4", until + 3, Source::Email, EventType::SpamComplaint, &[]),
+        &mut out,
+    );
+    assert_eq!(Segment::of(&s), Segment::Suppressed);
+}
+
+#[test]
+fn fit_is_the_latest_profile_by_event_time_whatever_the_order() {
+    let e = engine();
+    let newer = ev(
+        "p2",
+        T0 + DAY,
+        Source::Crm,
+        EventType::ProfileUpdated,
+        &[("industry", "mining")],
+    );
+    let older = ev(
+        "p1",
+        T0,
+        Source::Crm,
+        EventType::ProfileUpdated,
+        &[("industry", "restaurants"), ("budget", "5000")],
+    );
+    let mut a = new_lead(&e);
+    let mut b = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(&mut a, &older, &mut out);
+    e.apply(&mut a, &newer, &mut out);
+    e.apply(&mut b, &newer, &mut out);
+    e.apply(&mut b, &older, &mut out);
+    assert_eq!(a.fit, b.fit);
+    assert_eq!(
+        e.fit(&a),
+        10.0,
+        "industry from the newer update (0), budget from the older (10)"
+    );
 }
 
 #[test]
 fn handoff_rearms_after_falling_below() {
     let e = engine();
-    let mut s = e.new_state();
-    let mut out = Vec::new();
-    let profile = ev(
-        "p",
-        T0,
-        Source::Crm,
-        EventType::ProfileUpdated,
-        &[("industry", "events")],
-    );
-    e.apply(&mut s, &profile, &mut out);
-    let burst = |s: &mut LeadState, at: Millis, tag: &str, out: &mut Vec<Decision>| {
-        e.apply(
-            s,
-            &web(&format!("{tag}a"), at, EventType::BookingAbandoned, ""),
-            out,
-        );
-        e.apply(
-            s,
-            &ev(
-                &format!("{tag}c"),
-                at + 1,
-                Source::Web,
-                EventType::ChatMessage,
-                &[("intent", "quote")],
-            ),
-            out,
-        );
-    };
-    burst(&mut s, T0 + 1, "x", &mut out);
-    let handoffs = |out: &[Decision]| {
-        out.iter()
-            .filter(|d| matches!(d, Decision::Handoff(_)))
-            .count()
-    };
-    assert_eq!(handoffs(&out), 1);
-    // Still hot a day later: no second hand-off.
-    burst(&mut s, T0 + DAY, "y", &mut out);
-    assert_eq!(handoffs(&out), 1);
-    // A month later the score fell below the re-arm level; qualifying again hands off again.
-    burst(&mut s, T0 + 40 * DAY, "z", &mut out);
-    assert_eq!(handoffs(&out), 2);
-}
-
-#[test]
-fn late_events_never_run_the_clock_backwards() {
-    let e = engine();
-    let mut s = e.new_state();
+    let mut s = new_lead(&e);
     let mut out = Vec::new();
     e.apply(
         &mut s,
-        &web("1", T0 + DAY, EventType::FormSubmit, ""),
+        &web("1", T0, EventType::BookingAbandoned, ""),
         &mut out,
     );
-    e.apply(&mut s, &web("2", T0, EventType::FormSubmit, ""), &mut out);
-    assert_eq!(s.as_of, T0 + DAY);
-    assert_eq!(e.engagement_at(&s, T0 + DAY), 40.0);
+    e.apply(
+        &mut s,
+        &ev(
+            "2",
+            T0 + 1,
+            Source::Web,
+            EventType::ChatMessage,
+            &[("intent", "quote")],
+        ),
+        &mut out,
+    );
+    assert_eq!(handoffs(&out).len(), 1);
+    out.clear();
+    // Weeks later it has decayed below 40 (re-arms) and comes back hot.
+    let later = T0 + 30 * DAY;
+    e.apply(
+        &mut s,
+        &web("3", later, EventType::BookingAbandoned, ""),
+        &mut out,
+    );
+    e.apply(
+        &mut s,
+        &ev(
+            "4",
+            later + 1,
+            Source::Web,
+            EventType::ChatMessage,
+            &[("intent", "quote")],
+        ),
+        &mut out,
+    );
+    assert_eq!(handoffs(&out).len(), 1, "{out:?}");
 }
 
-fn arb_event() -> impl Strategy<Value = (u8, u32, u8)> {
-    // (kind index, minutes since previous, id reuse chooser)
-    (0u8..14, 0u32..(60 * 24 * 3), 0u8..10)
+#[test]
+fn merging_a_visitor_is_exact() {
+    let e = engine();
+    let events = buffet_journey();
+    // One lead that saw everything...
+    let mut whole = new_lead(&e);
+    let mut out = Vec::new();
+    for x in &events {
+        e.apply(&mut whole, x, &mut out);
+    }
+    // ...against a visitor that saw the web half and a lead that saw the rest.
+    let mut visitor = e.new_state(Kind::Visitor);
+    let mut lead = new_lead(&e);
+    for (i, x) in events.iter().enumerate() {
+        if i % 2 == 0 {
+            e.apply(&mut visitor, x, &mut out);
+        } else {
+            e.apply(&mut lead, x, &mut out);
+        }
+    }
+    e.merge_visitor(&mut lead, &visitor, "cookie");
+    let t = whole.as_of;
+    assert_eq!(
+        e.engagement_at(&lead, t).to_bits(),
+        e.engagement_at(&whole, t).to_bits()
+    );
+    assert_eq!(lead.linked, vec!["cookie"]);
 }
 
-fn build(events: &[(u8, u32, u8)]) -> Vec<Event<'static>> {
-    let kinds: [(Source, EventType, &[(&str, &str)]); 14] = [
+#[test]
+fn retention_expires_quiet_cold_leads_and_keeps_opt_outs() {
+    let config = EngineConfig {
+        retention_ms: Some(30 * DAY),
+        ..EngineConfig::default()
+    };
+    let e = Engine::new(Arc::new(Rules::default_rules()), config);
+    let mut s = new_lead(&e);
+    let mut out = Vec::new();
+    e.apply(
+        &mut s,
+        &web("1", T0, EventType::PageView, "/menu"),
+        &mut out,
+    );
+    let at = e.next_transition(&s).expect("expires");
+    assert!(at >= T0 + 30 * DAY);
+    e.advance(&mut s, at, &mut out);
+    assert!(out.iter().any(|d| matches!(d, Decision::Expire { .. })));
+    assert!(s.is_new());
+    let mut opted = new_lead(&e);
+    e.apply(
+        &mut opted,
+        &msg("u", T0, EventType::Unsubscribe, "email"),
+        &mut out,
+    );
+    assert_eq!(
+        e.next_transition(&opted),
+        None,
+        "an opt-out is remembered for good"
+    );
+    let mut visitor = e.new_state(Kind::Visitor);
+    e.apply(
+        &mut visitor,
+        &web("v", T0, EventType::BookingAbandoned, ""),
+        &mut out,
+    );
+    assert_eq!(e.next_transition(&visitor), Some(T0 + 30 * DAY));
+}
+
+#[test]
+fn states_written_under_other_rules_are_remapped_by_name() {
+    let old = engine();
+    let mut s = new_lead(&old);
+    let mut out = Vec::new();
+    e_apply_all(&old, &mut s, &buffet_journey(), &mut out);
+    e_apply_all(
+        &old,
+        &mut s,
+        &[ev(
+            "p",
+            T0 + DAY,
+            Source::Crm,
+            EventType::ProfileUpdated,
+            &[("industry", "catering"), ("budget", "9000")],
+        )],
+        &mut out,
+    );
+    let mut bytes = Vec::new();
+    old.encode(&s, &mut bytes);
+    // Rename a rule, remove the hot tier, change the email half-life, drop a fit rule.
+    let changed = rules::DEFAULT_RULES
+        .replace("name = \"booking_abandoned\"", "name = \"booking_dropped\"")
+        .replace("[[segments]]\nname = \"hot\"\nenter = 60.0\nmargin = 10.0             # leaves hot below 50\nmin_dwell = \"1h\"\n", "")
+        .replace("email = \"3d\"", "email = \"5d\"")
+        .replace("[[fit.rules]]\nname = \"budget_ok\"\nattribute = \"budget\"\ngte = 1000.0\npoints = 10.0\n", "");
+    assert_ne!(changed, rules::DEFAULT_RULES);
+    let new = Engine::new(
+        Arc::new(Rules::from_toml(&changed).unwrap()),
+        EngineConfig::default(),
+    )
+    .with_known_layouts([old.layout().clone()]);
+    let a = new.decode(&bytes).unwrap();
+    let b = new.decode(&bytes).unwrap();
+    assert_eq!(a, b, "deterministic");
+    assert!(
+        a.rule(
+            new.rules()
+                .rules
+                .iter()
+                .position(|r| r.name == "booking_dropped")
+                .unwrap() as u16
+        )
+        .is_none()
+    );
+    assert!(a.tier < 2);
+    assert_eq!(new.fit(&a), 15.0, "industry kept, budget rule gone");
+    assert!(new.engagement_at(&a, a.as_of) > 0.0);
+    // Without the old layout known, the state is still readable.
+    let blind = Engine::new(
+        Arc::new(Rules::from_toml(&changed).unwrap()),
+        EngineConfig::default(),
+    );
+    let c = blind.decode(&bytes).unwrap();
+    assert_eq!(c.tier, 0);
+}
+
+fn e_apply_all(e: &Engine, s: &mut LeadState, events: &[Event<'static>], out: &mut Vec<Decision>) {
+    for x in events {
+        e.apply(s, x, out);
+    }
+}
+
+// --- properties -----------------------------------------------------------
+
+const KINDS: usize = 16;
+
+fn kinds() -> [(Source, EventType, &'static [(&'static str, &'static str)]); KINDS] {
+    [
         (Source::Web, EventType::PageView, &[("url", "/pricing")]),
-        (Source::Web, EventType::PageView, &[("url", "/menu")]),
+        (
+            Source::Web,
+            EventType::PageView,
+            &[("url", "/menu"), ("utm_source", "google")],
+        ),
         (Source::Web, EventType::PageView, &[("url", "/careers")]),
         (Source::Web, EventType::BookingAbandoned, &[]),
         (
@@ -485,7 +835,11 @@ fn build(events: &[(u8, u32, u8)]) -> Vec<Event<'static>> {
         ),
         (Source::Email, EventType::Delivered, &[]),
         (Source::Email, EventType::Open, &[]),
-        (Source::Email, EventType::Click, &[]),
+        (
+            Source::Email,
+            EventType::Click,
+            &[("utm_source", "newsletter")],
+        ),
         (Source::Adpixel, EventType::Click, &[]),
         (
             Source::Crm,
@@ -504,7 +858,26 @@ fn build(events: &[(u8, u32, u8)]) -> Vec<Event<'static>> {
         ),
         (Source::Email, EventType::Unsubscribe, &[]),
         (Source::Web, EventType::FormSubmit, &[]),
-    ];
+        (
+            Source::Crm,
+            EventType::ProfileUpdated,
+            &[("industry", "mining")],
+        ),
+        (
+            Source::Adpixel,
+            EventType::Impression,
+            &[("utm_source", "facebook")],
+        ),
+    ]
+}
+
+fn arb_event() -> impl Strategy<Value = (u8, u32, u8)> {
+    // (kind index, minutes since previous, id reuse chooser)
+    (0u8..KINDS as u8, 0u32..(60 * 24 * 3), 0u8..10)
+}
+
+fn build(events: &[(u8, u32, u8)]) -> Vec<Event<'static>> {
+    let kinds = kinds();
     let mut t = T0;
     events
         .iter()
@@ -512,7 +885,6 @@ fn build(events: &[(u8, u32, u8)]) -> Vec<Event<'static>> {
         .map(|(i, (k, gap, reuse))| {
             t += Millis::from(*gap) * 60_000;
             let (source, kind, attrs) = kinds[*k as usize];
-            // One in ten events re-uses an earlier id (a re-produced duplicate).
             let id = if *reuse == 0 && i > 0 {
                 format!("e{}", i - 1)
             } else {
@@ -524,13 +896,13 @@ fn build(events: &[(u8, u32, u8)]) -> Vec<Event<'static>> {
 }
 
 fn run(e: &Engine, events: &[Event<'static>], splits: &[usize]) -> (LeadState, Vec<Decision>) {
-    let mut s = e.new_state();
+    let mut s = new_lead(e);
     let mut out = Vec::new();
     let mut buf = Vec::new();
     for (i, event) in events.iter().enumerate() {
         if splits.contains(&i) {
             // A "restart": state goes through its stored form, and the caller's
-            // clock advances to the event time first (as a partition timer would).
+            // clock advances to the event time first (as a shard timer would).
             e.encode(&s, &mut buf);
             s = e.decode(&buf).unwrap();
             e.advance(&mut s, event.occurred_at, &mut out);
@@ -538,6 +910,27 @@ fn run(e: &Engine, events: &[Event<'static>], splits: &[usize]) -> (LeadState, V
         e.apply(&mut s, event, &mut out);
     }
     (s, out)
+}
+
+/// The parts of a state that depend only on the set of events applied.
+fn score_state(s: &LeadState) -> impl PartialEq + std::fmt::Debug + use<> {
+    (
+        s.windows.clone(),
+        s.rules.clone(),
+        s.fit.clone(),
+        s.first_touch.clone(),
+        s.recent.clone(),
+    )
+}
+
+fn shuffle<T>(v: &mut [T], seed: u64) {
+    let mut x = seed | 1;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
 }
 
 proptest! {
@@ -548,7 +941,7 @@ proptest! {
         let (s, _) = run(&e, &events, &[]);
         let t = s.as_of;
         let now = e.scores_at(&s, t).total;
-        prop_assert!(e.scores_at(&s, t + later).total <= now);
+        prop_assert!(e.scores_at(&s, t + later).total <= now + 1e-9);
         prop_assert!(e.engagement_at(&s, t + later) >= 0.0);
     }
 
@@ -562,6 +955,63 @@ proptest! {
         prop_assert_eq!(single.1, split.1);
     }
 
+    /// Scores commute: for events that do not change a lead's lifecycle, any
+    /// order of arrival gives the same exact sums, caps, fit, attribution and
+    /// de-duplication memory, bit for bit. (Events within one UTC day, so that
+    /// a capped rule's matches share a cap window.)
+    #[test]
+    fn any_arrival_order_gives_the_same_scores(
+        raw in proptest::collection::vec((0u8..KINDS as u8, 0u32..(60 * 23)), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let kinds = kinds();
+        let day = T0.div_euclid(DAY) * DAY;
+        let events: Vec<Event<'static>> = raw
+            .iter()
+            .enumerate()
+            .filter(|(_, (k, _))| !matches!(kinds[*k as usize].1, EventType::LifecycleChanged | EventType::Unsubscribe))
+            .map(|(i, (k, minute))| {
+                let (source, kind, attrs) = kinds[*k as usize];
+                ev(&format!("e{i}"), day + Millis::from(*minute) * 60_000, source, kind, attrs)
+            })
+            .collect();
+        let e = engine();
+        let mut shuffled = events.clone();
+        shuffle(&mut shuffled, seed);
+        let (a, _) = run(&e, &events, &[]);
+        let (b, _) = run(&e, &shuffled, &[]);
+        prop_assert_eq!(score_state(&a), score_state(&b));
+        let t = a.as_of.max(b.as_of);
+        prop_assert_eq!(e.engagement_at(&a, t).to_bits(), e.engagement_at(&b, t).to_bits());
+    }
+
+    /// Uncapped rules commute over any span of time.
+    #[test]
+    fn uncapped_sums_commute_over_years(
+        raw in proptest::collection::vec((0u8..3, 0i64..(700 * DAY)), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let kinds = [
+            (EventType::FormSubmit, ""),
+            (EventType::BookingAbandoned, ""),
+            (EventType::PageView, "/careers"),
+        ];
+        let events: Vec<Event<'static>> = raw
+            .iter()
+            .enumerate()
+            .map(|(i, (k, at))| {
+                let (kind, url) = kinds[*k as usize];
+                web(&format!("e{i}"), T0 + at, kind, url)
+            })
+            .collect();
+        let e = engine();
+        let mut shuffled = events.clone();
+        shuffle(&mut shuffled, seed);
+        let (a, _) = run(&e, &events, &[]);
+        let (b, _) = run(&e, &shuffled, &[]);
+        prop_assert_eq!(score_state(&a), score_state(&b));
+    }
+
     #[test]
     fn duplicates_change_nothing(raw in proptest::collection::vec(arb_event(), 1..40), dup_at in 0usize..40) {
         let e = engine();
@@ -569,8 +1019,8 @@ proptest! {
         let (mut s, out) = run(&e, &events, &[]);
         let before = (s.clone(), out.len());
         let idx = dup_at % events.len();
-        // Re-deliver one of the last 16 distinct events.
-        if events.len() - idx <= 16 {
+        // Re-deliver one of the remembered events.
+        if s.seen(fingerprint(&events[idx].event_id)) {
             let mut more = Vec::new();
             let applied = e.apply(&mut s, &events[idx], &mut more);
             prop_assert_eq!(applied, Applied::Duplicate);
@@ -591,105 +1041,76 @@ proptest! {
             prop_assert!(early.is_empty());
             let mut at_due = Vec::new();
             e.advance(&mut a, due, &mut at_due);
-            let fired = at_due.iter().all(|d| matches!(d, Decision::Change(c) if c.at == due));
+            let fired = at_due.iter().all(|d| match d {
+                Decision::Change(c) => c.at == due,
+                Decision::Expire { at } => *at == due,
+                Decision::Handoff(_) => false,
+            });
             prop_assert!(fired);
         }
     }
-}
 
-#[test]
-fn stitching_merges_anonymous_history_with_original_timestamps() {
-    let e = engine();
-    let mut anon = e.new_state();
-    let mut lead = e.new_state();
-    let mut out = Vec::new();
-    let mut a1 = web("a1", T0, EventType::PageView, "/pricing");
-    a1.lead_id = None;
-    a1.anonymous_id = Some("cookie-1".into());
-    e.apply(&mut anon, &a1, &mut out);
-    e.apply(
-        &mut lead,
-        &web("l1", T0 + DAY, EventType::FormSubmit, ""),
-        &mut out,
-    );
-    let mut identify = ev("id", T0 + 2 * DAY, Source::Web, EventType::Identify, &[]);
-    identify.anonymous_id = Some("cookie-1".into());
-    e.apply_merging(&mut lead, &identify, Some(&anon), &mut out);
-    let at = T0 + 2 * DAY;
-    let expected = 15.0 * (-2.0_f64 / 7.0).exp2() + 20.0 * (-1.0_f64 / 7.0).exp2();
-    assert!((e.engagement_at(&lead, at) - expected).abs() < 1e-9);
-    let pricing = lead
-        .stats
-        .iter()
-        .find(|s| e.rules().rules[s.rule as usize].name == "pricing_page")
-        .unwrap();
-    assert_eq!(pricing.last_at, T0, "original timestamp kept");
-    // The anonymous event id is now known to the lead: a redelivery counts nothing.
-    let mut again = a1.clone();
-    again.lead_id = Some("lead-1".into());
-    assert_eq!(e.apply(&mut lead, &again, &mut out), Applied::Duplicate);
+    /// Any rules file change leaves stored states readable, deterministically.
+    #[test]
+    fn remapping_never_panics(raw in proptest::collection::vec(arb_event(), 1..30), drop in 0usize..30) {
+        let old = engine();
+        let (s, _) = run(&old, &build(&raw), &[]);
+        let mut bytes = Vec::new();
+        old.encode(&s, &mut bytes);
+        let file: rules::RulesFile = toml::from_str(rules::DEFAULT_RULES).unwrap();
+        let mut file = file;
+        let i = drop % file.rules.len();
+        file.rules.remove(i);
+        if file.segments.len() > 2 && drop % 2 == 0 {
+            file.segments.pop();
+        }
+        let new = Engine::new(Arc::new(Rules::compile(file).unwrap()), EngineConfig::default())
+            .with_known_layouts([old.layout().clone()]);
+        let a = new.decode(&bytes).unwrap();
+        prop_assert_eq!(&a, &new.decode(&bytes).unwrap());
+        let mut after = a.clone();
+        let mut out = Vec::new();
+        new.advance(&mut after, a.as_of + 400 * DAY, &mut out);
+    }
 }
 
 #[test]
 fn explanations_add_up_to_the_score() {
-    let e = Engine::new(Arc::new(Rules::default_rules()), 16).with_explain_window(4);
-    let mut s = e.new_state();
+    let e = engine();
+    let mut s = new_lead(&e);
     let mut out = Vec::new();
-    for i in 0..5 {
+    for (i, url) in [
+        "/pricing", "/pricing", "/pricing", "/pricing", "/menu", "/careers",
+    ]
+    .iter()
+    .enumerate()
+    {
         e.apply(
             &mut s,
             &web(
-                &format!("p{i}"),
-                T0 + i * HOUR,
+                &format!("x{i}"),
+                T0 + i as i64 * HOUR,
                 EventType::PageView,
-                "/pricing",
+                url,
             ),
             &mut out,
         );
     }
-    e.apply(
-        &mut s,
-        &web("c", T0 + 6 * HOUR, EventType::PageView, "/careers"),
-        &mut out,
-    );
-    e.apply(
-        &mut s,
-        &ev("o", T0 + 7 * HOUR, Source::Email, EventType::Open, &[]),
-        &mut out,
-    );
     let at = T0 + 3 * DAY;
     let x = e.explain(&s, at);
-    assert_eq!(x.contributions.len(), 4, "bounded window");
-    let ids: Vec<&str> = x
-        .contributions
-        .iter()
-        .map(|c| c.event_id.as_str())
-        .collect();
-    assert_eq!(ids, ["p3", "p4", "c", "o"], "the newest, oldest first");
-    let parts: f64 = x.contributions.iter().map(|c| c.points_now).sum::<f64>()
+    let sum: f64 = x.contributions.iter().map(|c| c.points_now).sum::<f64>()
         + x.earlier.iter().map(|(_, p)| p).sum::<f64>()
         + x.adjustment;
     assert!(
-        (parts - x.scores.engagement).abs() < 1e-9,
-        "{parts} vs {}",
+        (sum - x.scores.engagement).abs() < 1e-6,
+        "{sum} vs {}",
         x.scores.engagement
     );
-    // The pricing cap (45 points a day) cut the fourth and fifth views.
+    assert_eq!(x.caps.len(), 0, "the cap window has passed");
+    let x = e.explain(&s, T0 + 6 * HOUR);
     assert!(
-        x.contributions
+        x.caps
             .iter()
-            .any(|c| c.rule == "pricing_page" && c.capped && c.points_then == 0.0)
+            .any(|c| c.rule == "pricing_page" && c.matches == 3)
     );
-    assert!(x.earlier.iter().any(|(r, _)| r == "pricing_page"));
-    assert_eq!(
-        x.history,
-        vec![(Segment::Tier(0), Segment::Tier(1), Reason::Event, T0 + HOUR)]
-    );
-    // Points now are points then, decayed from their own instant.
-    let open = x
-        .contributions
-        .iter()
-        .find(|c| c.rule == "email_open")
-        .unwrap();
-    assert!((open.points_now - 3.0 * (-(3.0 * 24.0 - 7.0) / 72.0_f64).exp2()).abs() < 1e-9);
 }

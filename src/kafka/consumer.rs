@@ -1,216 +1,299 @@
-//! The input side: a `BaseConsumer` polled in batches on a dedicated thread,
-//! cooperative rebalancing that drains before giving partitions up, and
-//! offsets committed only after the flush that covers them.
+//! The consumer group: one `BaseConsumer` whose thread serves rebalances,
+//! statistics and commit results, while every assigned partition's messages
+//! go to a queue of its own, read by the worker that owns the shard.
+//!
+//! * Assignment (cooperative-sticky): the group assigns partitions of the
+//!   first input topic; partition `p` of every other input follows, so one
+//!   member owns all of shard `p`'s inputs. For each new shard the callback
+//!   takes the shard's owner epoch in the store, reads its positions, splits
+//!   its partitions' queues off, hands the shard to its worker, and only then
+//!   assigns the partitions at the stored positions. Timers are not read
+//!   here: the shard pages them in as its clock advances.
+//! * Revocation: the owning workers write what the shards hold (bounded by
+//!   the drain deadline, below the session timeout), the stored offsets are
+//!   committed synchronously, then the partitions are released. Lost
+//!   partitions (another member may own them already) are dropped unwritten.
+//! * Offsets: workers store the offsets their durable writes cover;
+//!   librdkafka commits stored offsets periodically and at every revocation.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use crossbeam_channel::Sender;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::BorrowedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn};
 
-use crate::metrics::Metrics;
-use crate::pipeline::{Durable, InMessage, PipelineError, Processor, SinkError};
+use super::runtime::Runtime;
+use super::worker::{Control, Wake};
+use crate::shard::Shard;
+use crate::store::{ShardId, Store};
+use crate::writer::Policy;
 
-/// Liveness and readiness, shared with the HTTP server.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// The consumer loop is running.
-    pub running: AtomicBool,
-    /// The last store call succeeded.
-    pub store_up: AtomicBool,
-    /// Partitions currently assigned.
-    pub assigned: AtomicUsize,
-    /// Wall ms of the loop's last turn.
-    pub heartbeat_ms: AtomicI64,
-}
-
-impl Health {
-    /// Ready to consume: running and the store answers.
-    pub fn ready(&self) -> bool {
-        self.running.load(Ordering::SeqCst) && self.store_up.load(Ordering::SeqCst)
-    }
-
-    /// Alive: the loop turned within `max_silence`.
-    pub fn alive(&self, max_silence: Duration) -> bool {
-        let last = self.heartbeat_ms.load(Ordering::SeqCst);
-        last == 0 || crate::event::wall_clock_ms() - last <= max_silence.as_millis() as i64
-    }
-
-    fn set_store_up(&self, up: bool, metrics: &Metrics) {
-        self.store_up.store(up, Ordering::SeqCst);
-        metrics.redis_up.set(up as i64);
-        metrics.ready.set(self.ready() as i64);
-    }
-}
-
-/// Errors that stop the consumer (the process exits non-zero and restarts
-/// from the last durable position).
+/// Errors that stop the consumer.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     /// The Kafka client failed.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    /// Outputs could not be delivered, so the state that produced them cannot be committed.
-    #[error("outputs lost: {0}")]
-    OutputsLost(String),
-    /// The input topics are missing or not co-partitioned.
-    #[error("input topics: {0}")]
+    /// Topics are missing or not co-partitioned.
+    #[error("topics: {0}")]
     Topics(String),
-    /// The state store stayed unavailable through a rebalance or shutdown drain.
-    #[error("could not drain within the deadline: {0}")]
-    Drain(String),
+    /// A part of the service stopped on an error.
+    #[error("{0}")]
+    Fatal(String),
 }
 
-/// Consumer callbacks: rebalancing, commit results, statistics.
-pub struct LeadscoreContext {
-    processor: Arc<Mutex<Processor>>,
-    metrics: Metrics,
-    health: Arc<Health>,
+/// The consumer's callbacks.
+pub struct GroupContext {
+    rt: Arc<Runtime>,
+    store: Arc<dyn Store>,
+    me: OnceLock<Weak<BaseConsumer<GroupContext>>>,
+    workers: OnceLock<Vec<(Sender<Control>, Arc<Wake>)>>,
     drain_timeout: Duration,
-    followers: Mutex<Vec<String>>,
-    fatal: Mutex<Option<ConsumerError>>,
 }
 
-impl LeadscoreContext {
-    /// A context around the shared processor.
-    pub fn new(
-        processor: Arc<Mutex<Processor>>,
-        metrics: Metrics,
-        health: Arc<Health>,
-        drain_timeout: Duration,
-    ) -> Self {
-        LeadscoreContext {
-            processor,
-            metrics,
-            health,
+impl GroupContext {
+    /// Callbacks over `rt`, taking shards in `store`.
+    pub fn new(rt: Arc<Runtime>, store: Arc<dyn Store>, drain_timeout: Duration) -> Self {
+        GroupContext {
+            rt,
+            store,
+            me: OnceLock::new(),
+            workers: OnceLock::new(),
             drain_timeout,
-            followers: Mutex::new(Vec::new()),
-            fatal: Mutex::new(None),
         }
     }
 
-    /// The group assigns partitions of the first input topic only; partition
-    /// `p` of every other input topic follows partition `p` of it, so one
-    /// member owns all of a lead's events (its shard) and nobody else does.
-    fn expand(&self, tpl: &TopicPartitionList) -> (Vec<(String, i32)>, TopicPartitionList) {
-        let followers = self.followers.lock();
-        let mut parts = Vec::new();
-        for e in tpl.elements() {
-            parts.push((e.topic().to_owned(), e.partition()));
-            for f in followers.iter() {
-                parts.push((f.clone(), e.partition()));
+    /// Lets the callbacks reach the consumer (to split queues) and the workers.
+    pub fn attach(
+        &self,
+        consumer: &Arc<BaseConsumer<GroupContext>>,
+        workers: Vec<(Sender<Control>, Arc<Wake>)>,
+    ) {
+        let _ = self.me.set(Arc::downgrade(consumer));
+        let _ = self.workers.set(workers);
+    }
+
+    fn worker_of(&self, shard: ShardId) -> Option<&(Sender<Control>, Arc<Wake>)> {
+        let w = self.workers.get()?;
+        w.get(shard.unsigned_abs() as usize % w.len().max(1))
+    }
+
+    /// The full list of input partitions of these shards.
+    fn partitions(&self, shards: &[ShardId]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::with_capacity(shards.len() * self.rt.inputs.len());
+        for p in shards {
+            for t in self.rt.inputs.iter() {
+                tpl.add_partition(t, *p);
             }
         }
-        let mut full = TopicPartitionList::with_capacity(parts.len());
-        for (topic, partition) in &parts {
-            full.add_partition(topic, *partition);
-        }
-        (parts, full)
+        tpl
     }
 
-    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let (parts, mut tpl) = self.expand(tpl);
-        let deadline = Instant::now() + self.drain_timeout;
-        let positions = loop {
-            match self.processor.lock().assign(&parts) {
-                Ok(p) => {
-                    self.health.set_store_up(true, &self.metrics);
-                    break p;
-                }
-                Err(error) => {
-                    self.health.set_store_up(false, &self.metrics);
-                    self.metrics
-                        .redis_errors
-                        .with_label_values(&["assign"])
-                        .inc();
-                    if Instant::now() > deadline {
-                        // Without the stored positions the partitions cannot be read
-                        // without double counting: give up and let the process restart.
-                        *self.fatal.lock() = Some(ConsumerError::Drain(error.to_string()));
+    fn assign(&self, consumer: &BaseConsumer<Self>, shards: &[ShardId]) {
+        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+            self.rt.fail("rebalance before the consumer was attached");
+            return;
+        };
+        let mut tpl = TopicPartitionList::with_capacity(shards.len() * self.rt.inputs.len());
+        let mut resume = Vec::new();
+        let mut policy = Policy::default();
+        for &p in shards {
+            let deadline = Instant::now() + self.drain_timeout;
+            let meta = loop {
+                match self.store.take_shard(p) {
+                    Ok(m) => {
+                        self.rt.set_store_up(true);
+                        break m;
+                    }
+                    Err(e) if Instant::now() < deadline && e.retryable() => {
+                        self.rt.set_store_up(false);
+                        self.rt
+                            .metrics
+                            .redis_errors
+                            .with_label_values(&["assign"])
+                            .inc();
+                        warn!(error = %e, shard = p, "Cannot take the shard in the store; retrying.");
+                        std::thread::sleep(policy.backoff());
+                    }
+                    Err(e) => {
+                        // Without its positions the shard cannot be read without double counting.
+                        self.rt
+                            .fail(format!("cannot take shard {p} in the store: {e}"));
                         return;
                     }
-                    warn!(%error, "Cannot read stored positions; retrying.");
-                    std::thread::sleep(Duration::from_millis(500));
+                }
+            };
+            if meta.fresh
+                && let Some(committed) = self.committed(consumer, p)
+            {
+                self.rt.fail(format!(
+                    "state lost: Redis has no state for shard {p} (partition {p} of the input topics), but the \
+                     consumer group has committed offsets for it ({committed}). Redis was flushed, or failed \
+                     over to an empty replica, or redis.key_prefix changed. Restore Redis from a backup, or \
+                     reset the group's offsets to the beginning of the input topics to rescore from scratch \
+                     (kafka-consumer-groups --reset-offsets --to-earliest)."
+                ));
+                return;
+            }
+            let shard = Shard::new(
+                p,
+                &meta,
+                Arc::clone(&self.rt.inputs),
+                Arc::clone(&self.rt.sources),
+                self.rt.shard_config,
+            );
+            let mut queues = Vec::with_capacity(self.rt.inputs.len());
+            for (i, t) in self.rt.inputs.iter().enumerate() {
+                let Some(q) = me.split_partition_queue(t, p) else {
+                    self.rt.fail(format!("cannot split the queue of {t}/{p}"));
+                    return;
+                };
+                queues.push(q);
+                let offset = match shard.position(i) {
+                    Some(o) => {
+                        resume.push(format!("{t}/{p}@{o}"));
+                        Offset::Offset(o)
+                    }
+                    None => Offset::Stored,
+                };
+                if let Err(e) = tpl.add_partition_offset(t, p, offset) {
+                    warn!(error = %e, topic = &**t, partition = p, "Cannot set the resume offset.");
                 }
             }
-        };
-        let resume: Vec<String> = parts
-            .iter()
-            .zip(&positions)
-            .filter_map(|((t, p), o)| o.map(|o| format!("{t}/{p}@{o}")))
-            .collect();
-        for ((topic, partition), pos) in parts.iter().zip(positions) {
-            if let Some(offset) = pos
-                && let Err(error) =
-                    tpl.set_partition_offset(topic, *partition, Offset::Offset(offset))
+            let Some((control, wake)) = self.worker_of(p) else {
+                self.rt.fail("no worker to take the shard");
+                return;
+            };
+            if control
+                .send(Control::Add {
+                    shard: Box::new(shard),
+                    queues,
+                })
+                .is_err()
             {
-                warn!(%error, topic, partition, "Cannot set the resume offset.");
+                self.rt.fail("a worker stopped");
+                return;
             }
+            wake.notify();
         }
-        info!(
-            partitions = parts.len(),
-            ?resume,
-            "Partitions assigned; resuming from the stored positions."
-        );
-        if let Err(error) = consumer.incremental_assign(&tpl) {
-            *self.fatal.lock() = Some(error.into());
+        info!(shards = ?shards, ?resume, "Shards assigned; resuming from the stored positions.");
+        if let Err(e) = consumer.incremental_assign(&tpl) {
+            self.rt.fail(format!("incremental assign failed: {e}"));
         }
-        self.health
-            .assigned
-            .fetch_add(parts.len(), Ordering::SeqCst);
     }
 
-    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let (parts, tpl) = self.expand(tpl);
-        let lost = consumer.assignment_lost();
-        let mut processor = self.processor.lock();
+    /// The group's committed offsets for shard `p`'s partitions, if any.
+    fn committed(&self, consumer: &BaseConsumer<Self>, p: ShardId) -> Option<String> {
+        let got = consumer
+            .committed_offsets(self.partitions(&[p]), Duration::from_secs(10))
+            .ok()?;
+        let list: Vec<String> = got
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(format!("{}/{}@{o}", e.topic(), e.partition())),
+                _ => None,
+            })
+            .collect();
+        (!list.is_empty()).then(|| list.join(", "))
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, shards: &[ShardId]) {
+        let lost = consumer.assignment_lost() || self.rt.failed();
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut waits = Vec::new();
+        for &p in shards {
+            let Some((control, wake)) = self.worker_of(p) else {
+                continue;
+            };
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let msg = if lost {
+                Control::Drop {
+                    shards: vec![p],
+                    done: tx,
+                }
+            } else {
+                Control::Drain {
+                    shards: vec![p],
+                    deadline,
+                    done: tx,
+                }
+            };
+            if control.send(msg).is_ok() {
+                wake.notify();
+                waits.push(rx);
+            }
+        }
+        for rx in waits {
+            let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+            if rx.recv_timeout(left).is_err() {
+                error!(
+                    "A worker did not finish draining in time; its shards' next owner resumes from the last durable position."
+                );
+            }
+        }
         if lost {
-            // Someone else may already own them: drop unflushed state, commit nothing.
-            warn!(
-                partitions = parts.len(),
-                "Partitions lost; dropping their unflushed state."
-            );
-            self.metrics.rebalances.with_label_values(&["lost"]).inc();
+            warn!(shards = ?shards, "Partitions lost; their unwritten state was dropped.");
+            self.rt
+                .metrics
+                .rebalances
+                .with_label_values(&["lost"])
+                .inc();
         } else {
-            match drain(
-                &mut processor,
-                Instant::now() + self.drain_timeout,
-                &self.health,
-                &self.metrics,
-            ) {
-                Ok(durable) => commit(consumer, &durable, CommitMode::Sync, &self.metrics),
-                Err(error) => {
-                    error!(%error, "Could not flush before giving partitions up; the next owner resumes from the last durable position.");
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => self.rt.metrics.commits.with_label_values(&["ok"]).inc(),
+                Err(e) => {
+                    // Nothing stored since the last commit is not an error worth counting.
+                    if !matches!(
+                        e.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::NoOffset)
+                    ) {
+                        self.rt.metrics.commits.with_label_values(&["error"]).inc();
+                        warn!(error = %e, "Offset commit on revoke failed.");
+                    }
                 }
             }
         }
-        processor.release(&parts);
-        drop(processor);
-        if let Err(error) = consumer.incremental_unassign(&tpl) {
-            *self.fatal.lock() = Some(error.into());
+        let tpl = self.partitions(shards);
+        if let Err(e) = consumer.incremental_unassign(&tpl) {
+            self.rt.fail(format!("incremental unassign failed: {e}"));
         }
-        self.health.assigned.fetch_sub(
-            parts.len().min(self.health.assigned.load(Ordering::SeqCst)),
-            Ordering::SeqCst,
-        );
-        info!(partitions = parts.len(), "Partitions revoked.");
+        let mut lag = self.rt.lag.lock();
+        for p in shards {
+            for t in self.rt.inputs.iter() {
+                lag.remove(&(t.to_string(), *p));
+                let _ = self
+                    .rt
+                    .metrics
+                    .consumer_lag
+                    .remove_label_values(&[&**t, &p.to_string()]);
+            }
+        }
+        info!(shards = ?shards, "Shards revoked.");
     }
 }
 
-impl ClientContext for LeadscoreContext {
+impl ClientContext for GroupContext {
     fn stats(&self, statistics: Statistics) {
+        let owned = self.rt.caches.read();
+        let mut lag = self.rt.lag.lock();
         for (topic, t) in &statistics.topics {
+            if !self.rt.inputs.iter().any(|i| **i == **topic) {
+                continue;
+            }
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.metrics
+                if *partition < 0 || !owned.contains_key(partition) {
+                    continue;
+                }
+                if p.consumer_lag >= 0 {
+                    lag.insert((topic.clone(), *partition), p.consumer_lag);
+                    self.rt
+                        .metrics
                         .consumer_lag
                         .with_label_values(&[topic.as_str(), &partition.to_string()])
                         .set(p.consumer_lag);
@@ -220,121 +303,94 @@ impl ClientContext for LeadscoreContext {
     }
 }
 
-impl ConsumerContext for LeadscoreContext {
+impl ConsumerContext for GroupContext {
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let anchor = self
+            .rt
+            .inputs
+            .first()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let mut shards: Vec<ShardId> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == anchor)
+            .map(|e| e.partition())
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.metrics.rebalances.with_label_values(&["assign"]).inc();
-                self.assign(consumer, tpl);
+                self.rt
+                    .metrics
+                    .rebalances
+                    .with_label_values(&["assign"])
+                    .inc();
+                self.assign(consumer, &shards);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
-                self.revoke(consumer, tpl);
+                self.rt
+                    .metrics
+                    .rebalances
+                    .with_label_values(&["revoke"])
+                    .inc();
+                self.revoke(consumer, &shards);
             }
             other => {
                 error!(error = ?other, "Rebalance error.");
-                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                self.rt
+                    .metrics
+                    .rebalances
+                    .with_label_values(&["error"])
+                    .inc();
             }
         }
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         match result {
-            Ok(()) => self.metrics.commits.with_label_values(&["ok"]).inc(),
-            Err(error) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
-                warn!(%error, "Offset commit failed; the next commit covers it.");
+            Ok(()) => self.rt.metrics.commits.with_label_values(&["ok"]).inc(),
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(rdkafka::types::RDKafkaErrorCode::NoOffset)
+                ) => {}
+            Err(e) => {
+                self.rt.metrics.commits.with_label_values(&["error"]).inc();
+                warn!(error = %e, "Offset commit failed; the next commit covers it.");
             }
         }
     }
 }
 
-fn is_fatal(error: &PipelineError) -> bool {
-    matches!(
-        error,
-        PipelineError::Sink(SinkError::Produce(_)) | PipelineError::Writer
-    )
-}
-
-/// Flushes until it succeeds, a fatal error occurs, or the deadline passes.
-fn drain(
-    processor: &mut Processor,
-    deadline: Instant,
-    health: &Health,
-    metrics: &Metrics,
-) -> Result<Durable, PipelineError> {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match processor.flush() {
-            Ok(durable) => {
-                health.set_store_up(true, metrics);
-                return Ok(durable);
-            }
-            Err(error) if is_fatal(&error) || Instant::now() + backoff > deadline => {
-                return Err(error);
-            }
-            Err(error) => {
-                health.set_store_up(false, metrics);
-                warn!(%error, "Flush failed; retrying.");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-}
-
-fn commit<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    durable: &Durable,
-    mode: CommitMode,
-    metrics: &Metrics,
-) {
-    if durable.is_empty() {
-        return;
-    }
-    let mut tpl = TopicPartitionList::with_capacity(durable.len());
-    for (topic, partition, offset) in durable {
-        if tpl
-            .add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            .is_err()
-        {
-            return;
-        }
-    }
-    if let Err(error) = consumer.commit(&tpl, mode) {
-        metrics.commits.with_label_values(&["error"]).inc();
-        warn!(%error, "Offset commit failed; the next commit covers it.");
-    } else if matches!(mode, CommitMode::Sync) {
-        metrics.commits.with_label_values(&["ok"]).inc();
-    }
-}
-
-/// Every input topic must exist with the same partition count: a lead's
-/// events are keyed to the same partition number in each.
-fn check_copartitioned(
-    consumer: &BaseConsumer<LeadscoreContext>,
-    topics: &[&str],
-) -> Result<(), ConsumerError> {
+/// Checks the topics: every input exists with the same partition count (a
+/// lead's events are keyed to the same partition number in each), and every
+/// output exists.
+pub fn check_topics(
+    consumer: &BaseConsumer<GroupContext>,
+    inputs: &[&str],
+    outputs: &[&str],
+) -> Result<i32, ConsumerError> {
     let mut counts = Vec::new();
-    for topic in topics {
+    let mut missing = Vec::new();
+    for topic in inputs.iter().chain(outputs) {
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let n = meta
             .topics()
             .iter()
             .find(|t| t.name() == *topic && t.error().is_none())
             .map_or(0, |t| t.partitions().len());
-        counts.push((*topic, n));
+        if n == 0 {
+            missing.push(*topic);
+        } else if inputs.contains(topic) {
+            counts.push((*topic, n));
+        }
     }
-    let missing: Vec<&str> = counts
-        .iter()
-        .filter(|(_, n)| *n == 0)
-        .map(|(t, _)| *t)
-        .collect();
     if !missing.is_empty() {
         return Err(ConsumerError::Topics(format!(
             "{} do not exist; create them first (topics are never created automatically)",
@@ -344,185 +400,82 @@ fn check_copartitioned(
     if counts.windows(2).any(|w| w[0].1 != w[1].1) {
         let list: Vec<String> = counts.iter().map(|(t, n)| format!("{t}={n}")).collect();
         return Err(ConsumerError::Topics(format!(
-            "must all have the same partition count, got {}",
+            "the input topics must all have the same partition count (they are co-partitioned by lead id), got {}",
             list.join(", ")
         )));
     }
-    Ok(())
+    Ok(counts.first().map_or(0, |(_, n)| *n as i32))
 }
 
-fn to_in<'a>(m: &'a BorrowedMessage<'a>) -> InMessage<'a> {
-    InMessage {
-        topic: m.topic(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key(),
-        payload: m.payload(),
-        timestamp: m.timestamp().to_millis(),
-    }
-}
-
-/// Runs the consumer loop until `cancel` fires, then drains and commits.
+/// Runs the consumer loop until cancelled or failed, then leaves the group
+/// (the final revocation drains and commits).
 pub fn run(
-    consumer: &BaseConsumer<LeadscoreContext>,
-    topics: &[&str],
-    batch_max: usize,
-    cancel: &CancellationToken,
+    consumer: &Arc<BaseConsumer<GroupContext>>,
+    rt: &Arc<Runtime>,
+    outputs: &[&str],
+    workers: &[(Sender<Control>, Arc<Wake>)],
+    drain_timeout: Duration,
 ) -> Result<(), ConsumerError> {
-    let ctx = consumer.context();
-    let processor = Arc::clone(&ctx.processor);
-    let (metrics, health) = (ctx.metrics.clone(), Arc::clone(&ctx.health));
     let _span = info_span!("consumer").entered();
-    check_copartitioned(consumer, topics)?;
-    let (anchor, followers) = topics
-        .split_first()
+    let inputs: Vec<&str> = rt.inputs.iter().map(|t| &**t).collect();
+    rt.set_partitions(check_topics(consumer, &inputs, outputs)?);
+    let anchor = inputs
+        .first()
         .ok_or_else(|| ConsumerError::Topics("no input topics".into()))?;
-    *ctx.followers.lock() = followers.iter().map(|t| (*t).to_owned()).collect();
     consumer.subscribe(&[anchor])?;
-    health.running.store(true, Ordering::SeqCst);
-    health.set_store_up(true, &metrics);
-    info!(?topics, "Consuming.");
-    let result = consume(consumer, &processor, batch_max, cancel, &metrics, &health);
-    health.running.store(false, Ordering::SeqCst);
-    metrics.ready.set(0);
-    if let Err(error) = &result {
-        error!(%error, "Consumer stopping on an unrecoverable error.");
-        return result;
-    }
-    // Stop fetching, make everything durable, commit synchronously.
-    info!("Draining before shutdown.");
-    let deadline = Instant::now() + ctx.drain_timeout;
-    let durable = drain(&mut processor.lock(), deadline, &health, &metrics)
-        .map_err(|e| ConsumerError::Drain(e.to_string()))?;
-    commit(consumer, &durable, CommitMode::Sync, &metrics);
-    consumer.unsubscribe();
-    // Serve the final revoke so the group rebalances at once.
-    let until = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < until && health.assigned.load(Ordering::SeqCst) > 0 {
-        if consumer.poll(Duration::from_millis(50)).is_some() {
-            // Fetched after the drain; not processed and not committed.
+    rt.health
+        .running
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    rt.set_store_up(true);
+    info!(topics = ?inputs, "Consuming.");
+    let segments: Vec<String> = crate::engine::Segment::all_names(rt.engine.rules())
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let segment_refs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let mut last_gauges = Instant::now();
+    while !rt.cancel().is_cancelled() {
+        rt.health.heartbeat_ms.store(
+            crate::event::wall_clock_ms(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                // Queues are split before assignment; forward a stray anyway.
+                let owned = m.detach();
+                if let Some((tx, wake)) =
+                    workers.get(owned.partition().unsigned_abs() as usize % workers.len().max(1))
+                {
+                    let _ = tx.send(Control::Message(owned));
+                    wake.notify();
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "Consumer error."),
+            None => {}
         }
+        if last_gauges.elapsed() >= Duration::from_secs(1) {
+            rt.publish_gauges(&segment_refs);
+            rt.metrics.ready.set(i64::from(rt.health.ready()));
+            last_gauges = Instant::now();
+        }
+    }
+    rt.health
+        .running
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    rt.metrics.ready.set(0);
+    if let Some(f) = rt.fatal() {
+        return Err(ConsumerError::Fatal(f));
+    }
+    // Leave the group: the revocation callback drains the shards and commits.
+    info!("Draining before shutdown.");
+    consumer.unsubscribe();
+    let until = Instant::now() + drain_timeout + Duration::from_secs(2);
+    while Instant::now() < until && !rt.caches.read().is_empty() {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    if let Some(f) = rt.fatal() {
+        return Err(ConsumerError::Fatal(f));
     }
     info!("Consumer stopped cleanly.");
     Ok(())
-}
-
-fn consume(
-    consumer: &BaseConsumer<LeadscoreContext>,
-    processor: &Mutex<Processor>,
-    batch_max: usize,
-    cancel: &CancellationToken,
-    metrics: &Metrics,
-    health: &Health,
-) -> Result<(), ConsumerError> {
-    let ctx = consumer.context();
-    while !cancel.is_cancelled() {
-        if let Some(error) = ctx.fatal.lock().take() {
-            return Err(error);
-        }
-        health
-            .heartbeat_ms
-            .store(crate::event::wall_clock_ms(), Ordering::SeqCst);
-        let mut msgs: Vec<BorrowedMessage<'_>> = Vec::new();
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => msgs.push(m),
-            Some(Err(error)) => warn!(%error, "Consumer error."),
-            None => {}
-        }
-        while !msgs.is_empty() && msgs.len() < batch_max {
-            match consumer.poll(Duration::ZERO) {
-                Some(Ok(m)) => msgs.push(m),
-                Some(Err(error)) => {
-                    warn!(%error, "Consumer error.");
-                    break;
-                }
-                None => break,
-            }
-        }
-        if !msgs.is_empty() {
-            let batch: Vec<InMessage<'_>> = msgs.iter().map(to_in).collect();
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let result = processor.lock().process(&batch);
-                match result {
-                    Ok(()) => break,
-                    Err(error) if is_fatal(&error) => {
-                        return Err(ConsumerError::OutputsLost(error.to_string()));
-                    }
-                    Err(error) => {
-                        // The store is down: hold this batch and consume nothing
-                        // more (memory stays bounded) until it answers again.
-                        // librdkafka keeps the group session alive meanwhile.
-                        health.set_store_up(false, metrics);
-                        metrics.paused.set(1);
-                        metrics.redis_errors.with_label_values(&["load"]).inc();
-                        warn!(%error, "Cannot load lead state; holding the batch until the store answers.");
-                        if !wait(cancel, &mut backoff) {
-                            return Ok(());
-                        }
-                        health
-                            .heartbeat_ms
-                            .store(crate::event::wall_clock_ms(), Ordering::SeqCst);
-                    }
-                }
-            }
-            metrics.paused.set(0);
-        }
-        // Make state durable at the flush interval; while the store is down,
-        // retry here instead of consuming more.
-        let mut backoff = Duration::from_millis(100);
-        let mut retrying = false;
-        loop {
-            let mut p = processor.lock();
-            let mut finished = p.poll_flush();
-            if finished.is_none() && (retrying || p.flush_due()) {
-                finished = match p.start_flush() {
-                    Ok(None) => None,
-                    Ok(Some(durable)) => Some(Ok(durable)),
-                    Err(error) => Some(Err(error)),
-                };
-            }
-            match finished {
-                None => break,
-                Some(Ok(durable)) => {
-                    drop(p);
-                    health.set_store_up(true, metrics);
-                    metrics.paused.set(0);
-                    commit(consumer, &durable, CommitMode::Async, metrics);
-                    break;
-                }
-                Some(Err(error)) if is_fatal(&error) => {
-                    return Err(ConsumerError::OutputsLost(error.to_string()));
-                }
-                Some(Err(error)) => {
-                    let backlog = p.dirty_len();
-                    drop(p);
-                    health.set_store_up(false, metrics);
-                    metrics.paused.set(1);
-                    warn!(%error, dirty = backlog, "Flush failed; holding consumption and offsets until it succeeds.");
-                    retrying = true;
-                    if !wait(cancel, &mut backoff) {
-                        return Ok(());
-                    }
-                    health
-                        .heartbeat_ms
-                        .store(crate::event::wall_clock_ms(), Ordering::SeqCst);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Sleeps `backoff` (doubling it up to 2 s); false if cancelled meanwhile.
-fn wait(cancel: &CancellationToken, backoff: &mut Duration) -> bool {
-    let until = Instant::now() + *backoff;
-    while Instant::now() < until {
-        if cancel.is_cancelled() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    *backoff = (*backoff * 2).min(Duration::from_secs(2));
-    true
 }

@@ -1,8 +1,12 @@
-//! Kafka plumbing: client configuration, topic creation, the consumer loop
-//! ([`consumer`]) and the output producer ([`sink`]).
+//! Kafka plumbing: client configuration and topic creation here; the
+//! consumer group and its rebalances ([`consumer`]), the worker threads that
+//! read partition queues and step shards ([`worker`]), what they share
+//! ([`runtime`]), and the producer ([`sink`]).
 
 pub mod consumer;
+pub mod runtime;
 pub mod sink;
+pub mod worker;
 
 use std::time::Duration;
 
@@ -14,15 +18,22 @@ use rdkafka::error::RDKafkaErrorCode;
 use crate::settings::KafkaSettings;
 
 /// Consumer properties: leadscore's own, then the user's pass-through ones.
+///
+/// Offsets: workers store the offset each durable write covers
+/// (`enable.auto.offset.store=false`) and librdkafka commits stored offsets
+/// every second and at every revocation (`enable.auto.commit=true`), the
+/// at-least-once pattern of vector and rust-rdkafka's example. Positions in
+/// Redis, written with the state, are what leadscore resumes from.
 pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers)
         .set("group.id", &k.group_id)
-        .set("enable.auto.commit", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000")
+        .set("statistics.interval.ms", "1000")
         // librdkafka backs a partition's fetching off for a whole second
         // (the default) once its local queue is "full", which starves a
         // consumer that works in batches; keep it short.
@@ -49,9 +60,21 @@ pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
 
 /// Creates topics that do not exist yet (used by the demo, the load generator and tests).
 pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    create_topics_with(
+        ClientConfig::new().set("bootstrap.servers", brokers),
+        topics,
+        partitions,
+    )
+    .await
+}
+
+/// Creates topics with an admin client of `config`.
+pub async fn create_topics_with(
+    config: &ClientConfig,
+    topics: &[&str],
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))

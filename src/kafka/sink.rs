@@ -1,4 +1,6 @@
-//! The output side: an idempotent producer behind the pipeline's [`Sink`].
+//! The output side: one idempotent producer for the process; each worker
+//! sends through its own [`WorkerSink`], whose barriers wait for that
+//! worker's records only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -8,21 +10,20 @@ use parking_lot::{Condvar, Mutex};
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use tracing::error;
 
-use crate::decode::DecodeError;
 use crate::event::truncate;
 use crate::metrics::Metrics;
 use crate::output::{OutputKind, Record, dead_letter_headers as h};
-use crate::pipeline::{Barrier, InMessage, Sink, SinkError};
 use crate::settings::TopicSettings;
+use crate::sink::{Barrier, DeadLetter, Sink, SinkError};
 
-/// Epochs in flight are tracked in a ring this large; the processor keeps
-/// at most two open (one being filled, one being written).
+/// Epochs in flight per worker are tracked in a ring this large; a worker
+/// keeps at most two open (one being filled, one being written).
 const EPOCHS: usize = 64;
 
-/// Records not yet acknowledged, per epoch (a flush cuts an epoch).
+/// Records not yet acknowledged, per epoch (a write cuts an epoch).
 #[derive(Debug)]
 struct Acks {
     pending: [AtomicI64; EPOCHS],
@@ -53,10 +54,10 @@ impl Acks {
         let filling = (epoch + 1) % EPOCHS;
         let mut guard = self.lock.lock();
         loop {
-            if self.failures.load(Ordering::SeqCst) > 0 {
+            let failed = self.failures.load(Ordering::SeqCst);
+            if failed > 0 {
                 return Err(SinkError::Produce(format!(
-                    "{} output records were not delivered",
-                    self.failures.load(Ordering::SeqCst)
+                    "{failed} output records were not delivered"
                 )));
             }
             let outstanding: i64 = (0..EPOCHS)
@@ -74,75 +75,99 @@ impl Acks {
     }
 }
 
-/// Counts deliveries and failures per epoch.
-#[derive(Debug, Clone)]
+/// Counts deliveries and failures per worker and epoch.
 pub struct DeliveryContext {
     metrics: Metrics,
-    acks: Arc<Acks>,
+    acks: Vec<Arc<Acks>>,
 }
 
 impl ClientContext for DeliveryContext {}
 
+/// The delivery opaque: worker in the high half, epoch in the low half.
+fn opaque(worker: usize, epoch: usize) -> usize {
+    (worker << 32) | (epoch % EPOCHS)
+}
+
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, epoch: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
         use rdkafka::Message;
+        let (worker, epoch) = (tag >> 32, tag & 0xffff_ffff);
+        let Some(acks) = self.acks.get(worker) else {
+            return;
+        };
         match result {
             Ok(m) => self
                 .metrics
                 .outputs_produced
                 .with_label_values(&[m.topic()])
                 .inc(),
-            Err((error, m)) => {
-                self.metrics.produce_failures.inc();
-                self.acks.failures.fetch_add(1, Ordering::SeqCst);
-                error!(%error, topic = m.topic(), "Output record was not delivered.");
+            Err((e, m)) => {
+                self.metrics
+                    .produce_failures
+                    .with_label_values(&[m.topic()])
+                    .inc();
+                acks.failures.fetch_add(1, Ordering::SeqCst);
+                error!(error = %e, topic = m.topic(), "Output record was not delivered.");
             }
         }
-        self.acks.done(epoch);
+        acks.done(epoch);
     }
 }
 
-/// The producer for outputs and dead letters.
-pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryContext>,
+/// The process's producer, shared by the workers.
+pub type SharedProducer = Arc<ThreadedProducer<DeliveryContext>>;
+
+/// Creates the producer and one sink per worker.
+pub fn sinks(
+    config: &rdkafka::ClientConfig,
+    topics: &TopicSettings,
+    metrics: &Metrics,
+    workers: usize,
+) -> Result<(SharedProducer, Vec<WorkerSink>), KafkaError> {
+    let acks: Vec<Arc<Acks>> = (0..workers).map(|_| Arc::new(Acks::new())).collect();
+    let producer: SharedProducer = Arc::new(config.create_with_context(DeliveryContext {
+        metrics: metrics.clone(),
+        acks: acks.clone(),
+    })?);
+    let sinks = acks
+        .into_iter()
+        .enumerate()
+        .map(|(worker, acks)| WorkerSink {
+            producer: Arc::clone(&producer),
+            topics: topics.clone(),
+            acks,
+            worker,
+            epoch: 0,
+        })
+        .collect();
+    Ok((producer, sinks))
+}
+
+/// One worker's outputs and dead letters.
+pub struct WorkerSink {
+    producer: SharedProducer,
     topics: TopicSettings,
     acks: Arc<Acks>,
+    worker: usize,
     epoch: usize,
 }
 
-impl std::fmt::Debug for KafkaSink {
+impl std::fmt::Debug for WorkerSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSink").finish_non_exhaustive()
+        f.debug_struct("WorkerSink")
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
     }
 }
 
-impl KafkaSink {
-    /// A sink producing with `config` to `topics`.
-    pub fn new(
-        config: &rdkafka::ClientConfig,
-        topics: TopicSettings,
-        metrics: Metrics,
-    ) -> Result<Self, KafkaError> {
-        let acks = Arc::new(Acks::new());
-        let producer = config.create_with_context(DeliveryContext {
-            metrics,
-            acks: Arc::clone(&acks),
-        })?;
-        Ok(KafkaSink {
-            producer,
-            topics,
-            acks,
-            epoch: 0,
-        })
-    }
-
+impl WorkerSink {
     fn send_record(&self, record: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), SinkError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let slot = &self.acks.pending[self.epoch % EPOCHS];
         slot.fetch_add(1, Ordering::SeqCst);
-        let mut record = record.delivery_opaque(self.epoch);
+        let mut record = record.delivery_opaque(opaque(self.worker, self.epoch));
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -163,7 +188,7 @@ impl KafkaSink {
     }
 }
 
-impl Sink for KafkaSink {
+impl Sink for WorkerSink {
     fn send(&mut self, record: &Record) -> Result<(), SinkError> {
         let topic = match record.kind {
             OutputKind::SegmentChange => &self.topics.segment_changes,
@@ -177,22 +202,23 @@ impl Sink for KafkaSink {
         )
     }
 
-    fn dead_letter(&mut self, msg: &InMessage<'_>, error: &DecodeError) -> Result<(), SinkError> {
-        let reason = truncate(&error.to_string(), 1024);
-        let partition = msg.partition.to_string();
-        let offset = msg.offset.to_string();
-        let headers = OwnedHeaders::new_with_capacity(5)
+    fn dead_letter(&mut self, l: &DeadLetter<'_>) -> Result<(), SinkError> {
+        let reason = truncate(&l.error.to_string(), 1024);
+        let partition = l.partition.to_string();
+        let offset = l.offset.to_string();
+        let size = l.original_size.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(7)
             .insert(Header {
                 key: h::REASON,
                 value: Some(&reason),
             })
             .insert(Header {
                 key: h::KIND,
-                value: Some(error.kind()),
+                value: Some(l.error.kind()),
             })
             .insert(Header {
                 key: h::TOPIC,
-                value: Some(msg.topic),
+                value: Some(l.topic),
             })
             .insert(Header {
                 key: h::PARTITION,
@@ -201,13 +227,23 @@ impl Sink for KafkaSink {
             .insert(Header {
                 key: h::OFFSET,
                 value: Some(&offset),
+            })
+            .insert(Header {
+                key: h::ORIGINAL_SIZE,
+                value: Some(&size),
             });
+        if let Some(hash) = l.original_hash {
+            headers = headers.insert(Header {
+                key: h::ORIGINAL_HASH,
+                value: Some(hash),
+            });
+        }
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(&self.topics.dead_letter, 0).headers(headers);
-        if let Some(key) = msg.key {
+        if let Some(key) = l.key {
             record = record.key(key);
         }
-        if let Some(payload) = msg.payload {
+        if let Some(payload) = l.payload {
             record = record.payload(payload);
         }
         self.send_record(record)
@@ -216,8 +252,14 @@ impl Sink for KafkaSink {
     fn barrier(&mut self) -> Barrier {
         let epoch = self.epoch;
         self.epoch += 1;
-        // Start the next epoch clean (its slot was last used EPOCHS epochs ago).
         let acks = Arc::clone(&self.acks);
         Barrier::new(move |timeout| acks.wait(epoch, timeout))
+    }
+}
+
+/// Flushes the producer (at shutdown).
+pub fn flush(producer: &SharedProducer, timeout: Duration) {
+    if let Err(e) = producer.flush(timeout) {
+        error!(error = %e, "Producer flush failed at shutdown.");
     }
 }

@@ -14,10 +14,12 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Rules;
-use crate::output::{HandoffOut, SegmentChangeOut};
-use crate::settings::{Backend, Loaded, Settings};
-use crate::synth::Synth;
+use leadscore::engine::Rules;
+use leadscore::metrics::sum_counter;
+use leadscore::output::{HandoffOut, SegmentChangeOut};
+use leadscore::settings::{Backend, Loaded, Settings};
+
+use super::synth::Synth;
 
 /// Demo options.
 #[derive(Debug, clap::Args)]
@@ -75,9 +77,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
 
     let cancel = CancellationToken::new();
-    crate::service::cancel_on_signals(cancel.clone());
+    leadscore::service::cancel_on_signals(cancel.clone());
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let service = tokio::spawn(crate::service::run(loaded, cancel.clone(), move |r| {
+    let service = tokio::spawn(leadscore::service::run(loaded, cancel.clone(), move |r| {
         let _ = tx.send(r);
     }));
     let running = rx.await.context("the service did not start")?;
@@ -113,7 +115,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .set("bootstrap.servers", &brokers)
                 .set("linger.ms", "5")
                 .create()?;
-            let start = crate::event::wall_clock_ms() - 60 * 86_400_000;
+            let start = leadscore::event::wall_clock_ms() - 60 * 86_400_000;
             let mut synth = Synth::new(leads, 42, start, step);
             let began = Instant::now();
             let mut n: u64 = 0;
@@ -173,16 +175,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut population: BTreeMap<String, usize> = BTreeMap::new();
-    for lead in running.leads.iter() {
-        *population
-            .entry(
-                crate::engine::Segment::of(&lead.state)
-                    .name(&rules)
-                    .to_owned(),
-            )
-            .or_default() += 1;
-    }
+    let metrics_text = running.metrics.render();
+    let population: BTreeMap<String, i64> = leadscore::engine::Segment::all_names(&rules)
+        .into_iter()
+        .map(|seg| {
+            let line = format!("leadscore_segment_population_leads{{segment=\"{seg}\"}} ");
+            let n = metrics_text
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as i64;
+            (seg.to_owned(), n)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
     cancel.cancel();
     service.await??;
     let summary = watcher
@@ -216,7 +222,7 @@ struct Summary {
 
 fn watch(
     brokers: &str,
-    topics: &crate::settings::TopicSettings,
+    topics: &leadscore::settings::TopicSettings,
     stop: &AtomicBool,
     per_second: u32,
 ) -> anyhow::Result<Summary> {
@@ -249,7 +255,7 @@ fn watch(
                             "HAND-OFF  {}  score {:.0}  grade {}  crossed by {}  top: {}",
                             h.lead_id,
                             h.score,
-                            h.fit_grade,
+                            h.fit_grade.as_deref().unwrap_or("unknown"),
                             h.crossing_signal.as_deref().unwrap_or("-"),
                             top.join(", ")
                         );
@@ -294,18 +300,10 @@ fn watch(
     }
 }
 
-fn consumed(m: &crate::metrics::Metrics) -> u64 {
+fn consumed(m: &leadscore::metrics::Metrics) -> u64 {
     sum_counter(&m.render(), "leadscore_events_consumed_total")
 }
 
-fn dead(m: &crate::metrics::Metrics) -> u64 {
+fn dead(m: &leadscore::metrics::Metrics) -> u64 {
     sum_counter(&m.render(), "leadscore_dead_lettered_total")
-}
-
-/// Sums every sample of a counter in Prometheus text format.
-pub fn sum_counter(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }

@@ -16,11 +16,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use crate::demo::sum_counter;
-use crate::event::parse_rfc3339;
-use crate::output::SegmentChangeOut;
-use crate::settings::TopicSettings;
-use crate::synth::Synth;
+use leadscore::event::parse_rfc3339;
+use leadscore::metrics::sum_counter;
+use leadscore::output::SegmentChangeOut;
+use leadscore::settings::TopicSettings;
+
+use super::synth::Synth;
 
 /// Load generator options.
 #[derive(Debug, clap::Args)]
@@ -75,7 +76,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         Mode::Prefill => {
             let mut all: Vec<&str> = topics.inputs().iter().map(|(_, t)| *t).collect();
             all.extend(topics.outputs());
-            crate::kafka::create_topics(&args.brokers, &all, args.partitions).await?;
+            leadscore::kafka::create_topics(&args.brokers, &all, args.partitions).await?;
             tokio::task::spawn_blocking(move || prefill(&args, &topics)).await?
         }
         Mode::Drain => drain(&args).await,
@@ -96,7 +97,7 @@ fn producer(
         .create()?)
 }
 
-fn topic_of(topics: &TopicSettings, source: crate::event::Source) -> String {
+fn topic_of(topics: &TopicSettings, source: leadscore::event::Source) -> String {
     topics
         .inputs()
         .iter()
@@ -123,7 +124,7 @@ fn prefill(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let mut synth = Synth::new(
         args.leads,
         args.seed,
-        crate::event::wall_clock_ms() - 30 * 86_400_000,
+        leadscore::event::wall_clock_ms() - 30 * 86_400_000,
         50,
     );
     let started = Instant::now();
@@ -210,7 +211,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         .set("bootstrap.servers", &args.brokers)
         .set(
             "group.id",
-            format!("leadscore-loadgen-{}", crate::event::wall_clock_ms()),
+            format!("leadscore-loadgen-{}", leadscore::event::wall_clock_ms()),
         )
         .set("fetch.wait.max.ms", "5")
         .set("enable.auto.commit", "false")
@@ -224,7 +225,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     }
     consumer.assign(&tpl)?;
     let p = producer(&args.brokers, 5)?;
-    let started_ms = crate::event::wall_clock_ms();
+    let started_ms = leadscore::event::wall_clock_ms();
     let mut synth = Synth::new(args.leads, args.seed, started_ms, 0);
     let started = Instant::now();
     let mut sent = 0u64;
@@ -236,7 +237,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         if now < stop_at {
             let due = (now.duration_since(started).as_secs_f64() * args.rate as f64) as u64;
             while sent < due {
-                synth.set_clock(crate::event::wall_clock_ms());
+                synth.set_clock(leadscore::event::wall_clock_ms());
                 let e = synth.next_event();
                 send(&p, &topic_of(topics, e.source), &e.key, &e.payload);
                 sent += 1;
@@ -251,7 +252,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
                 // Only changes caused by this run's events (not a backlog's).
                 && at >= started_ms
             {
-                latencies.push(crate::event::wall_clock_ms() - at);
+                latencies.push(leadscore::event::wall_clock_ms() - at);
             }
         }
     }
@@ -281,7 +282,7 @@ fn read(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         .set("bootstrap.servers", &args.brokers)
         .set(
             "group.id",
-            format!("leadscore-read-{}", crate::event::wall_clock_ms()),
+            format!("leadscore-read-{}", leadscore::event::wall_clock_ms()),
         )
         .set("fetch.wait.max.ms", "5")
         .set("auto.offset.reset", "earliest")

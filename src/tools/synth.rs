@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::event::{Millis, Source, format_rfc3339};
+use leadscore::event::{Millis, Source, format_rfc3339};
 
 /// How a synthetic lead behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,17 +27,25 @@ pub enum Persona {
     Unsubscriber,
     /// Changes in the CRM: profile, customer, not ready, recycled.
     CrmManaged,
+    /// Browses anonymously (cookie only), identifies, keeps browsing with the cookie.
+    Visitor,
+    /// Nurtured over SMS and chat apps rather than email.
+    Messaging,
 }
 
-const PERSONAS: [(Persona, u32); 7] = [
-    (Persona::Browser, 30),
-    (Persona::PriceShopper, 25),
-    (Persona::Booker, 14),
-    (Persona::EmailOnly, 15),
+const PERSONAS: [(Persona, u32); 9] = [
+    (Persona::Browser, 26),
+    (Persona::PriceShopper, 22),
+    (Persona::Booker, 13),
+    (Persona::EmailOnly, 13),
     (Persona::JobSeeker, 5),
     (Persona::Unsubscriber, 4),
     (Persona::CrmManaged, 7),
+    (Persona::Visitor, 6),
+    (Persona::Messaging, 4),
 ];
+
+const SOURCES: [&str; 5] = ["google", "facebook", "newsletter", "zalo", "partner-blog"];
 
 /// One generated event, ready to produce.
 #[derive(Debug, Clone)]
@@ -118,14 +126,38 @@ impl Synth {
         self.leads[i].1 = step + 1;
         self.clock += self.step_ms;
         self.seq += 1;
-        let (source, kind, attrs) = self.journey(persona, step);
+        let (source, kind, mut attrs) = self.journey(persona, step);
         let key = Synth::lead_id(i);
-        let mut payload = String::with_capacity(220);
+        if step == 0 && source == Source::Web {
+            attrs.push(("utm_source", SOURCES[i % SOURCES.len()].into()));
+        }
+        // A visitor is anonymous for its first three events, identifies on the
+        // fourth, and later browses again with only the cookie. Its events are
+        // keyed by the lead id (the tracker's user key), so they share a shard.
+        let (lead, anon) = match (persona, step) {
+            (Persona::Visitor, 0..3) => (None, Some(format!("cookie-{i:06}"))),
+            (Persona::Visitor, 3) => (Some(key.clone()), Some(format!("cookie-{i:06}"))),
+            (Persona::Visitor, s) if s % 3 == 0 => (None, Some(format!("cookie-{i:06}"))),
+            _ => (Some(key.clone()), None),
+        };
+        let channel = match (persona, source) {
+            (Persona::Messaging, Source::Email) => Some(["sms", "zalo", "whatsapp"][i % 3]),
+            _ => None,
+        };
+        let mut payload = String::with_capacity(240);
+        let _ = write!(payload, r#"{{"event_id":"{}-{}""#, self.prefix, self.seq);
+        if let Some(l) = &lead {
+            let _ = write!(payload, r#","lead_id":"{l}""#);
+        }
+        if let Some(a) = &anon {
+            let _ = write!(payload, r#","anonymous_id":"{a}""#);
+        }
+        if let Some(c) = channel {
+            let _ = write!(payload, r#","channel":"{c}""#);
+        }
         let _ = write!(
             payload,
-            r#"{{"event_id":"{}-{}","lead_id":"{key}","occurred_at":"{}","type":"{kind}","attributes":{{"#,
-            self.prefix,
-            self.seq,
+            r#","occurred_at":"{}","type":"{kind}","attributes":{{"#,
             format_rfc3339(self.clock)
         );
         for (n, (k, v)) in attrs.iter().enumerate() {
@@ -195,6 +227,7 @@ impl Synth {
                 (2, _) => (Web, "booking_started", vec![]),
                 (3, 0..60) => (Web, "booking_abandoned", vec![]),
                 (4, 0..50) => (Web, "chat_message", vec![("intent", "booking".into())]),
+                (5, 0..30) => (Web, "booking_completed", vec![("party", "6".into())]),
                 (_, 0..30) => (Adpixel, "add_to_cart", vec![]),
                 (_, 30..60) => (Web, "page_view", vec![url("/menu")]),
                 _ => (Email, "open", vec![]),
@@ -241,6 +274,24 @@ impl Synth {
                 (4, _) => (Crm, "lifecycle_changed", vec![("stage", "recycled".into())]),
                 _ => (Web, "form_submit", vec![("form_id", "contact".into())]),
             },
+            Persona::Visitor => match (step, r) {
+                (3, _) => (Web, "identify", vec![]),
+                (_, 0..40) => (Web, "page_view", vec![url("/menu")]),
+                (_, 40..70) => (Web, "page_view", vec![url("/price-list")]),
+                (_, 70..85) => (Web, "booking_started", vec![]),
+                _ => (Web, "page_view", vec![url("/pricing")]),
+            },
+            Persona::Messaging => match r {
+                0..45 => (Email, "delivered", vec![]),
+                45..65 => (Email, "open", vec![]),
+                65..80 => (
+                    Email,
+                    "click",
+                    vec![("link_url", "https://buffet.example.com/combo".into())],
+                ),
+                80..95 => (Email, "reply", vec![("text", "table for 4?".into())]),
+                _ => (Email, "unsubscribe", vec![]),
+            },
         }
     }
 }
@@ -248,19 +299,19 @@ impl Synth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{Decoder, Format};
+    use leadscore::decode::{Contract, Decoder, Format};
 
     #[test]
     fn every_synthetic_event_decodes() {
         let mut s = Synth::new(500, 7, 1_764_000_000_000, 1000);
         let decoders: Vec<_> = Source::ALL
             .iter()
-            .map(|s| Decoder::new(*s, Format::Json))
+            .map(|s| Decoder::new(*s, Format::Json, Contract::default()))
             .collect();
         for _ in 0..5000 {
             let e = s.next_event();
             let d = decoders.iter().find(|d| d.source() == e.source).unwrap();
-            d.decode(Some(e.payload.as_bytes()))
+            d.decode(Some(e.payload.as_bytes()), None)
                 .unwrap_or_else(|err| panic!("{err}: {}", e.payload));
         }
     }

@@ -1,0 +1,255 @@
+//! What the consumer thread, the workers and the HTTP surface share: settings
+//! they all read, liveness and readiness, the first fatal error, the shards'
+//! gauges and their lead caches (for lookups).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::engine::Engine;
+use crate::event::{Millis, Source};
+use crate::metrics::Metrics;
+use crate::shard::ShardConfig;
+use crate::shard::cache::LeadCache;
+use crate::store::ShardId;
+
+/// Liveness and readiness.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The consumer loop is running.
+    pub running: AtomicBool,
+    /// The last store call succeeded.
+    pub store_up: AtomicBool,
+    /// A fatal error occurred: the process is stopping.
+    pub failed: AtomicBool,
+    /// Wall ms of the consumer loop's last turn.
+    pub heartbeat_ms: AtomicI64,
+}
+
+impl Health {
+    /// Ready to consume: running, the store answers, nothing failed.
+    pub fn ready(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+            && self.store_up.load(Ordering::SeqCst)
+            && !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Alive: the loop turned within `max_silence`.
+    pub fn alive(&self, max_silence: Duration) -> bool {
+        let last = self.heartbeat_ms.load(Ordering::SeqCst);
+        last == 0 || crate::event::wall_clock_ms() - last <= max_silence.as_millis() as i64
+    }
+}
+
+/// One shard's gauges, as its worker last reported them.
+#[derive(Debug, Clone, Default)]
+pub struct ShardGauges {
+    /// Leads in memory.
+    pub leads: usize,
+    /// Bytes of lead state in memory.
+    pub bytes: usize,
+    /// Leads changed since their last write.
+    pub dirty: usize,
+    /// Timers in memory.
+    pub timers: usize,
+    /// Messages waiting behind the watermark.
+    pub buffered: usize,
+    /// The merge's watermark.
+    pub watermark: Millis,
+    /// The shard's clock.
+    pub clock: Millis,
+    /// Leads per segment.
+    pub population: HashMap<String, i64>,
+}
+
+/// Shared by the consumer thread, the workers and the HTTP surface.
+pub struct Runtime {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Health.
+    pub health: Arc<Health>,
+    /// Input topics, in merge order.
+    pub inputs: Arc<[Arc<str>]>,
+    /// Their source families.
+    pub sources: Arc<[Source]>,
+    /// Messages read per queue per turn.
+    pub batch_max: usize,
+    /// Quiet time after which a caught-up input stops holding the others back.
+    pub idle_timeout: Duration,
+    /// Write at least this often.
+    pub flush_interval: Duration,
+    /// Write as soon as this many leads are dirty.
+    pub flush_max_dirty: usize,
+    /// Longest wait for output acknowledgements.
+    pub ack_timeout: Duration,
+    /// Shard settings.
+    pub shard_config: ShardConfig,
+    /// Gauges per shard owned.
+    pub board: Mutex<HashMap<ShardId, ShardGauges>>,
+    /// Lead caches per shard owned (HTTP lookups).
+    pub caches: RwLock<HashMap<ShardId, Arc<Mutex<LeadCache>>>>,
+    /// Consumer lag per (topic, partition), from librdkafka statistics.
+    pub lag: Mutex<HashMap<(String, i32), i64>>,
+    partitions: AtomicI32,
+    fatal: Mutex<Option<String>>,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// A runtime cancelled by (and cancelling) `cancel`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Arc<Engine>,
+        metrics: Metrics,
+        health: Arc<Health>,
+        inputs: Arc<[Arc<str>]>,
+        sources: Arc<[Source]>,
+        batch_max: usize,
+        idle_timeout: Duration,
+        flush_interval: Duration,
+        flush_max_dirty: usize,
+        ack_timeout: Duration,
+        shard_config: ShardConfig,
+        cancel: CancellationToken,
+    ) -> Self {
+        Runtime {
+            engine,
+            metrics,
+            health,
+            inputs,
+            sources,
+            batch_max,
+            idle_timeout,
+            flush_interval,
+            flush_max_dirty,
+            ack_timeout,
+            shard_config,
+            board: Mutex::new(HashMap::new()),
+            caches: RwLock::new(HashMap::new()),
+            lag: Mutex::new(HashMap::new()),
+            partitions: AtomicI32::new(0),
+            fatal: Mutex::new(None),
+            cancel,
+        }
+    }
+
+    /// Records the first fatal error and stops everything.
+    pub fn fail(&self, message: impl Into<String>) {
+        let message = message.into();
+        let mut f = self.fatal.lock();
+        if f.is_none() {
+            error!(error = %message, "Stopping on a fatal error.");
+            *f = Some(message);
+        }
+        self.health.failed.store(true, Ordering::SeqCst);
+        self.metrics.ready.set(0);
+        self.cancel.cancel();
+    }
+
+    /// Whether a fatal error occurred.
+    pub fn failed(&self) -> bool {
+        self.health.failed.load(Ordering::SeqCst)
+    }
+
+    /// The fatal error, if any.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().clone()
+    }
+
+    /// The input topics' partition count (0 until the topics were checked).
+    pub fn partitions(&self) -> i32 {
+        self.partitions.load(Ordering::SeqCst)
+    }
+
+    /// Records the input topics' partition count.
+    pub fn set_partitions(&self, n: i32) {
+        self.partitions.store(n, Ordering::SeqCst);
+    }
+
+    /// The cancellation token.
+    pub fn cancel(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Records whether the store answers.
+    pub fn set_store_up(&self, up: bool) {
+        self.health.store_up.store(up, Ordering::SeqCst);
+        self.metrics.redis_up.set(i64::from(up));
+        self.metrics.paused.set(i64::from(!up));
+        self.metrics.ready.set(i64::from(self.health.ready()));
+    }
+
+    /// Makes a shard's cache visible to lookups.
+    pub fn register_cache(&self, shard: ShardId, cache: Arc<Mutex<LeadCache>>) {
+        self.caches.write().insert(shard, cache);
+    }
+
+    /// Hides a shard's cache (given up).
+    pub fn unregister_cache(&self, shard: ShardId) {
+        self.caches.write().remove(&shard);
+        self.board.lock().remove(&shard);
+    }
+
+    /// Whether an input partition has nothing left to fetch, as far as the
+    /// last statistics tell (no statistics: assumed so).
+    pub fn caught_up(&self, input: usize, shard: ShardId) -> bool {
+        let Some(topic) = self.inputs.get(input) else {
+            return true;
+        };
+        self.lag
+            .lock()
+            .get(&(topic.to_string(), shard))
+            .is_none_or(|lag| *lag <= 0)
+    }
+
+    /// Turns the board into gauges (called about once a second).
+    pub fn publish_gauges(&self, segments: &[&str]) {
+        let board = self.board.lock();
+        let now = crate::event::wall_clock_ms();
+        let m = &self.metrics;
+        m.shards_owned.set(board.len() as i64);
+        m.leads_in_memory
+            .set(board.values().map(|g| g.leads as i64).sum());
+        m.cache_bytes
+            .set(board.values().map(|g| g.bytes as i64).sum());
+        m.dirty_leads
+            .set(board.values().map(|g| g.dirty as i64).sum());
+        m.timers_pending
+            .set(board.values().map(|g| g.timers as i64).sum());
+        m.merge_buffered
+            .set(board.values().map(|g| g.buffered as i64).sum());
+        m.watermark_lag_seconds.reset();
+        for (shard, g) in board.iter() {
+            let mark = if g.watermark == Millis::MAX {
+                g.clock
+            } else {
+                g.watermark
+            };
+            if mark > Millis::MIN {
+                m.watermark_lag_seconds
+                    .with_label_values(&[&shard.to_string()])
+                    .set((now - mark).max(0) / 1000);
+            }
+        }
+        for segment in segments {
+            let n: i64 = board
+                .values()
+                .map(|g| g.population.get(*segment).copied().unwrap_or(0))
+                .sum();
+            m.segment_population.with_label_values(&[segment]).set(n);
+        }
+    }
+}

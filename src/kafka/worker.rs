@@ -1,0 +1,619 @@
+//! A worker thread: owns a share of the shards, reads their partitions'
+//! queues (split off the consumer, so no message crosses a thread), steps the
+//! shards, and makes their changes durable through its own write-behind
+//! before storing the offsets those writes cover. Workers share nothing but
+//! the producer and the consumer handle; a slow shard holds up only its worker.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use super::consumer::GroupContext;
+use crate::decode::Decoder;
+use crate::engine::Engine;
+use crate::event::wall_clock_ms;
+use crate::output::Encoder;
+use crate::shard::{Ctx, InMessage, Pending, Shard, ShardError, StepStats};
+use crate::sink::Sink;
+use crate::store::{ShardId, Store, Written};
+use crate::writer::{Action, Job, Policy, WriteBehind};
+
+use super::runtime::Runtime;
+use super::sink::WorkerSink;
+
+type Queue = rdkafka::consumer::base_consumer::PartitionQueue<GroupContext>;
+
+/// What the consumer thread asks of a worker.
+pub enum Control {
+    /// Take a shard, with its inputs' queues (in input order).
+    Add {
+        /// The shard.
+        shard: Box<Shard>,
+        /// Its partition queues.
+        queues: Vec<Queue>,
+    },
+    /// Write what these shards hold, store their offsets and give them up.
+    Drain {
+        /// The shards.
+        shards: Vec<ShardId>,
+        /// Give up waiting for the store after this.
+        deadline: Instant,
+        /// Signalled when done.
+        done: Sender<()>,
+    },
+    /// Give shards up without writing (their partitions were lost).
+    Drop {
+        /// The shards.
+        shards: Vec<ShardId>,
+        /// Signalled when done.
+        done: Sender<()>,
+    },
+    /// A message that reached the main queue (should not happen: queues are
+    /// split before assignment).
+    Message(OwnedMessage),
+    /// The consumer has left the group: stop.
+    Stop,
+}
+
+/// Wakes a worker: a queue became non-empty or a control message arrived.
+#[derive(Debug, Default)]
+pub struct Wake {
+    flag: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Wake {
+    /// Wakes the worker.
+    pub fn notify(&self) {
+        *self.flag.lock() = true;
+        self.cond.notify_one();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let mut f = self.flag.lock();
+        if !*f {
+            self.cond.wait_for(&mut f, timeout);
+        }
+        *f = false;
+    }
+}
+
+/// A worker's handle, held by the consumer thread.
+pub struct Handle {
+    /// Control messages.
+    pub control: Sender<Control>,
+    /// Its wake-up.
+    pub wake: Arc<Wake>,
+    /// Its thread.
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+struct Owned {
+    shard: Shard,
+    queues: Vec<Queue>,
+    last_message: Vec<Instant>,
+    blocked_until: Option<Instant>,
+    written: Option<(Vec<(Arc<str>, i64)>, i64)>,
+}
+
+/// One worker.
+pub struct Worker {
+    id: usize,
+    rt: Arc<Runtime>,
+    engine: Arc<Engine>,
+    decoders: Vec<Decoder>,
+    encoder: Encoder,
+    store: Arc<dyn Store>,
+    sink: WorkerSink,
+    writer: WriteBehind,
+    policy: Policy,
+    control: Receiver<Control>,
+    wake: Arc<Wake>,
+    consumer: Arc<BaseConsumer<GroupContext>>,
+    shards: Vec<Owned>,
+    pending: HashMap<ShardId, Pending>,
+    stats: StepStats,
+    next_write: Instant,
+    write_blocked_until: Option<Instant>,
+}
+
+impl Worker {
+    /// Starts worker `id`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn(
+        id: usize,
+        rt: Arc<Runtime>,
+        decoders: Vec<Decoder>,
+        encoder: Encoder,
+        store: Arc<dyn Store>,
+        writer_store: Arc<dyn Store>,
+        sink: WorkerSink,
+        consumer: Arc<BaseConsumer<GroupContext>>,
+    ) -> std::io::Result<Handle> {
+        let (control, rx) = crossbeam_channel::unbounded();
+        let wake = Arc::new(Wake::default());
+        let ack_timeout = rt.ack_timeout;
+        let writer =
+            WriteBehind::spawn(format!("leadscore-writer-{id}"), writer_store, ack_timeout)?;
+        let worker = Worker {
+            id,
+            engine: Arc::clone(&rt.engine),
+            rt,
+            decoders,
+            encoder,
+            store,
+            sink,
+            writer,
+            policy: Policy::default(),
+            control: rx,
+            wake: Arc::clone(&wake),
+            consumer,
+            shards: Vec::new(),
+            pending: HashMap::new(),
+            stats: StepStats::default(),
+            next_write: Instant::now(),
+            write_blocked_until: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("leadscore-worker-{id}"))
+            .spawn(move || worker.run())?;
+        Ok(Handle {
+            control,
+            wake,
+            thread,
+        })
+    }
+
+    fn run(mut self) {
+        let _span = tracing::info_span!("worker", id = self.id).entered();
+        loop {
+            let mut busy = false;
+            loop {
+                match self.control.try_recv() {
+                    Ok(Control::Stop) => {
+                        self.give_up_all();
+                        return;
+                    }
+                    Ok(c) => {
+                        busy = true;
+                        self.handle(c);
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        self.give_up_all();
+                        return;
+                    }
+                }
+            }
+            let started = Instant::now();
+            busy |= self.read_and_step();
+            self.write_if_due(false);
+            busy |= self.collect_writes();
+            self.report(started);
+            if !busy {
+                self.wake.wait(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn handle(&mut self, c: Control) {
+        match c {
+            Control::Add { shard, queues } => {
+                info!(shard = shard.id(), epoch = shard.epoch(), "Shard taken.");
+                let n = queues.len();
+                self.rt
+                    .register_cache(shard.id(), Arc::clone(shard.cache()));
+                self.shards.push(Owned {
+                    shard: *shard,
+                    queues,
+                    last_message: vec![Instant::now(); n],
+                    blocked_until: None,
+                    written: None,
+                });
+                for o in &mut self.shards {
+                    let wake = Arc::clone(&self.wake);
+                    for q in &mut o.queues {
+                        let w = Arc::clone(&wake);
+                        q.set_nonempty_callback(move || w.notify());
+                    }
+                }
+            }
+            Control::Drain {
+                shards,
+                deadline,
+                done,
+            } => {
+                self.drain(&shards, deadline);
+                let _ = done.send(());
+            }
+            Control::Drop { shards, done } => {
+                for id in shards {
+                    self.remove(id, "lost");
+                }
+                let _ = done.send(());
+            }
+            Control::Stop => {}
+            Control::Message(m) => {
+                let partition = m.partition();
+                let Some(o) = self.shards.iter_mut().find(|o| o.shard.id() == partition) else {
+                    return;
+                };
+                let Some(input) = self.rt.inputs.iter().position(|t| **t == *m.topic()) else {
+                    return;
+                };
+                let msg = InMessage {
+                    input,
+                    offset: m.offset(),
+                    key: m.key(),
+                    payload: m.payload(),
+                    timestamp: m.timestamp().to_millis(),
+                };
+                let decoded = self.decoders[input].decode(msg.payload, msg.timestamp);
+                o.shard.push(&msg, decoded, &mut self.stats);
+            }
+        }
+    }
+
+    /// Reads every shard's queues into its merge and steps it.
+    fn read_and_step(&mut self) -> bool {
+        let now = Instant::now();
+        let wall = wall_clock_ms();
+        let idle_after = self.rt.idle_timeout;
+        let batch = self.rt.batch_max;
+        let mut busy = false;
+        let mut failures: Vec<(usize, ShardError)> = Vec::new();
+        for (n, o) in self.shards.iter_mut().enumerate() {
+            if o.blocked_until.is_some_and(|t| now < t) {
+                continue;
+            }
+            // Bounded memory: read only while the merge holds less than a batch per input.
+            for (input, q) in o.queues.iter().enumerate() {
+                if o.shard.queued_in(input) >= batch {
+                    continue;
+                }
+                let mut read = 0;
+                while read < batch {
+                    match q.poll(Duration::ZERO) {
+                        Some(Ok(m)) => {
+                            read += 1;
+                            push(
+                                &mut o.shard,
+                                &self.decoders[input],
+                                input,
+                                &m,
+                                &mut self.stats,
+                            );
+                        }
+                        Some(Err(e)) => {
+                            warn!(error = %e, shard = o.shard.id(), input, "Consumer error.");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                if read > 0 {
+                    o.last_message[input] = now;
+                    busy = true;
+                }
+                let idle = idle_after.is_zero()
+                    || (read == 0
+                        && now.duration_since(o.last_message[input]) >= idle_after
+                        && self.rt.caught_up(input, o.shard.id()));
+                o.shard.set_idle(input, idle);
+            }
+            let mut ctx = Ctx {
+                engine: &self.engine,
+                store: &*self.store,
+                sink: &mut self.sink,
+                encoder: &self.encoder,
+                stats: &mut self.stats,
+            };
+            let result = o
+                .shard
+                .step(&mut ctx, batch * 4)
+                .and_then(|n| Ok(n + o.shard.idle_tick(&mut ctx, wall, batch * 4)?));
+            match result {
+                Ok(k) => {
+                    busy |= k > 0;
+                    o.blocked_until = None;
+                }
+                Err(e) => failures.push((n, e)),
+            }
+        }
+        for (n, e) in failures.into_iter().rev() {
+            busy = true;
+            self.on_step_error(n, e);
+        }
+        if busy {
+            self.rt.set_store_up(true);
+        }
+        busy
+    }
+
+    fn on_step_error(&mut self, n: usize, e: ShardError) {
+        let id = self.shards[n].shard.id();
+        match e {
+            ShardError::Fenced { outcome, .. } => match self.policy.on_refused(&outcome) {
+                Action::GiveUp => {
+                    self.rt.metrics.shards_fenced.inc();
+                    warn!(
+                        shard = id,
+                        ?outcome,
+                        "Another member owns this shard now; dropping what it holds."
+                    );
+                    self.remove(id, "fenced");
+                }
+                Action::Fatal(msg) => self.rt.fail(msg),
+                Action::Retry(_) => {}
+            },
+            e if e.retryable() => {
+                let delay = self.policy.backoff();
+                self.rt
+                    .metrics
+                    .redis_errors
+                    .with_label_values(&["load"])
+                    .inc();
+                self.rt.set_store_up(false);
+                warn!(error = %e, shard = id, retry_in = ?delay, "Cannot load lead state; holding this shard's input until the store answers.");
+                self.shards[n].blocked_until = Some(Instant::now() + delay);
+            }
+            e => self.rt.fail(format!("shard {id}: {e}")),
+        }
+    }
+
+    /// Starts a write of every shard's changes when one is due and none is in flight.
+    fn write_if_due(&mut self, force: bool) {
+        let now = Instant::now();
+        if self.writer.busy() || self.write_blocked_until.is_some_and(|t| now < t) {
+            return;
+        }
+        let dirty: usize = self
+            .shards
+            .iter()
+            .map(|o| o.shard.cache().lock().dirty_len())
+            .sum();
+        if !force && now < self.next_write && dirty < self.rt.flush_max_dirty {
+            return;
+        }
+        self.next_write = now + self.rt.flush_interval;
+        let mut writes = Vec::new();
+        for o in &mut self.shards {
+            let positions = o.shard.positions();
+            let moved = o
+                .written
+                .as_ref()
+                .is_none_or(|(p, c)| *p != positions || *c != o.shard.clock());
+            if !o.shard.has_changes() && !moved {
+                continue;
+            }
+            let (write, pending) = o.shard.prepare_write();
+            self.pending.insert(o.shard.id(), pending);
+            writes.push(write);
+        }
+        if writes.is_empty() {
+            return;
+        }
+        let job = Job {
+            barrier: self.sink.barrier(),
+            writes,
+        };
+        if let Err(e) = self.writer.submit(job) {
+            self.rt.fail(e.to_string());
+        }
+    }
+
+    /// Accounts for a finished write.
+    fn collect_writes(&mut self) -> bool {
+        match self.writer.poll() {
+            Some(done) => {
+                self.finish(done);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn finish(&mut self, done: crate::writer::Done) {
+        let leads: usize = done.writes.iter().map(|w| w.leads.len()).sum();
+        match done.outcome {
+            Ok(outcomes) => {
+                self.policy.reset();
+                self.write_blocked_until = None;
+                self.rt.set_store_up(true);
+                self.rt
+                    .metrics
+                    .flush_seconds
+                    .observe(done.took.as_secs_f64());
+                self.rt.metrics.flush_leads.observe(leads as f64);
+                let mut offsets = TopicPartitionList::new();
+                for (w, outcome) in done.writes.iter().zip(outcomes) {
+                    let pending = self.pending.remove(&w.shard).unwrap_or_default();
+                    let Some(o) = self
+                        .shards
+                        .iter_mut()
+                        .find(|o| o.shard.id() == w.shard && o.shard.epoch() == w.epoch)
+                    else {
+                        continue;
+                    };
+                    match outcome {
+                        Written::Ok => {
+                            o.shard.write_done(pending, true);
+                            o.written = Some((
+                                w.positions
+                                    .iter()
+                                    .map(|(t, p)| (Arc::from(t.as_str()), *p))
+                                    .collect(),
+                                w.clock.unwrap_or(i64::MIN),
+                            ));
+                            for (topic, p) in &w.positions {
+                                let _ = offsets.add_partition_offset(
+                                    topic,
+                                    w.shard,
+                                    Offset::Offset(*p),
+                                );
+                            }
+                        }
+                        refused => match self.policy.on_refused(&refused) {
+                            Action::GiveUp => {
+                                self.rt.metrics.shards_fenced.inc();
+                                warn!(
+                                    shard = w.shard,
+                                    ?refused,
+                                    "Write refused: another member owns this shard now; dropping what it holds."
+                                );
+                                self.remove(w.shard, "fenced");
+                            }
+                            Action::Fatal(msg) => self.rt.fail(format!("shard {}: {msg}", w.shard)),
+                            Action::Retry(_) => {}
+                        },
+                    }
+                }
+                if offsets.count() > 0
+                    && let Err(e) = self.consumer.store_offsets(&offsets)
+                {
+                    debug!(error = %e, "Cannot store offsets (partitions moved meanwhile).");
+                }
+            }
+            Err(e) => {
+                for w in &done.writes {
+                    let pending = self.pending.remove(&w.shard).unwrap_or_default();
+                    if let Some(o) = self.shards.iter_mut().find(|o| o.shard.id() == w.shard) {
+                        o.shard.write_done(pending, false);
+                    }
+                }
+                match self.policy.on_write_error(&e) {
+                    Action::Retry(delay) => {
+                        self.rt
+                            .metrics
+                            .redis_errors
+                            .with_label_values(&["write"])
+                            .inc();
+                        self.rt.set_store_up(false);
+                        warn!(error = %e, retry_in = ?delay, "Write failed; holding offsets until it succeeds.");
+                        self.write_blocked_until = Some(Instant::now() + delay);
+                        self.next_write = Instant::now() + delay;
+                    }
+                    Action::Fatal(msg) => self.rt.fail(msg),
+                    Action::GiveUp => {}
+                }
+            }
+        }
+    }
+
+    /// Makes what `ids` hold durable (retrying until `deadline`) and gives them up.
+    fn drain(&mut self, ids: &[ShardId], deadline: Instant) {
+        // The write in flight first.
+        while self.writer.busy() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.writer.wait(left.max(Duration::from_millis(1))) {
+                Some(Ok(done)) => self.finish(done),
+                Some(Err(e)) => self.rt.fail(e.to_string()),
+                None if Instant::now() >= deadline => break,
+                None => {}
+            }
+        }
+        loop {
+            let mut writes = Vec::new();
+            for o in &mut self.shards {
+                if ids.contains(&o.shard.id()) {
+                    let (write, pending) = o.shard.prepare_write();
+                    self.pending.insert(o.shard.id(), pending);
+                    writes.push(write);
+                }
+            }
+            if writes.is_empty() {
+                break;
+            }
+            let done = self.writer.write_now(Job {
+                barrier: self.sink.barrier(),
+                writes,
+            });
+            let failed = done.outcome.is_err();
+            self.finish(done);
+            if !failed {
+                break;
+            }
+            if Instant::now() >= deadline || self.rt.failed() {
+                error!(shards = ?ids, "Could not write before giving the shards up; their next owner resumes from the last durable position.");
+                break;
+            }
+            std::thread::sleep(
+                self.policy
+                    .backoff()
+                    .min(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+        for id in ids {
+            self.remove(*id, "revoked");
+        }
+    }
+
+    fn remove(&mut self, id: ShardId, why: &str) {
+        if let Some(n) = self.shards.iter().position(|o| o.shard.id() == id) {
+            let mut o = self.shards.remove(n);
+            let dropped = o.shard.clear();
+            self.pending.remove(&id);
+            self.rt.unregister_cache(id);
+            info!(shard = id, why, dropped, "Shard given up.");
+        }
+    }
+
+    fn give_up_all(&mut self) {
+        let ids: Vec<ShardId> = self.shards.iter().map(|o| o.shard.id()).collect();
+        for id in ids {
+            self.remove(id, "stopped");
+        }
+    }
+
+    fn report(&mut self, started: Instant) {
+        self.rt
+            .metrics
+            .absorb(&mut self.stats, &self.rt.inputs, wall_clock_ms());
+        self.rt
+            .metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut board = self.rt.board.lock();
+        for o in &self.shards {
+            let cache = o.shard.cache().lock();
+            board.insert(
+                o.shard.id(),
+                super::runtime::ShardGauges {
+                    leads: cache.len(),
+                    bytes: cache.bytes(),
+                    dirty: cache.dirty_len(),
+                    timers: o.shard.timers_pending(),
+                    buffered: o.shard.buffered(),
+                    watermark: o.shard.watermark(),
+                    clock: o.shard.clock(),
+                    population: o.shard.population().clone(),
+                },
+            );
+        }
+    }
+}
+
+fn push(
+    shard: &mut Shard,
+    decoder: &Decoder,
+    input: usize,
+    m: &BorrowedMessage<'_>,
+    stats: &mut StepStats,
+) {
+    let msg = InMessage {
+        input,
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+        timestamp: m.timestamp().to_millis(),
+    };
+    let decoded = decoder.decode(msg.payload, msg.timestamp);
+    shard.push(&msg, decoded, stats);
+}

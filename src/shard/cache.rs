@@ -1,0 +1,405 @@
+//! The leads of one shard held in memory: each lead's state is its compact
+//! binary form in one allocation, and the cache is bounded (by count and by
+//! bytes). Beyond the limit, clean leads (already written to the store) are
+//! evicted in CLOCK order — a lead used since the hand last passed gets a
+//! second chance — and are reloaded from the store on their next event.
+//! Dirty leads are never evicted: the write-behind must flush them first.
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use crate::event::Millis;
+
+/// The key of a lead or visitor within a shard: `l:<lead id>` or `a:<anonymous id>`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeadKey(Box<str>);
+
+impl LeadKey {
+    /// The key of a lead.
+    pub fn lead(id: &str) -> LeadKey {
+        LeadKey(format!("l:{id}").into_boxed_str())
+    }
+
+    /// The key of an anonymous visitor (or of its alias).
+    pub fn visitor(anonymous_id: &str) -> LeadKey {
+        LeadKey(format!("a:{anonymous_id}").into_boxed_str())
+    }
+
+    /// A key as stored (`l:…` or `a:…`), if well formed.
+    pub fn parse(stored: &str) -> Option<LeadKey> {
+        (stored.starts_with("l:") || stored.starts_with("a:")).then(|| LeadKey(stored.into()))
+    }
+
+    /// Whether it names an identified lead.
+    pub fn is_lead(&self) -> bool {
+        self.0.starts_with("l:")
+    }
+
+    /// The id without its kind.
+    pub fn id(&self) -> &str {
+        &self.0[2..]
+    }
+
+    /// The key as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for LeadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are personal data: debug output shows only their kind and length.
+        write!(f, "LeadKey({}…{})", &self.0[..2], self.0.len() - 2)
+    }
+}
+
+/// One cached lead.
+#[derive(Debug)]
+pub struct Entry {
+    /// Its key.
+    pub key: LeadKey,
+    /// Its state, in the stored binary form.
+    pub blob: Box<[u8]>,
+    /// Its next timer.
+    pub timer: Option<Millis>,
+    /// Changed since it was last written.
+    pub dirty: bool,
+    /// Taken by a write that has not finished (never evicted meanwhile).
+    writing: bool,
+    referenced: bool,
+}
+
+/// How much the cache may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Most leads.
+    pub leads: usize,
+    /// Most bytes (states, keys and bookkeeping).
+    pub bytes: usize,
+}
+
+impl Limit {
+    /// No limit.
+    pub const NONE: Limit = Limit {
+        leads: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
+/// Bookkeeping bytes per entry beyond its state and key (slab entry, table slot).
+const OVERHEAD: usize = std::mem::size_of::<Option<Entry>>() + 8;
+
+/// The cache.
+pub struct LeadCache {
+    slab: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    table: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+    hand: usize,
+    len: usize,
+    bytes: usize,
+    limit: Limit,
+    dirty: Vec<u32>,
+}
+
+impl std::fmt::Debug for LeadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeadCache")
+            .field("len", &self.len)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeadCache {
+    /// An empty cache bounded by `limit`.
+    pub fn new(limit: Limit) -> Self {
+        LeadCache {
+            slab: Vec::new(),
+            free: Vec::new(),
+            table: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            hand: 0,
+            len: 0,
+            bytes: 0,
+            limit,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Leads held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held (states, keys, bookkeeping).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Leads changed since their last write.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    fn hash(&self, key: &LeadKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn find(&self, key: &LeadKey) -> Option<u32> {
+        let slab = &self.slab;
+        self.table
+            .find(self.hash(key), |&i| {
+                slab[i as usize].as_ref().is_some_and(|e| e.key == *key)
+            })
+            .copied()
+    }
+
+    /// The entry of a key, marking it used.
+    pub fn get(&mut self, key: &LeadKey) -> Option<&Entry> {
+        let i = self.find(key)? as usize;
+        let e = self.slab[i].as_mut()?;
+        e.referenced = true;
+        Some(e)
+    }
+
+    /// Whether a key is held (without marking it used).
+    pub fn contains(&self, key: &LeadKey) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// A copy of a lead's state (for the HTTP surface).
+    pub fn peek(&self, key: &LeadKey) -> Option<Box<[u8]>> {
+        let i = self.find(key)? as usize;
+        self.slab[i].as_ref().map(|e| e.blob.clone())
+    }
+
+    /// Sets a lead's state and timer, marking it dirty (inserted if absent).
+    pub fn put(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
+        self.put_with(key, blob, timer, true);
+    }
+
+    /// Inserts a lead just loaded from the store (clean).
+    pub fn put_clean(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
+        self.put_with(key, blob, timer, false);
+    }
+
+    fn put_with(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>, dirty: bool) {
+        match self.find(key) {
+            Some(i) => {
+                let e = self.slab[i as usize]
+                    .as_mut()
+                    .expect("indexed entries exist");
+                if *e.blob != *blob {
+                    self.bytes = self.bytes - e.blob.len() + blob.len();
+                    e.blob = blob.into();
+                }
+                e.timer = timer;
+                e.referenced = true;
+                if dirty && !e.dirty {
+                    e.dirty = true;
+                    self.dirty.push(i);
+                }
+            }
+            None => {
+                let entry = Entry {
+                    key: key.clone(),
+                    blob: blob.into(),
+                    timer,
+                    dirty,
+                    writing: false,
+                    referenced: true,
+                };
+                self.bytes += entry.blob.len() + key.0.len() + OVERHEAD;
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slab[i as usize] = Some(entry);
+                        i
+                    }
+                    None => {
+                        self.slab.push(Some(entry));
+                        (self.slab.len() - 1) as u32
+                    }
+                };
+                let hash = self.hash(key);
+                let (slab, hasher) = (&self.slab, &self.hasher);
+                self.table.insert_unique(hash, i, |&j| {
+                    hasher.hash_one(&slab[j as usize].as_ref().expect("indexed").key)
+                });
+                self.len += 1;
+                if dirty {
+                    self.dirty.push(i);
+                }
+            }
+        }
+    }
+
+    /// Removes a key (a deleted lead); returns its entry.
+    pub fn remove(&mut self, key: &LeadKey) -> Option<Entry> {
+        let i = self.find(key)?;
+        let hash = self.hash(key);
+        if let Ok(slot) = self.table.find_entry(hash, |&j| j == i) {
+            slot.remove();
+        }
+        let e = self.slab[i as usize].take()?;
+        self.free.push(i);
+        self.len -= 1;
+        self.bytes -= e.blob.len() + e.key.0.len() + OVERHEAD;
+        Some(e)
+    }
+
+    /// Takes the dirty leads for a write: (key, state, timer). They count as
+    /// clean but are kept in memory until [`LeadCache::written`] says how the
+    /// write ended.
+    pub fn take_dirty(&mut self) -> Vec<(LeadKey, Box<[u8]>, Option<Millis>)> {
+        let mut out = Vec::with_capacity(self.dirty.len());
+        for i in std::mem::take(&mut self.dirty) {
+            if let Some(e) = self.slab.get_mut(i as usize).and_then(Option::as_mut)
+                && e.dirty
+            {
+                e.dirty = false;
+                e.writing = true;
+                out.push((e.key.clone(), e.blob.clone(), e.timer));
+            }
+        }
+        out
+    }
+
+    /// A write of `keys` finished: on failure they are dirty again.
+    pub fn written(&mut self, keys: &[LeadKey], ok: bool) {
+        for key in keys {
+            if let Some(i) = self.find(key)
+                && let Some(e) = self.slab[i as usize].as_mut()
+            {
+                e.writing = false;
+                if !ok && !e.dirty {
+                    e.dirty = true;
+                    self.dirty.push(i);
+                }
+            }
+        }
+    }
+
+    /// Marks leads dirty again (a write failed), if still held.
+    pub fn mark_dirty(&mut self, keys: impl IntoIterator<Item = LeadKey>) {
+        for key in keys {
+            if let Some(i) = self.find(&key)
+                && let Some(e) = self.slab[i as usize].as_mut()
+                && !e.dirty
+            {
+                e.dirty = true;
+                self.dirty.push(i);
+            }
+        }
+    }
+
+    /// Whether the cache holds more than its limit.
+    pub fn over_limit(&self) -> bool {
+        self.len > self.limit.leads || self.bytes > self.limit.bytes
+    }
+
+    /// Evicts clean leads in CLOCK order until within the limit (or nothing
+    /// clean is left). Returns the evicted keys with their timers.
+    pub fn evict(&mut self) -> Vec<(LeadKey, Option<Millis>)> {
+        let mut out = Vec::new();
+        if !self.over_limit() || self.slab.is_empty() {
+            return out;
+        }
+        // Two full turns: one to clear reference bits, one to evict.
+        let mut budget = self.slab.len() * 2;
+        while self.over_limit() && budget > 0 {
+            budget -= 1;
+            self.hand = (self.hand + 1) % self.slab.len();
+            let Some(e) = self.slab[self.hand].as_mut() else {
+                continue;
+            };
+            if e.dirty || e.writing {
+                continue;
+            }
+            if e.referenced {
+                e.referenced = false;
+                continue;
+            }
+            let key = e.key.clone();
+            if let Some(e) = self.remove(&key) {
+                out.push((e.key, e.timer));
+            }
+        }
+        out
+    }
+
+    /// Every key held (for dropping a shard's timers).
+    pub fn keys(&self) -> impl Iterator<Item = &LeadKey> {
+        self.slab.iter().flatten().map(|e| &e.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_gets_and_removes() {
+        let mut c = LeadCache::new(Limit::NONE);
+        let a = LeadKey::lead("a");
+        c.put(&a, b"xyz", Some(5));
+        assert_eq!(
+            c.get(&a).map(|e| (&*e.blob, e.timer)),
+            Some((&b"xyz"[..], Some(5)))
+        );
+        assert_eq!(c.dirty_len(), 1);
+        let taken = c.take_dirty();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(c.take_dirty().len(), 0);
+        c.mark_dirty([a.clone()]);
+        assert_eq!(c.take_dirty().len(), 1);
+        assert!(c.remove(&a).is_some());
+        assert!(c.is_empty() && c.bytes() == 0);
+        assert!(LeadKey::visitor("c").as_str() == "a:c" && !LeadKey::visitor("c").is_lead());
+    }
+
+    #[test]
+    fn evicts_clean_leads_in_clock_order_and_never_dirty_ones() {
+        let mut c = LeadCache::new(Limit {
+            leads: 3,
+            bytes: usize::MAX,
+        });
+        for i in 0..3 {
+            c.put_clean(&LeadKey::lead(&i.to_string()), b"s", None);
+        }
+        c.put(&LeadKey::lead("dirty"), b"s", Some(9));
+        let _ = c.get(&LeadKey::lead("1"));
+        let evicted = c.evict();
+        assert_eq!(evicted.len(), 1);
+        assert!(c.contains(&LeadKey::lead("dirty")));
+        assert_eq!(c.len(), 3);
+        // All dirty: nothing can go.
+        let mut d = LeadCache::new(Limit {
+            leads: 1,
+            bytes: usize::MAX,
+        });
+        d.put(&LeadKey::lead("x"), b"s", None);
+        d.put(&LeadKey::lead("y"), b"s", None);
+        assert!(d.evict().is_empty());
+        assert!(d.over_limit());
+    }
+
+    #[test]
+    fn stays_within_the_limit_whatever_streams_through() {
+        let mut c = LeadCache::new(Limit {
+            leads: 100,
+            bytes: 64 * 1024,
+        });
+        for i in 0..10_000 {
+            c.put_clean(&LeadKey::lead(&format!("lead-{i}")), &[0u8; 40], None);
+            c.evict();
+            assert!(c.len() <= 100 && c.bytes() <= 64 * 1024);
+        }
+    }
+}

@@ -1,0 +1,1029 @@
+//! A shard: everything leadscore keeps for one partition number of the
+//! co-partitioned input topics, owned by one worker thread.
+//!
+//! The parts, each owning its fields:
+//! * [`merge`] — the inputs' queues and the event-time merge (watermark);
+//! * [`cache`] — the leads held in memory, bounded, in their stored form;
+//! * [`timers`] — when time alone will next change each lead, paged from the store;
+//! * [`Shard`] — positions, the shard's clock, pending deletes and population
+//!   changes, and the step that applies released events and due timers
+//!   through the pure [`crate::engine`], publishing through a [`Sink`].
+//!
+//! Writing a shard's changes to the store is the worker's job
+//! ([`Shard::prepare_write`] / [`Shard::write_done`]); nothing here does I/O
+//! except through the [`Store`] and [`Sink`] handed to [`Shard::step`].
+
+pub mod cache;
+pub mod merge;
+pub mod timers;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::decode::DecodeError;
+use crate::engine::identity::{self, Link, Route};
+use crate::engine::{Applied, Decision, Engine, Kind, LeadState, Segment};
+use crate::event::{Event, EventType, Millis, Source};
+use crate::output::Encoder;
+use crate::sink::{DeadLetter, Sink, SinkError};
+use crate::store::{ShardId, ShardMeta, ShardWrite, Store, StoreError, Written};
+use cache::{LeadCache, LeadKey, Limit};
+use merge::{Merge, Released};
+use timers::Timers;
+
+/// One input message as the consumer hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct InMessage<'a> {
+    /// Index of its input (position of its topic in the shard's inputs).
+    pub input: usize,
+    /// Offset.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<&'a [u8]>,
+    /// Payload bytes.
+    pub payload: Option<&'a [u8]>,
+    /// Broker timestamp (ms), if any.
+    pub timestamp: Option<i64>,
+}
+
+/// Why a shard step stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The store failed (retryable: nothing was lost, the step resumes where it stopped).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The output side failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The store refused this owner: another member took the shard, or its
+    /// state is gone.
+    #[error("shard {shard} is no longer ours: {outcome:?}")]
+    Fenced {
+        /// The shard.
+        shard: ShardId,
+        /// What the store said.
+        outcome: Written,
+    },
+}
+
+impl ShardError {
+    /// Whether retrying the same step may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ShardError::Store(e) => e.retryable(),
+            ShardError::Sink(e) => e.retryable(),
+            ShardError::Fenced { .. } => false,
+        }
+    }
+}
+
+/// A queued input message, owned.
+#[derive(Debug)]
+enum Item {
+    Event(Box<Event<'static>>),
+    /// Rejected: dead-lettered when it reaches the head of its queue.
+    Poison {
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        original_size: usize,
+        original_hash: Option<String>,
+        error: DecodeError,
+    },
+    /// A tombstone on the CRM topic: erase the lead.
+    Erase(String),
+}
+
+/// Shard settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardConfig {
+    /// Disorder tolerated within one input, ms.
+    pub allowed_lateness_ms: Millis,
+    /// How far ahead of the wall clock the shard's clock may ever go, ms.
+    pub future_tolerance_ms: Millis,
+    /// Leads held in memory.
+    pub cache: Limit,
+    /// Timers read from the store per page.
+    pub timer_page: usize,
+    /// Most events (and timers) applied per lead-loading round trip.
+    pub round: usize,
+    /// Largest dead-lettered payload kept, bytes.
+    pub dead_letter_max_bytes: usize,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            allowed_lateness_ms: 0,
+            future_tolerance_ms: 5 * 60_000,
+            cache: Limit::NONE,
+            timer_page: 10_000,
+            round: 2048,
+            dead_letter_max_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Counts a step accumulates for the metrics (added up per batch, off the
+/// per-event path).
+#[derive(Debug, Default)]
+pub struct StepStats {
+    /// Events scored, by (input, type).
+    pub consumed: HashMap<(usize, EventType), u64>,
+    /// Dead letters, by (input, error kind).
+    pub dead: HashMap<(usize, &'static str), u64>,
+    /// Duplicates skipped, by input.
+    pub duplicates: HashMap<usize, u64>,
+    /// Events applied after the merge had moved past them, by input.
+    pub late: HashMap<usize, u64>,
+    /// Redelivered offsets skipped.
+    pub skipped: u64,
+    /// Segment changes published: (from, to, reason).
+    pub changes: HashMap<(String, String, &'static str), u64>,
+    /// Hand-offs published.
+    pub handoffs: u64,
+    /// Engagement events: (event, channel, segment, source).
+    pub engagement: HashMap<(&'static str, String, String, String), u64>,
+    /// Cache hits and misses.
+    pub hits: u64,
+    /// Leads loaded from (or looked for in) the store.
+    pub misses: u64,
+    /// Leads evicted from memory.
+    pub evicted: u64,
+    /// Leads expired by retention.
+    pub expired: u64,
+    /// Leads erased on request.
+    pub erased: u64,
+    /// Broker timestamps of a sample of applied messages (for latency).
+    pub latency_samples: Vec<i64>,
+}
+
+/// The world a step works in.
+pub struct Ctx<'a> {
+    /// The engine.
+    pub engine: &'a Engine,
+    /// Durable state.
+    pub store: &'a dyn Store,
+    /// Outputs.
+    pub sink: &'a mut dyn Sink,
+    /// Output encoding.
+    pub encoder: &'a Encoder,
+    /// Counters.
+    pub stats: &'a mut StepStats,
+}
+
+/// What a pending write carries that must be restored if it fails.
+#[derive(Debug, Default)]
+pub struct Pending {
+    keys: Vec<LeadKey>,
+    deletes: Vec<LeadKey>,
+}
+
+/// One shard.
+pub struct Shard {
+    id: ShardId,
+    epoch: u64,
+    topics: Arc<[Arc<str>]>,
+    sources: Arc<[Source]>,
+    config: ShardConfig,
+    merge: Merge<Item>,
+    ready: VecDeque<Released<Item>>,
+    /// Next offset to apply, per input (None: whatever the consumer starts at).
+    positions: Vec<Option<i64>>,
+    /// Next offset expected from the consumer, per input.
+    pushed: Vec<Option<i64>>,
+    /// Largest event time applied, per input.
+    seen: Vec<Millis>,
+    clock: Millis,
+    cache: Arc<Mutex<LeadCache>>,
+    timers: Timers,
+    deletes: Vec<LeadKey>,
+    population: HashMap<String, i64>,
+    population_dirty: bool,
+    decisions: Vec<Decision>,
+    state: LeadState,
+    other: LeadState,
+    buf: Vec<u8>,
+    /// Keys this round looked for in the store and did not find.
+    absent: Vec<LeadKey>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .field("epoch", &self.epoch)
+            .field("queued", &self.merge.queued())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A time before every event.
+const NEVER: Millis = i64::MIN;
+
+impl Shard {
+    /// A shard taken with `meta`, reading `topics` (of `sources`, in merge order).
+    pub fn new(
+        id: ShardId,
+        meta: &ShardMeta,
+        topics: Arc<[Arc<str>]>,
+        sources: Arc<[Source]>,
+        config: ShardConfig,
+    ) -> Shard {
+        let mut merge = Merge::new(topics.len(), config.allowed_lateness_ms);
+        let released = meta.released.unwrap_or(NEVER);
+        let mut seen = vec![NEVER; topics.len()];
+        let mut positions = vec![None; topics.len()];
+        for (i, t) in topics.iter().enumerate() {
+            let s = meta.seen.get(&**t).copied().unwrap_or(NEVER);
+            seen[i] = s;
+            merge.restore(i, s, released);
+            positions[i] = meta.positions.get(&**t).copied();
+        }
+        Shard {
+            id,
+            epoch: meta.epoch,
+            topics,
+            sources,
+            config,
+            merge,
+            ready: VecDeque::new(),
+            pushed: positions.clone(),
+            positions,
+            seen,
+            clock: meta.clock.unwrap_or(NEVER),
+            cache: Arc::new(Mutex::new(LeadCache::new(config.cache))),
+            timers: Timers::default(),
+            deletes: Vec::new(),
+            population: meta.population.clone(),
+            population_dirty: false,
+            decisions: Vec::new(),
+            state: LeadState::new(Kind::Lead),
+            other: LeadState::new(Kind::Lead),
+            buf: Vec::new(),
+            absent: Vec::new(),
+        }
+    }
+
+    /// The shard's id (partition number).
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    /// The owner epoch it was taken with.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The leads in memory, shared with the HTTP surface.
+    pub fn cache(&self) -> &Arc<Mutex<LeadCache>> {
+        &self.cache
+    }
+
+    /// The stored position of an input (the offset to resume from).
+    pub fn position(&self, input: usize) -> Option<i64> {
+        self.positions.get(input).copied().flatten()
+    }
+
+    /// The positions to commit: (topic, next offset), for inputs with one.
+    pub fn positions(&self) -> Vec<(Arc<str>, i64)> {
+        self.topics
+            .iter()
+            .zip(&self.positions)
+            .filter_map(|(t, p)| p.map(|p| (Arc::clone(t), p)))
+            .collect()
+    }
+
+    /// The shard's event-time clock.
+    pub fn clock(&self) -> Millis {
+        self.clock
+    }
+
+    /// The merge's watermark: the earliest event time an input may still deliver.
+    pub fn watermark(&self) -> Millis {
+        self.merge.watermark()
+    }
+
+    /// Messages waiting behind the watermark (or for their leads).
+    pub fn buffered(&self) -> usize {
+        self.merge.queued() + self.ready.len()
+    }
+
+    /// Messages queued for one input.
+    pub fn queued_in(&self, input: usize) -> usize {
+        self.merge.queued_in(input)
+    }
+
+    /// Timers in memory.
+    pub fn timers_pending(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Leads per segment in this shard (all of them, not only those in memory).
+    pub fn population(&self) -> &HashMap<String, i64> {
+        &self.population
+    }
+
+    /// Marks an input idle (caught up and quiet) or active.
+    pub fn set_idle(&mut self, input: usize, idle: bool) {
+        self.merge.set_idle(input, idle);
+    }
+
+    /// Whether every input is idle.
+    pub fn all_idle(&self) -> bool {
+        self.merge.all_idle()
+    }
+
+    /// Takes one message of input `msg.input`, decoded by the caller.
+    /// Offsets already applied or already queued are skipped (redeliveries).
+    pub fn push(
+        &mut self,
+        msg: &InMessage<'_>,
+        decoded: Result<Event<'_>, DecodeError>,
+        stats: &mut StepStats,
+    ) {
+        let i = msg.input;
+        if self.pushed[i].is_some_and(|next| msg.offset < next) {
+            stats.skipped += 1;
+            return;
+        }
+        self.pushed[i] = Some(msg.offset + 1);
+        if stats.latency_samples.len() < 64
+            && msg.offset % 16 == 0
+            && let Some(ts) = msg.timestamp.filter(|t| *t > 0)
+        {
+            stats.latency_samples.push(ts);
+        }
+        let (at, item) = match decoded {
+            Ok(e) => (Some(e.occurred_at), Item::Event(Box::new(e.into_owned()))),
+            Err(DecodeError::Empty)
+                if msg.payload.is_none()
+                    && self.sources[i] == Source::Crm
+                    && msg.key.is_some_and(|k| !k.is_empty()) =>
+            {
+                // A tombstone has no event time of its own: its broker timestamp orders it.
+                let lead = String::from_utf8_lossy(msg.key.unwrap_or_default()).into_owned();
+                (msg.timestamp.filter(|t| *t > 0), Item::Erase(lead))
+            }
+            Err(error) => {
+                let payload = msg.payload;
+                let size = payload.map_or(0, <[u8]>::len);
+                let cut = size > self.config.dead_letter_max_bytes;
+                (
+                    None,
+                    Item::Poison {
+                        key: msg
+                            .key
+                            .map(|k| k[..k.len().min(self.config.dead_letter_max_bytes)].to_vec()),
+                        payload: payload
+                            .map(|p| p[..p.len().min(self.config.dead_letter_max_bytes)].to_vec()),
+                        original_size: size,
+                        original_hash: cut.then(|| {
+                            format!(
+                                "{:016x}",
+                                xxhash_rust::xxh3::xxh3_64(payload.unwrap_or_default())
+                            )
+                        }),
+                        error,
+                    },
+                )
+            }
+        };
+        self.merge.push(i, msg.offset, at, item);
+    }
+
+    /// Applies what the merge releases and the timers that fall due, up to
+    /// `budget` items. On an error nothing is lost: released items not yet
+    /// applied stay ready and the next step resumes with them.
+    pub fn step(&mut self, ctx: &mut Ctx<'_>, budget: usize) -> Result<usize, ShardError> {
+        let mut done = 0;
+        while done < budget {
+            self.page_timers(ctx)?;
+            while self.ready.len() < self.config.round {
+                match self.merge.pop() {
+                    Some(r) => self.ready.push_back(r),
+                    None => break,
+                }
+            }
+            let until = self.ready.iter().filter_map(|r| r.at).max();
+            let due_any = until.is_some_and(|u| self.timers.peek_due(u.max(self.clock)).is_some())
+                || self.timers.peek_due(self.clock).is_some();
+            if self.ready.is_empty() && !due_any {
+                break;
+            }
+            self.load_round(ctx)?;
+            let applied = self.apply_round(ctx)?;
+            done += applied.max(1);
+            if applied == 0 && self.ready.is_empty() {
+                break;
+            }
+        }
+        self.evict(ctx.stats);
+        Ok(done)
+    }
+
+    /// When every input is idle, moves the shard's clock with the wall clock
+    /// (less the allowed lateness) so that quiet leads still decay, and fires
+    /// what falls due.
+    pub fn idle_tick(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        wall: Millis,
+        budget: usize,
+    ) -> Result<usize, ShardError> {
+        if !self.merge.all_idle() || !self.ready.is_empty() {
+            return Ok(0);
+        }
+        let target = wall.saturating_sub(self.config.allowed_lateness_ms);
+        if target > self.clock {
+            self.clock = target;
+        }
+        self.step(ctx, budget)
+    }
+
+    fn page_timers(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ShardError> {
+        let horizon = self
+            .ready
+            .iter()
+            .filter_map(|r| r.at)
+            .max()
+            .unwrap_or(NEVER)
+            .max(self.clock);
+        let mut limit = self.config.timer_page.max(1);
+        while let Some(after) = self.timers.needs_page(horizon) {
+            let page = ctx.store.timers(self.id, after, limit)?;
+            let cache = self.cache.lock();
+            if !self
+                .timers
+                .add_page(after, limit, page, |k| cache.contains(k))
+            {
+                limit = limit.saturating_mul(2);
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads, in as few round trips as identity allows, every lead the ready
+    /// items and the timers due before them need.
+    fn load_round(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ShardError> {
+        self.absent.clear();
+        let until = self
+            .ready
+            .iter()
+            .filter_map(|r| r.at)
+            .max()
+            .unwrap_or(NEVER)
+            .max(self.clock);
+        let mut wanted: Vec<LeadKey> = Vec::new();
+        {
+            let cache = self.cache.lock();
+            let mut want = |k: LeadKey| {
+                if !cache.contains(&k) && !wanted.contains(&k) {
+                    wanted.push(k);
+                }
+            };
+            for (_, key) in self.timers.due(until, self.config.round) {
+                want(key.clone());
+            }
+            for r in &self.ready {
+                match &r.item {
+                    Item::Event(e) => {
+                        if let Some(id) = e.lead_id.as_deref() {
+                            want(LeadKey::lead(id));
+                        }
+                        if let Some(anon) = e.anonymous_id.as_deref() {
+                            want(LeadKey::visitor(anon));
+                        }
+                    }
+                    Item::Erase(id) => want(LeadKey::lead(id)),
+                    Item::Poison { .. } => {}
+                }
+            }
+        }
+        self.load(ctx, &wanted)?;
+        // Visitors that turned out to be aliases need their lead too.
+        let mut second = Vec::new();
+        {
+            let mut cache = self.cache.lock();
+            for r in &self.ready {
+                if let Item::Event(e) = &r.item
+                    && e.lead_id.is_none()
+                    && let Some(anon) = e.anonymous_id.as_deref()
+                    && let Some(entry) = cache.get(&LeadKey::visitor(anon))
+                    && self.other.decode_into(&entry.blob).is_ok()
+                    && let Kind::Alias(lead) = &self.other.kind
+                {
+                    let k = LeadKey::lead(lead);
+                    if !cache.contains(&k) && !second.contains(&k) {
+                        second.push(k);
+                    }
+                }
+            }
+        }
+        self.load(ctx, &second)
+    }
+
+    fn load(&mut self, ctx: &mut Ctx<'_>, keys: &[LeadKey]) -> Result<(), ShardError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        ctx.stats.misses += keys.len() as u64;
+        let refs: Vec<&LeadKey> = keys.iter().collect();
+        let loaded = match ctx.store.load(self.id, self.epoch, &refs)? {
+            Ok(v) => v,
+            Err(outcome) => {
+                return Err(ShardError::Fenced {
+                    shard: self.id,
+                    outcome,
+                });
+            }
+        };
+        let mut cache = self.cache.lock();
+        for (key, bytes) in keys.iter().zip(loaded) {
+            let Some(bytes) = bytes else {
+                self.absent.push(key.clone());
+                continue;
+            };
+            // A state written under other rules is remapped as it decodes and
+            // counts as changed, so the next write stores it under these rules.
+            match ctx.engine.decode_into(&bytes, &mut self.state) {
+                Ok(remapped) => {
+                    let timer = ctx.engine.next_transition(&self.state);
+                    if remapped {
+                        ctx.engine.encode(&self.state, &mut self.buf);
+                        cache.put(key, &self.buf, timer);
+                    } else {
+                        cache.put_clean(key, &bytes, timer);
+                    }
+                    self.timers.set(key, timer);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, shard = self.id, "Stored lead state unreadable; the lead starts afresh.");
+                    self.absent.push(key.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_round(&mut self, ctx: &mut Ctx<'_>) -> Result<usize, ShardError> {
+        let mut applied = 0;
+        let mut fired = 0;
+        while let Some(r) = self.ready.front() {
+            // Timers due before the event fire first, at their own instants;
+            // stop the round if one needs a lead this round did not load.
+            if let Some(at) = r.at {
+                while let Some((due, key)) = self.timers.peek_due(at.max(self.clock)) {
+                    let key = key.clone();
+                    if self.absent.contains(&key) {
+                        // Its lead is gone from the store: a stale timer.
+                        self.timers.pop_due(due);
+                        continue;
+                    }
+                    if !self.cache.lock().contains(&key) || fired >= self.config.round {
+                        return Ok(applied + fired);
+                    }
+                    self.timers.pop_due(due);
+                    self.clock = self.clock.max(due);
+                    self.fire(ctx, &key, due)?;
+                    fired += 1;
+                }
+            }
+            let r = self.ready.front().expect("peeked above");
+            let (input, offset, at, late) = (r.input, r.offset, r.at, r.late);
+            match &r.item {
+                Item::Poison {
+                    key,
+                    payload,
+                    original_size,
+                    original_hash,
+                    error,
+                } => {
+                    ctx.sink.dead_letter(&DeadLetter {
+                        topic: &self.topics[input],
+                        partition: self.id,
+                        offset,
+                        key: key.as_deref(),
+                        payload: payload.as_deref(),
+                        original_size: *original_size,
+                        original_hash: original_hash.as_deref(),
+                        error,
+                    })?;
+                    *ctx.stats.dead.entry((input, error.kind())).or_default() += 1;
+                }
+                Item::Erase(lead) => {
+                    let lead = lead.clone();
+                    self.erase(ctx, &lead);
+                }
+                Item::Event(_) => {
+                    if late {
+                        *ctx.stats.late.entry(input).or_default() += 1;
+                    }
+                    if let Some(t) = at {
+                        self.clock = self.clock.max(
+                            t.min(
+                                crate::event::wall_clock_ms()
+                                    .saturating_add(self.config.future_tolerance_ms),
+                            ),
+                        );
+                    }
+                    let r = self.ready.pop_front().expect("peeked above");
+                    let Item::Event(event) = r.item else {
+                        unreachable!("matched above")
+                    };
+                    if let Err(e) = self.apply_event(ctx, input, &event) {
+                        // Not applied: put it back in front, untouched.
+                        self.ready.push_front(Released {
+                            input,
+                            offset,
+                            at,
+                            late,
+                            item: Item::Event(event),
+                        });
+                        return Err(e);
+                    }
+                    self.positions[input] = Some(offset + 1);
+                    if let Some(t) = at {
+                        self.seen[input] = self.seen[input].max(t);
+                    }
+                    applied += 1;
+                    continue;
+                }
+            }
+            self.ready.pop_front();
+            self.positions[input] = Some(offset + 1);
+            applied += 1;
+        }
+        // Nothing left to apply: timers due by the clock.
+        while let Some((due, key)) = self.timers.peek_due(self.clock) {
+            let key = key.clone();
+            if self.absent.contains(&key) {
+                self.timers.pop_due(due);
+                continue;
+            }
+            if !self.cache.lock().contains(&key) || fired >= self.config.round {
+                break;
+            }
+            self.timers.pop_due(due);
+            self.fire(ctx, &key, due)?;
+            fired += 1;
+        }
+        Ok(applied + fired)
+    }
+
+    /// Decodes a cached lead into `into`. Every key a round needs was loaded
+    /// (or found absent from the store) before it ran, so a key absent from
+    /// the cache is a new lead.
+    fn read(
+        cache: &Mutex<LeadCache>,
+        engine: &Engine,
+        key: &LeadKey,
+        kind: Kind,
+        into: &mut LeadState,
+    ) -> bool {
+        let cache = cache.lock();
+        match cache.peek(key) {
+            Some(blob) if engine.decode_into(&blob, into).is_ok() => true,
+            _ => {
+                into.reset(kind);
+                false
+            }
+        }
+    }
+
+    fn store_state(&mut self, engine: &Engine, key: &LeadKey, which: Which) {
+        let state = match which {
+            Which::Main => &self.state,
+            Which::Other => &self.other,
+        };
+        let timer = engine.next_transition(state);
+        engine.encode(state, &mut self.buf);
+        self.cache.lock().put(key, &self.buf, timer);
+        self.timers.set(key, timer);
+    }
+
+    fn delete(&mut self, key: &LeadKey) {
+        self.cache.lock().remove(key);
+        self.timers.set(key, None);
+        if !self.deletes.contains(key) {
+            self.deletes.push(key.clone());
+        }
+    }
+
+    fn count_segment(&mut self, rules: &crate::engine::Rules, segment: Segment, delta: i64) {
+        *self
+            .population
+            .entry(segment.name(rules).to_owned())
+            .or_default() += delta;
+        self.population_dirty = true;
+    }
+
+    fn apply_event(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        input: usize,
+        e: &Event<'static>,
+    ) -> Result<(), ShardError> {
+        let engine = ctx.engine;
+        let rules = engine.rules().clone();
+        if e.kind == EventType::ErasureRequested {
+            if let Some(id) = e.lead_id.as_deref() {
+                self.erase(ctx, id);
+            }
+            *ctx.stats.consumed.entry((input, e.kind)).or_default() += 1;
+            return Ok(());
+        }
+        // Identity: the visitor's stored state decides where the event goes.
+        let visitor_key = e.anonymous_id.as_deref().map(LeadKey::visitor);
+        let has_visitor = match &visitor_key {
+            Some(k) => Self::read(&self.cache, engine, k, Kind::Visitor, &mut self.other),
+            None => false,
+        };
+        let route = identity::route(e, has_visitor.then_some(&self.other));
+        let (key, kind, publish) = match &route {
+            Route::Lead { id, .. } => (LeadKey::lead(id), Kind::Lead, true),
+            Route::Visitor { anon } => (LeadKey::visitor(anon), Kind::Visitor, false),
+            Route::Aliased { lead, .. } => (LeadKey::lead(lead), Kind::Lead, true),
+        };
+        let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
+        if Self::read(&self.cache, engine, &key, kind, &mut state) {
+            ctx.stats.hits += 1;
+        }
+        if engine.is_duplicate(&state, e) {
+            self.state = state;
+            *ctx.stats.duplicates.entry(input).or_default() += 1;
+            return Ok(());
+        }
+        // Link the anonymous id: merge a visitor's history once, then alias it.
+        if let (
+            Route::Lead {
+                id,
+                link: Some((anon, link)),
+            },
+            Some(vkey),
+        ) = (&route, &visitor_key)
+        {
+            let touch =
+                |alias: &LeadState| alias.last_event_at < e.occurred_at.saturating_sub(3_600_000);
+            let write_alias = match link {
+                Link::Merge => {
+                    engine.merge_visitor(&mut state, &self.other, anon);
+                    true
+                }
+                Link::Create | Link::Repoint => true,
+                Link::Already => touch(&self.other),
+            };
+            if write_alias {
+                let mut alias = LeadState::new(Kind::Alias((*id).to_owned()));
+                alias.as_of = e.occurred_at;
+                alias.last_event_at = e.occurred_at;
+                if !state.linked.iter().any(|a| a == anon) && state.linked.len() < 32 {
+                    state.linked.push((*anon).to_owned());
+                }
+                self.other = alias;
+                self.store_state(engine, vkey, Which::Other);
+            }
+        }
+        if let (Route::Aliased { .. }, Some(vkey)) = (&route, &visitor_key)
+            && self.other.last_event_at < e.occurred_at.saturating_sub(3_600_000)
+        {
+            self.other.last_event_at = e.occurred_at;
+            self.other.as_of = self.other.as_of.max(e.occurred_at);
+            self.store_state(engine, vkey, Which::Other);
+        }
+        let was_new = state.is_new();
+        let before = Segment::of(&state);
+        self.decisions.clear();
+        let applied = engine.apply(&mut state, e, &mut self.decisions);
+        *ctx.stats.consumed.entry((input, e.kind)).or_default() += 1;
+        if let Applied::Applied { segment_before, .. } = applied
+            && publish
+        {
+            record_engagement(ctx, &rules, &state, e, segment_before);
+        }
+        let expired = self
+            .decisions
+            .iter()
+            .any(|d| matches!(d, Decision::Expire { .. }));
+        if publish {
+            if expired && !was_new {
+                self.count_segment(&rules, before, -1);
+            }
+            if (was_new || expired) && !state.is_new() {
+                // A new lead starts in the lowest tier; the changes published
+                // below move it on.
+                self.count_segment(&rules, Segment::Tier(0), 1);
+            }
+        }
+        self.state = state;
+        self.store_state(engine, &key, Which::Main);
+        if publish {
+            self.publish(ctx, key.id())?;
+        }
+        Ok(())
+    }
+
+    /// Fires one lead's due timer.
+    fn fire(&mut self, ctx: &mut Ctx<'_>, key: &LeadKey, due: Millis) -> Result<(), ShardError> {
+        let engine = ctx.engine;
+        let rules = engine.rules().clone();
+        let kind = if key.is_lead() {
+            Kind::Lead
+        } else {
+            Kind::Visitor
+        };
+        if !Self::read(&self.cache, engine, key, kind, &mut self.state) {
+            return Ok(());
+        }
+        let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
+        let before = Segment::of(&state);
+        self.decisions.clear();
+        engine.advance(&mut state, due, &mut self.decisions);
+        let expired = state.is_new();
+        self.state = state;
+        if expired {
+            ctx.stats.expired += 1;
+            if key.is_lead() {
+                self.count_segment(&rules, before, -1);
+            }
+            self.delete(key);
+            return Ok(());
+        }
+        self.store_state(engine, key, Which::Main);
+        if key.is_lead() {
+            self.publish(ctx, key.id())?;
+        }
+        Ok(())
+    }
+
+    /// Removes a lead and the anonymous ids linked to it, everywhere this shard keeps them.
+    fn erase(&mut self, ctx: &mut Ctx<'_>, lead: &str) {
+        let engine = ctx.engine;
+        let rules = engine.rules().clone();
+        let key = LeadKey::lead(lead);
+        if Self::read(&self.cache, engine, &key, Kind::Lead, &mut self.state) {
+            let segment = Segment::of(&self.state);
+            self.count_segment(&rules, segment, -1);
+            let linked = std::mem::take(&mut self.state.linked);
+            for anon in &linked {
+                self.delete(&LeadKey::visitor(anon));
+            }
+        }
+        self.delete(&key);
+        ctx.stats.erased += 1;
+    }
+
+    fn publish(&mut self, ctx: &mut Ctx<'_>, lead: &str) -> Result<(), ShardError> {
+        let rules = ctx.engine.rules().clone();
+        for d in &self.decisions {
+            match d {
+                Decision::Change(c) => {
+                    *ctx.stats
+                        .changes
+                        .entry((
+                            c.from.name(&rules).to_owned(),
+                            c.to.name(&rules).to_owned(),
+                            c.reason.as_str(),
+                        ))
+                        .or_default() += 1;
+                    if c.from != c.to {
+                        *self
+                            .population
+                            .entry(c.from.name(&rules).to_owned())
+                            .or_default() -= 1;
+                        *self
+                            .population
+                            .entry(c.to.name(&rules).to_owned())
+                            .or_default() += 1;
+                        self.population_dirty = true;
+                    }
+                }
+                Decision::Handoff(_) => ctx.stats.handoffs += 1,
+                Decision::Expire { .. } => continue,
+            }
+            let record = ctx.encoder.encode(ctx.engine, lead, d);
+            ctx.sink.send(&record)?;
+        }
+        Ok(())
+    }
+
+    fn evict(&mut self, stats: &mut StepStats) {
+        let evicted = self.cache.lock().evict();
+        stats.evicted += evicted.len() as u64;
+        for (key, timer) in evicted {
+            self.timers.evicted(&key, timer);
+        }
+    }
+
+    /// Whether anything awaits a write.
+    pub fn has_changes(&self) -> bool {
+        self.cache.lock().dirty_len() > 0 || !self.deletes.is_empty() || self.population_dirty
+    }
+
+    /// Takes everything changed since the last write, with the positions,
+    /// clock and merge progress it covers.
+    pub fn prepare_write(&mut self) -> (ShardWrite, Pending) {
+        let leads = self.cache.lock().take_dirty();
+        let mut deletes = std::mem::take(&mut self.deletes);
+        deletes.retain(|d| !leads.iter().any(|(k, _, _)| k == d));
+        let keys = leads.iter().map(|(k, _, _)| k.clone()).collect();
+        let write = ShardWrite {
+            shard: self.id,
+            epoch: self.epoch,
+            leads,
+            deletes: deletes.clone(),
+            positions: self
+                .topics
+                .iter()
+                .zip(&self.positions)
+                .filter_map(|(t, p)| p.map(|p| (t.to_string(), p)))
+                .collect(),
+            seen: self
+                .topics
+                .iter()
+                .zip(&self.seen)
+                .filter(|(_, s)| **s != NEVER)
+                .map(|(t, s)| (t.to_string(), *s))
+                .collect(),
+            clock: (self.clock != NEVER).then_some(self.clock),
+            released: (self.merge.released() != NEVER).then(|| self.merge.released()),
+            population: self
+                .population
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        };
+        self.population_dirty = false;
+        (write, Pending { keys, deletes })
+    }
+
+    /// Accounts for a finished write: on failure, what it carried is pending again.
+    pub fn write_done(&mut self, pending: Pending, ok: bool) {
+        let mut cache = self.cache.lock();
+        cache.written(&pending.keys, ok);
+        if !ok {
+            for d in pending.deletes {
+                if !cache.contains(&d) && !self.deletes.contains(&d) {
+                    self.deletes.push(d);
+                }
+            }
+            self.population_dirty = true;
+        }
+    }
+
+    /// Drops everything held (the shard was given up or fenced).
+    pub fn clear(&mut self) -> usize {
+        self.ready.clear();
+        self.merge.clear()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Main,
+    Other,
+}
+
+/// Counts an engagement event by the lead's segment at that moment, its
+/// channel and its first-touch source.
+fn record_engagement(
+    ctx: &mut Ctx<'_>,
+    rules: &crate::engine::Rules,
+    s: &LeadState,
+    e: &Event<'_>,
+    segment: Segment,
+) {
+    let event = match e.kind {
+        EventType::Delivered => "delivered",
+        EventType::Open => "open",
+        EventType::Click if e.source == Source::Email => "click",
+        EventType::Reply => "reply",
+        EventType::Unsubscribe => "unsubscribe",
+        EventType::BookingStarted => "booking_started",
+        EventType::BookingCompleted => "booking_completed",
+        EventType::Purchase => "purchase",
+        EventType::Conversion => "conversion",
+        _ => return,
+    };
+    let channel = match e.source {
+        Source::Email => e
+            .channel
+            .as_deref()
+            .unwrap_or_else(|| rules.channels[0].as_str())
+            .to_owned(),
+        Source::Web => "web".to_owned(),
+        Source::Adpixel => "ads".to_owned(),
+        Source::Crm => "crm".to_owned(),
+    };
+    let source = rules
+        .source_label(s.first_touch.as_ref().map(|f| f.source.as_str()))
+        .to_owned();
+    *ctx.stats
+        .engagement
+        .entry((event, channel, segment.name(rules).to_owned(), source))
+        .or_default() += 1;
+}

@@ -1,0 +1,190 @@
+//! A shard's decay timers: for each lead, the instant time alone will next
+//! change it, ordered by time. The store holds every timer; memory holds the
+//! timers of the leads in the cache (authoritative for them) and a window of
+//! the store's earliest timers, loaded a page at a time as the shard's clock
+//! reaches the end of the window. A restart therefore reads one page, never
+//! every timer of a shard.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::cache::LeadKey;
+use crate::event::Millis;
+
+/// Timers of one shard.
+#[derive(Debug, Default)]
+pub struct Timers {
+    by_time: BTreeSet<(Millis, LeadKey)>,
+    by_key: HashMap<LeadKey, Millis>,
+    /// Store timers due at or before this are in memory.
+    loaded_until: Option<Millis>,
+    /// The store has nothing after `loaded_until`.
+    exhausted: bool,
+}
+
+impl Timers {
+    /// Sets (or clears) the timer of a lead held in memory.
+    pub fn set(&mut self, key: &LeadKey, at: Option<Millis>) {
+        match (self.by_key.get(key).copied(), at) {
+            (Some(old), Some(new)) if old == new => {}
+            (old, new) => {
+                if let Some(old) = old {
+                    self.by_time.remove(&(old, key.clone()));
+                    self.by_key.remove(key);
+                }
+                if let Some(new) = new {
+                    self.by_time.insert((new, key.clone()));
+                    self.by_key.insert(key.clone(), new);
+                }
+            }
+        }
+    }
+
+    /// A lead left memory (its timer is in the store now): keep its timer only
+    /// if the loaded window covers it, since later pages will bring it back.
+    pub fn evicted(&mut self, key: &LeadKey, at: Option<Millis>) {
+        if at.is_some_and(|t| self.loaded_until.is_none_or(|w| t > w)) {
+            self.set(key, None);
+        }
+    }
+
+    /// The time after which the next page should start, if the shard's clock
+    /// has reached the end of the loaded window and the store may have more.
+    pub fn needs_page(&self, clock: Millis) -> Option<Millis> {
+        match self.loaded_until {
+            None => Some(Millis::MIN),
+            Some(w) if !self.exhausted && clock >= w => Some(w),
+            Some(_) => None,
+        }
+    }
+
+    /// Adds a page of store timers read after `after` (exclusive), at most
+    /// `limit` of them. Leads held in memory keep their own timers
+    /// (`held` says which). Returns false if the page made no progress (all
+    /// at one instant: ask again with a larger limit).
+    pub fn add_page(
+        &mut self,
+        after: Millis,
+        limit: usize,
+        page: Vec<(LeadKey, Millis)>,
+        held: impl Fn(&LeadKey) -> bool,
+    ) -> bool {
+        let full = page.len() >= limit;
+        let boundary = page.last().map(|(_, t)| *t);
+        let until = match (full, boundary) {
+            (false, _) => {
+                self.exhausted = true;
+                Millis::MAX
+            }
+            // The page may have cut through the timers of its last instant:
+            // keep what is strictly before it and read that instant again.
+            (true, Some(b)) if b > after.saturating_add(1) => b - 1,
+            (true, _) => return false,
+        };
+        for (key, at) in page {
+            if at <= until && !held(&key) && !self.by_key.contains_key(&key) {
+                self.set(&key, Some(at));
+            }
+        }
+        self.loaded_until = Some(self.loaded_until.map_or(until, |w| w.max(until)));
+        true
+    }
+
+    /// The earliest timer due at or before `until`.
+    pub fn peek_due(&self, until: Millis) -> Option<(Millis, &LeadKey)> {
+        self.by_time
+            .first()
+            .filter(|(t, _)| *t <= until)
+            .map(|(t, k)| (*t, k))
+    }
+
+    /// Removes and returns the earliest timer due at or before `until`.
+    pub fn pop_due(&mut self, until: Millis) -> Option<(Millis, LeadKey)> {
+        if self.by_time.first().is_none_or(|(t, _)| *t > until) {
+            return None;
+        }
+        let (t, key) = self.by_time.pop_first()?;
+        self.by_key.remove(&key);
+        Some((t, key))
+    }
+
+    /// The keys of up to `n` timers due at or before `until`, earliest first.
+    pub fn due(&self, until: Millis, n: usize) -> impl Iterator<Item = (Millis, &LeadKey)> {
+        self.by_time
+            .iter()
+            .take_while(move |(t, _)| *t <= until)
+            .take(n)
+            .map(|(t, k)| (*t, k))
+    }
+
+    /// The timer of a lead, if in memory.
+    pub fn get(&self, key: &LeadKey) -> Option<Millis> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Timers in memory.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether none is in memory.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(s: &str) -> LeadKey {
+        LeadKey::lead(s)
+    }
+
+    #[test]
+    fn pages_in_order_and_keeps_held_leads_authoritative() {
+        let mut t = Timers::default();
+        assert_eq!(t.needs_page(0), Some(Millis::MIN));
+        let page = vec![(k("a"), 10), (k("b"), 20), (k("c"), 30)];
+        assert!(t.add_page(Millis::MIN, 3, page, |key| *key == k("b")));
+        assert_eq!(
+            t.len(),
+            1,
+            "a only: b is held in memory, c at the page's boundary is read again"
+        );
+        assert_eq!(t.needs_page(10), None);
+        assert_eq!(t.needs_page(29), Some(29));
+        assert!(t.add_page(29, 3, vec![(k("c"), 30)], |_| false));
+        assert_eq!(t.needs_page(1_000), None, "exhausted");
+        assert_eq!(t.pop_due(30), Some((10, k("a"))));
+        assert_eq!(t.pop_due(30), Some((30, k("c"))));
+        assert_eq!(t.pop_due(30), None);
+    }
+
+    #[test]
+    fn a_page_at_one_instant_asks_again() {
+        let mut t = Timers::default();
+        let page = || vec![(k("a"), 5), (k("b"), 5)];
+        assert!(
+            t.add_page(Millis::MIN, 2, page(), |_| false),
+            "progress: the window ends before 5"
+        );
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.needs_page(4), Some(4));
+        assert!(!t.add_page(4, 2, page(), |_| false), "no progress");
+        assert!(t.add_page(4, 4, page(), |_| false));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn evicted_leads_keep_timers_inside_the_window_only() {
+        let mut t = Timers::default();
+        t.add_page(Millis::MIN, 10, vec![], |_| false);
+        t.set(&k("a"), Some(100));
+        t.evicted(&k("a"), Some(100));
+        assert_eq!(
+            t.get(&k("a")),
+            Some(100),
+            "exhausted store: the window is everything"
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! Durable state behind the shards: one trait, with a Redis implementation
+//! (a single server or a Redis Cluster) and an in-memory one for the demo,
+//! `replay` and tests.
+//!
+//! Everything of one shard (its leads, timers, positions, clock and owner
+//! epoch) lives under one hash tag, `{p<shard>}`, so that each shard's write
+//! is one atomic step, also on a Redis Cluster, and shards never share one.
+//!
+//! Ownership is fenced: taking a shard increments its owner epoch, and every
+//! write checks that the epoch is still the writer's and that no position
+//! moves backwards. A member that was paused or cut off while another took its
+//! shard over therefore writes nothing when it resumes.
+
+pub mod memory;
+pub mod redis;
+
+use std::collections::HashMap;
+
+use crate::engine::layout::Layout;
+use crate::event::Millis;
+use crate::shard::cache::LeadKey;
+
+/// A shard: the partition number shared by the co-partitioned input topics.
+pub type ShardId = i32;
+
+/// Why a store call failed. Every variant but [`StoreError::Config`] is retryable:
+/// keep the offsets, back off, retry.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis refused or dropped the call.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// Redis answered something this version cannot read.
+    #[error("unexpected reply from the store: {0}")]
+    Reply(String),
+    /// The store's configuration makes it unsafe to use (not retryable).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether retrying may help.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, StoreError::Config(_))
+    }
+}
+
+/// What the store knows of a shard when it is taken.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShardMeta {
+    /// The owner epoch just taken.
+    pub epoch: u64,
+    /// Whether nothing was ever stored for the shard before (epoch 1).
+    pub fresh: bool,
+    /// Next offset to read, per input topic.
+    pub positions: HashMap<String, i64>,
+    /// Largest event time applied, per input topic.
+    pub seen: HashMap<String, Millis>,
+    /// The shard's event-time clock.
+    pub clock: Option<Millis>,
+    /// Largest event time the merge released.
+    pub released: Option<Millis>,
+    /// Leads per segment name.
+    pub population: HashMap<String, i64>,
+}
+
+/// Everything one shard writes at once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShardWrite {
+    /// The shard.
+    pub shard: ShardId,
+    /// The writer's owner epoch: the write happens only if it is still current.
+    pub epoch: u64,
+    /// Changed leads: key, state, next timer.
+    pub leads: Vec<(LeadKey, Box<[u8]>, Option<Millis>)>,
+    /// Deleted leads (merged visitors, expired, erased).
+    pub deletes: Vec<LeadKey>,
+    /// Next offset to read, per input topic.
+    pub positions: Vec<(String, i64)>,
+    /// Largest event time applied, per input topic.
+    pub seen: Vec<(String, Millis)>,
+    /// The shard's event-time clock.
+    pub clock: Option<Millis>,
+    /// Largest event time the merge released.
+    pub released: Option<Millis>,
+    /// Changes of the number of leads per segment name.
+    pub population: Vec<(String, i64)>,
+}
+
+/// The result of one shard's write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Written.
+    Ok,
+    /// Not written: another member owns the shard now (its epoch).
+    Fenced(u64),
+    /// Not written: a position would have moved backwards.
+    Backwards(String),
+    /// Not written: the shard's record is gone (the store was flushed or
+    /// failed over to an empty replica).
+    Lost,
+}
+
+/// What a store check at start-up found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Problems that make the store unsafe (leadscore refuses to start).
+    pub refuse: Vec<String>,
+    /// Problems worth a warning.
+    pub warn: Vec<String>,
+}
+
+/// Durable state of the shards.
+pub trait Store: Send + Sync {
+    /// Takes a shard: increments and returns its owner epoch with what is stored.
+    fn take_shard(&self, shard: ShardId) -> Result<ShardMeta, StoreError>;
+    /// Loads leads of a shard (`None` where absent), checking that `epoch`
+    /// still owns it (else the result is `Err(Written::…)` as `Ok(Err(..))`).
+    fn load(
+        &self,
+        shard: ShardId,
+        epoch: u64,
+        keys: &[&LeadKey],
+    ) -> Result<Result<Vec<Option<Vec<u8>>>, Written>, StoreError>;
+    /// Up to `limit` timers of a shard due after `after` (exclusive), earliest first.
+    fn timers(
+        &self,
+        shard: ShardId,
+        after: Millis,
+        limit: usize,
+    ) -> Result<Vec<(LeadKey, Millis)>, StoreError>;
+    /// Writes shards, each atomically and fenced by its epoch.
+    fn write(&self, writes: &[ShardWrite]) -> Result<Vec<Written>, StoreError>;
+    /// Reads a lead from whichever of `shards` holds it (for the HTTP surface).
+    fn find(
+        &self,
+        key: &LeadKey,
+        shards: &[ShardId],
+    ) -> Result<Vec<(ShardId, Vec<u8>)>, StoreError>;
+    /// The rules layouts stored states were written under.
+    fn layouts(&self) -> Result<Vec<Layout>, StoreError>;
+    /// Records a rules layout (before any state is written under it).
+    fn register_layout(&self, layout: &Layout) -> Result<(), StoreError>;
+    /// Checks the store answers.
+    fn ping(&self) -> Result<(), StoreError>;
+    /// Checks the store is safe to keep state in (eviction, persistence).
+    fn check(&self) -> Result<Health, StoreError>;
+}

@@ -1,0 +1,510 @@
+//! The Redis store, on one server or a Redis Cluster.
+//!
+//! Layout (under `redis.key_prefix`, `leadscore:` by default; `N` is the shard):
+//! * `{pN}:meta` — hash: `epoch` (owner epoch), `pos:<topic>` (next offset to
+//!   read), `seen:<topic>` (largest event time applied), `clock`,
+//!   `released`, `pop:<segment>` (leads per segment);
+//! * `{pN}:timers` — sorted set of lead keys by the instant of their next timer;
+//! * `{pN}:l:<lead id>` and `{pN}:a:<anonymous id>` — a lead's or visitor's
+//!   state in its compact binary form;
+//! * `layouts` — hash of rules layouts by hash (how to read states written
+//!   under earlier rules).
+//!
+//! The `{pN}` hash tag puts all of a shard in one hash slot, so every shard
+//! write is one Lua script — atomic on a single server and on a cluster —
+//! that first checks the owner epoch and that no position moves backwards.
+//! Scripts are idempotent (absolute values only), since a cluster client may
+//! send one again after a timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::{Client, Connection, ConnectionLike, Script, TlsCertificates, Value};
+
+use super::{Health, ShardId, ShardMeta, ShardWrite, Store, StoreError, Written};
+use crate::engine::layout::Layout;
+use crate::event::Millis;
+use crate::settings::{RedisMode, RedisSettings};
+use crate::shard::cache::LeadKey;
+
+const TAKE: &str = r"
+redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+return redis.call('HGETALL', KEYS[1])
+";
+
+const LOAD: &str = r"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if not e then return {0} end
+if e ~= ARGV[1] then return {1, e} end
+local out = {2}
+for i = 2, #KEYS do
+  out[i] = redis.call('GET', KEYS[i]) or false
+end
+return out
+";
+
+const WRITE: &str = r"
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if not e then return {0} end
+if e ~= ARGV[1] then return {1, e} end
+local nd, nw, nm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local a = 5
+local m = a + nd + 3 * nw
+for i = 0, nm - 1 do
+  local f, v = ARGV[m + 2 * i], ARGV[m + 2 * i + 1]
+  if string.sub(f, 1, 4) == 'pos:' then
+    local cur = redis.call('HGET', KEYS[1], f)
+    if cur and tonumber(cur) > tonumber(v) then return {2, f} end
+  end
+end
+local k = 3
+for i = 1, nd do
+  redis.call('DEL', KEYS[k])
+  redis.call('ZREM', KEYS[2], ARGV[a])
+  k = k + 1
+  a = a + 1
+end
+for i = 1, nw do
+  redis.call('SET', KEYS[k], ARGV[a + 1])
+  if ARGV[a + 2] == '' then
+    redis.call('ZREM', KEYS[2], ARGV[a])
+  else
+    redis.call('ZADD', KEYS[2], ARGV[a + 2], ARGV[a])
+  end
+  k = k + 1
+  a = a + 3
+end
+for i = 0, nm - 1 do
+  redis.call('HSET', KEYS[1], ARGV[m + 2 * i], ARGV[m + 2 * i + 1])
+end
+return {3}
+";
+
+enum Clients {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+enum Conn {
+    Single(Connection),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    fn get(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c,
+        }
+    }
+}
+
+/// Redis store over one connection (re-opened after errors). Each thread
+/// that needs one builds its own with [`RedisStore::connect`].
+pub struct RedisStore {
+    clients: Arc<Clients>,
+    conn: Mutex<Option<Conn>>,
+    prefix: String,
+    timeout: Duration,
+    take: Script,
+    load: Script,
+    write: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path)
+        .map_err(|e| StoreError::Config(format!("cannot read {}: {e}", path.display())))
+}
+
+impl RedisStore {
+    /// A store as configured; connects lazily.
+    pub fn connect(r: &RedisSettings) -> Result<Self, StoreError> {
+        // rustls needs a process-wide crypto provider before the first TLS connection.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs = match (&r.tls_ca_file, &r.tls_cert_file, &r.tls_key_file) {
+            (None, None, None) => None,
+            (ca, cert, key) => Some(TlsCertificates {
+                client_tls: match (cert, key) {
+                    (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                        client_cert: read_pem(c)?,
+                        client_key: read_pem(k)?,
+                    }),
+                    _ => None,
+                },
+                root_cert: ca.as_deref().map(read_pem).transpose()?,
+            }),
+        };
+        let timeout = Duration::from_millis(r.timeout_ms);
+        let clients = match r.mode {
+            RedisMode::Single => Clients::Single(match certs {
+                Some(c) => Client::build_with_tls(r.url.as_str(), c)?,
+                None => Client::open(r.url.as_str())?,
+            }),
+            RedisMode::Cluster => {
+                let nodes: Vec<&str> = r
+                    .url
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                let mut b = ClusterClient::builder(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(8);
+                if let Some(c) = certs {
+                    b = b.certs(c);
+                }
+                Clients::Cluster(b.build()?)
+            }
+        };
+        Ok(RedisStore::with_clients(
+            Arc::new(clients),
+            &r.key_prefix,
+            timeout,
+        ))
+    }
+
+    fn with_clients(clients: Arc<Clients>, prefix: &str, timeout: Duration) -> Self {
+        RedisStore {
+            clients,
+            conn: Mutex::new(None),
+            prefix: prefix.to_owned(),
+            timeout,
+            take: Script::new(TAKE),
+            load: Script::new(LOAD),
+            write: Script::new(WRITE),
+        }
+    }
+
+    /// Another store on the same servers with a connection of its own.
+    pub fn sibling(&self) -> Self {
+        RedisStore::with_clients(Arc::clone(&self.clients), &self.prefix, self.timeout)
+    }
+
+    fn open(&self) -> Result<Conn, StoreError> {
+        Ok(match &*self.clients {
+            Clients::Single(c) => {
+                let conn = c.get_connection_with_timeout(self.timeout)?;
+                // get_connection_with_timeout clears them: set them again.
+                conn.set_read_timeout(Some(self.timeout))?;
+                conn.set_write_timeout(Some(self.timeout))?;
+                Conn::Single(conn)
+            }
+            Clients::Cluster(c) => Conn::Cluster(c.get_connection()?),
+        })
+    }
+
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock();
+        if guard.is_none() {
+            *guard = Some(self.open()?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        match f(conn.get()) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // Its protocol state (or slot map, after a failover) is unknown: start again.
+                *guard = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn shard_key(&self, shard: ShardId, suffix: &str) -> String {
+        format!("{}{{p{shard}}}:{suffix}", self.prefix)
+    }
+
+    fn lead_key(&self, shard: ShardId, key: &LeadKey) -> String {
+        self.shard_key(shard, key.as_str())
+    }
+}
+
+fn parse_meta(flat: Vec<(String, Vec<u8>)>) -> ShardMeta {
+    let mut meta = ShardMeta::default();
+    for (field, value) in flat {
+        let text = String::from_utf8_lossy(&value);
+        let int = || text.parse::<i64>().ok();
+        if field == "epoch" {
+            meta.epoch = int().unwrap_or(0) as u64;
+        } else if field == "clock" {
+            meta.clock = int();
+        } else if field == "released" {
+            meta.released = int();
+        } else if let Some(topic) = field.strip_prefix("pos:") {
+            if let Some(v) = int() {
+                meta.positions.insert(topic.to_owned(), v);
+            }
+        } else if let Some(topic) = field.strip_prefix("seen:") {
+            if let Some(v) = int() {
+                meta.seen.insert(topic.to_owned(), v);
+            }
+        } else if let Some(segment) = field.strip_prefix("pop:")
+            && let Some(v) = int()
+        {
+            meta.population.insert(segment.to_owned(), v);
+        }
+    }
+    meta.fresh = meta.epoch == 1;
+    meta
+}
+
+fn refused(reply: &[Value]) -> Option<Written> {
+    let code = match reply.first() {
+        Some(Value::Int(c)) => *c,
+        _ => return Some(Written::Lost),
+    };
+    let text = |v: Option<&Value>| match v {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(Value::SimpleString(s)) => s.clone(),
+        _ => String::new(),
+    };
+    match code {
+        0 => Some(Written::Lost),
+        1 => Some(Written::Fenced(text(reply.get(1)).parse().unwrap_or(0))),
+        2 => Some(Written::Backwards(
+            text(reply.get(1)).trim_start_matches("pos:").to_owned(),
+        )),
+        _ => None,
+    }
+}
+
+impl Store for RedisStore {
+    fn take_shard(&self, shard: ShardId) -> Result<ShardMeta, StoreError> {
+        let key = self.shard_key(shard, "meta");
+        let flat: Vec<(String, Vec<u8>)> = self.with_conn(|c| self.take.key(&key).invoke(c))?;
+        Ok(parse_meta(flat))
+    }
+
+    fn load(
+        &self,
+        shard: ShardId,
+        epoch: u64,
+        keys: &[&LeadKey],
+    ) -> Result<Result<Vec<Option<Vec<u8>>>, Written>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(1000) {
+            let mut inv = self.load.prepare_invoke();
+            inv.key(self.shard_key(shard, "meta"));
+            for k in chunk {
+                inv.key(self.lead_key(shard, k));
+            }
+            inv.arg(epoch);
+            let reply: Vec<Value> = self.with_conn(|c| inv.invoke(c))?;
+            if let Some(r) = refused(&reply) {
+                return Ok(Err(r));
+            }
+            let before = out.len();
+            for v in reply.into_iter().skip(1) {
+                out.push(match v {
+                    Value::BulkString(b) => Some(b),
+                    _ => None,
+                });
+            }
+            // Trailing missing keys may be cut from the reply: pad the chunk.
+            out.resize(before + chunk.len(), None);
+        }
+        out.resize(keys.len(), None);
+        Ok(Ok(out))
+    }
+
+    fn timers(
+        &self,
+        shard: ShardId,
+        after: Millis,
+        limit: usize,
+    ) -> Result<Vec<(LeadKey, Millis)>, StoreError> {
+        let key = self.shard_key(shard, "timers");
+        let min = if after == Millis::MIN {
+            "-inf".to_owned()
+        } else {
+            format!("({after}")
+        };
+        let raw: Vec<(String, f64)> = self.with_conn(|c| {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&key)
+                .arg(&min)
+                .arg("+inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query(c)
+        })?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(k, t)| LeadKey::parse(&k).map(|k| (k, t as Millis)))
+            .collect())
+    }
+
+    fn write(&self, writes: &[ShardWrite]) -> Result<Vec<Written>, StoreError> {
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            let mut inv = self.write.prepare_invoke();
+            inv.key(self.shard_key(w.shard, "meta"));
+            inv.key(self.shard_key(w.shard, "timers"));
+            for d in &w.deletes {
+                inv.key(self.lead_key(w.shard, d));
+            }
+            for (k, _, _) in &w.leads {
+                inv.key(self.lead_key(w.shard, k));
+            }
+            let mut meta: Vec<(String, String)> = Vec::new();
+            for (topic, p) in &w.positions {
+                meta.push((format!("pos:{topic}"), p.to_string()));
+            }
+            for (topic, t) in &w.seen {
+                meta.push((format!("seen:{topic}"), t.to_string()));
+            }
+            if let Some(c) = w.clock {
+                meta.push(("clock".into(), c.to_string()));
+            }
+            if let Some(r) = w.released {
+                meta.push(("released".into(), r.to_string()));
+            }
+            for (segment, n) in &w.population {
+                meta.push((format!("pop:{segment}"), n.to_string()));
+            }
+            inv.arg(w.epoch)
+                .arg(w.deletes.len())
+                .arg(w.leads.len())
+                .arg(meta.len());
+            for d in &w.deletes {
+                inv.arg(d.as_str());
+            }
+            for (k, blob, timer) in &w.leads {
+                inv.arg(k.as_str())
+                    .arg(&blob[..])
+                    .arg(timer.map_or_else(String::new, |t| t.to_string()));
+            }
+            for (f, v) in &meta {
+                inv.arg(f).arg(v);
+            }
+            let reply: Vec<Value> = self.with_conn(|c| inv.invoke(c))?;
+            out.push(refused(&reply).unwrap_or(Written::Ok));
+        }
+        Ok(out)
+    }
+
+    fn find(
+        &self,
+        key: &LeadKey,
+        shards: &[ShardId],
+    ) -> Result<Vec<(ShardId, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for shard in shards {
+            let k = self.lead_key(*shard, key);
+            let v: Option<Vec<u8>> = self.with_conn(|c| redis::cmd("GET").arg(&k).query(c))?;
+            if let Some(v) = v {
+                out.push((*shard, v));
+            }
+        }
+        Ok(out)
+    }
+
+    fn layouts(&self) -> Result<Vec<Layout>, StoreError> {
+        let key = format!("{}layouts", self.prefix);
+        let all: Vec<(String, String)> =
+            self.with_conn(|c| redis::cmd("HGETALL").arg(&key).query(c))?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str(&v).ok())
+            .collect())
+    }
+
+    fn register_layout(&self, layout: &Layout) -> Result<(), StoreError> {
+        let key = format!("{}layouts", self.prefix);
+        let text = serde_json::to_string(layout).map_err(|e| StoreError::Reply(e.to_string()))?;
+        self.with_conn(|c| {
+            redis::cmd("HSETNX")
+                .arg(&key)
+                .arg(format!("{:08x}", layout.hash()))
+                .arg(&text)
+                .query::<i64>(c)
+        })?;
+        Ok(())
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
+    }
+
+    fn check(&self) -> Result<Health, StoreError> {
+        let mut h = Health::default();
+        self.ping()?;
+        let config = |name: &str| -> Option<String> {
+            self.with_conn(|c| {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query::<Vec<String>>(c)
+            })
+            .ok()
+            .and_then(|v| v.get(1).cloned())
+        };
+        match config("maxmemory-policy") {
+            Some(policy) if policy != "noeviction" => h.refuse.push(format!(
+                "Redis maxmemory-policy is {policy:?}: Redis may evict leadscore's state (leads, positions, \
+                 owner epochs) when it fills up, which silently loses scores. Set `maxmemory-policy noeviction` \
+                 (leadscore then holds consumption while Redis is full), or set redis.allow_eviction = true \
+                 to accept the risk."
+            )),
+            Some(_) => {}
+            None => h.warn.push(
+                "cannot read Redis's maxmemory-policy (CONFIG is disabled?): make sure it is noeviction".into(),
+            ),
+        }
+        let aof = config("appendonly");
+        let save = config("save");
+        if aof.as_deref() == Some("no") && save.as_deref().is_some_and(str::is_empty) {
+            h.warn.push(
+                "Redis persistence is off (appendonly no, no save points): a Redis restart loses every score; \
+                 leadscore will then refuse to continue (state lost) until the group's offsets are reset"
+                    .into(),
+            );
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_and_refusals_parse() {
+        let m = parse_meta(vec![
+            ("epoch".into(), b"3".to_vec()),
+            ("pos:events.web".into(), b"42".to_vec()),
+            ("seen:events.web".into(), b"1700".to_vec()),
+            ("pop:hot".into(), b"7".to_vec()),
+            ("clock".into(), b"99".to_vec()),
+        ]);
+        assert_eq!(m.epoch, 3);
+        assert!(!m.fresh);
+        assert_eq!(m.positions["events.web"], 42);
+        assert_eq!(m.population["hot"], 7);
+        assert_eq!(refused(&[Value::Int(3)]), None);
+        assert_eq!(refused(&[Value::Int(0)]), Some(Written::Lost));
+        assert_eq!(
+            refused(&[Value::Int(1), Value::BulkString(b"5".to_vec())]),
+            Some(Written::Fenced(5))
+        );
+        assert_eq!(
+            refused(&[Value::Int(2), Value::BulkString(b"pos:t".to_vec())]),
+            Some(Written::Backwards("t".into()))
+        );
+    }
+}
