@@ -81,7 +81,7 @@ fn replay_prints_outputs_and_compares_rules() {
     let text = std::fs::read_to_string("config/rules.default.toml")
         .unwrap()
         .replace("enter = 25.0", "enter = 30.0")
-        .replace("version = \"default-2026.11.1\"", "version = \"strict-1\"");
+        .replace("version = \"default-2026.11.2\"", "version = \"strict-1\"");
     std::fs::write(&strict, text).unwrap();
     let (code, stdout, stderr) = leadscore(
         &[

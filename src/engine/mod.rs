@@ -835,7 +835,7 @@ impl Engine {
         let before = Segment::of(s);
         let before_opted = opted_out(s);
         let before_resting = s.resting_until.is_some();
-        if !s.armed && self.total_at(s, te) < rules.handoff.rearm_below {
+        if !s.armed && self.total_at(s, te) < rules.handoff.rearm_below - rules::SCORE_TOLERANCE {
             s.armed = true;
         }
 
@@ -1065,7 +1065,7 @@ impl Engine {
         s.armed
             && s.status.in_nurture()
             && !all_opted_out(s)
-            && scores.total >= h.min_score
+            && scores.total >= h.min_score - rules::SCORE_TOLERANCE
             && grade_ok
             && self
                 .rules

@@ -16,6 +16,11 @@ pub const DEFAULT_RULES: &str = include_str!("../../config/rules.default.toml");
 /// Most decay groups (the default group included).
 pub const MAX_GROUPS: usize = 16;
 
+/// Scores are exact to this many points (they are read from exact integer
+/// sums through floating point): a score this close to a threshold counts as
+/// on it, so 25 points enter a segment whose `enter` is 25.
+pub const SCORE_TOLERANCE: f64 = 1e-6;
+
 /// A rules file as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -608,9 +613,9 @@ pub struct FitRule {
 pub struct Tier {
     /// Name.
     pub name: String,
-    /// Enter threshold (−∞ for the lowest).
+    /// Enter threshold (−∞ for the lowest), less [`SCORE_TOLERANCE`].
     pub enter: f64,
-    /// Exit threshold (−∞ for the lowest).
+    /// Exit threshold (−∞ for the lowest), less [`SCORE_TOLERANCE`].
     pub exit: f64,
     /// Minimum dwell in ms before moving down.
     pub min_dwell_ms: Millis,
@@ -1005,8 +1010,8 @@ fn compile_tiers(segments: &[SegmentConfig], problems: &mut Vec<String>) -> Vec<
         };
         tiers.push(Tier {
             name: s.name.clone(),
-            enter,
-            exit,
+            enter: enter - SCORE_TOLERANCE,
+            exit: exit - SCORE_TOLERANCE,
             min_dwell_ms: s.min_dwell.map(ms).unwrap_or(0),
         });
     }

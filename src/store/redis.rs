@@ -38,7 +38,7 @@ const LOAD: &str = r"
 local e = redis.call('HGET', KEYS[1], 'epoch')
 if not e then return {0} end
 if e ~= ARGV[1] then return {1, e} end
-local out = {2}
+local out = {3}
 for i = 2, #KEYS do
   out[i] = redis.call('GET', KEYS[i]) or false
 end

@@ -124,12 +124,13 @@ pub fn score(lines: &[String], rules: Arc<Rules>, config: EngineConfig) -> Score
         };
         shard.push(&msg, decoders[input].decode(msg.payload, None), &mut stats);
     }
-    for input in 0..topics.len() {
-        shard.set_idle(input, true);
-    }
     let mut sink = MemorySink::default();
     let encoder = Encoder::new(Format::Json);
     loop {
+        // Everything is read: an input that ran dry never holds the others back.
+        for input in 0..topics.len() {
+            shard.set_idle(input, true);
+        }
         let mut ctx = Ctx {
             engine: &engine,
             store: &store,
@@ -144,9 +145,6 @@ pub fn score(lines: &[String], rules: Arc<Rules>, config: EngineConfig) -> Score
                 rejected.push((0, format!("replay stopped: {e}")));
                 break;
             }
-        }
-        if shard.buffered() == 0 {
-            break;
         }
     }
     for (topic, _, offset, reason, _) in sink.dead.lock().iter() {

@@ -111,11 +111,11 @@ impl Redis {
         *self = Self::spawn(self.port, dir);
     }
 
-    /// Every lead state under `prefix`, by key.
+    /// Every lead and visitor state under `prefix`, by key (`{pN}:l:<id>`).
     pub fn leads(&self, prefix: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
         let mut conn = self.conn();
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}lead:*"))
+            .arg(format!("{prefix}{{p*}}:[la]:*"))
             .query(&mut conn)
             .unwrap();
         keys.into_iter()
@@ -124,6 +124,40 @@ impl Redis {
                 (k[prefix.len()..].to_owned(), v)
             })
             .collect()
+    }
+
+    /// The state of one lead, wherever its shard is.
+    pub fn lead(&self, prefix: &str, id: &str) -> Option<Vec<u8>> {
+        let suffix = format!(":l:{id}");
+        self.leads(prefix)
+            .into_iter()
+            .find(|(k, _)| k.ends_with(&suffix))
+            .map(|(_, v)| v)
+    }
+
+    /// Stored positions: `topic/partition` -> next offset.
+    pub fn positions(&self, prefix: &str) -> std::collections::BTreeMap<String, i64> {
+        let mut conn = self.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}{{p*}}:meta"))
+            .query(&mut conn)
+            .unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for k in keys {
+            let shard: String = k[prefix.len() + 2..]
+                .split('}')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let fields: std::collections::HashMap<String, String> =
+                redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
+            for (f, v) in fields {
+                if let Some(topic) = f.strip_prefix("pos:") {
+                    out.insert(format!("{topic}/{shard}"), v.parse().unwrap());
+                }
+            }
+        }
+        out
     }
 
     pub fn conn(&self) -> redis::Connection {
@@ -494,7 +528,7 @@ impl Service {
     /// The sum of a counter's samples in /metrics.
     pub fn counter(&self, name: &str) -> u64 {
         let (_, body) = self.get("/metrics").expect("metrics");
-        leadscore::demo::sum_counter(&body, name)
+        leadscore::metrics::sum_counter(&body, name)
     }
 
     /// Waits until `events_consumed + dead_lettered + duplicates` reaches `n`.
@@ -568,4 +602,41 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
 
 pub fn json(m: &OwnedMessage) -> serde_json::Value {
     serde_json::from_slice(m.payload().unwrap_or_default()).unwrap()
+}
+
+/// Asserts two sets of stored lead states are equal, showing the first
+/// differing lead field by field.
+pub fn assert_same_leads(
+    got: &std::collections::BTreeMap<String, Vec<u8>>,
+    want: &std::collections::BTreeMap<String, Vec<u8>>,
+    what: &str,
+) {
+    if got == want {
+        return;
+    }
+    let engine = leadscore::engine::Engine::new(
+        std::sync::Arc::new(leadscore::engine::Rules::default_rules()),
+        leadscore::engine::EngineConfig::default(),
+    );
+    let keys: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
+    let differing: Vec<&&String> = keys
+        .iter()
+        .filter(|k| got.get(**k) != want.get(**k))
+        .collect();
+    let first = differing[0];
+    let show = |b: Option<&Vec<u8>>| {
+        b.map_or_else(
+            || "absent".to_owned(),
+            |b| format!("{:#?}", engine.decode(b)),
+        )
+    };
+    panic!(
+        "{what}: {} of {} leads differ (got {}, want {}); first {first}:\n got: {}\nwant: {}",
+        differing.len(),
+        want.len(),
+        got.len(),
+        want.len(),
+        show(got.get(*first)),
+        show(want.get(*first)),
+    );
 }
