@@ -7,12 +7,17 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use apache_avro::Schema;
 use apache_avro::types::Value;
+use parking_lot::RwLock;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{ContractError, Event, EventType, Source, parse_rfc3339, truncate};
+use crate::registry::{self, Registry};
 
 /// Largest accepted payload, in bytes. Bigger messages are dead-lettered unread.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -50,6 +55,14 @@ pub enum DecodeError {
     /// The payload decoded but breaks the event contract.
     #[error("contract violation: {0}")]
     Contract(#[from] ContractError),
+    /// A Schema Registry frame whose schema id is unknown, or whose writer
+    /// schema leadscore cannot read (poison).
+    #[error("schema registry: {0}")]
+    Registry(String),
+    /// The Schema Registry cannot be reached: not poison; the message is held
+    /// and decoded again later.
+    #[error("{0}")]
+    RegistryUnavailable(String),
 }
 
 impl DecodeError {
@@ -61,7 +74,13 @@ impl DecodeError {
             DecodeError::Json(_) => "json",
             DecodeError::Avro(_) => "avro",
             DecodeError::Contract(_) => "contract",
+            DecodeError::Registry(_) | DecodeError::RegistryUnavailable(_) => "registry",
         }
+    }
+
+    /// Whether decoding again later may succeed (the message is not poison).
+    pub fn retryable(&self) -> bool {
+        matches!(self, DecodeError::RegistryUnavailable(_))
     }
 }
 
@@ -93,6 +112,9 @@ pub struct Decoder {
     format: Format,
     avro: Option<Schema>,
     contract: Contract,
+    registry: Option<Arc<Registry>>,
+    /// Per writer schema id: whether leadscore can read data written with it.
+    readable: Arc<RwLock<HashMap<u32, Result<(), String>>>>,
 }
 
 impl Decoder {
@@ -101,13 +123,22 @@ impl Decoder {
         // A hostile length prefix must not make the Avro reader allocate
         // more than a payload can hold (the first call sets it process-wide).
         apache_avro::max_allocation_bytes(MAX_PAYLOAD_BYTES * 4);
-        let avro = (format == Format::Avro).then(|| input_schema(source));
+        let avro =
+            matches!(format, Format::Avro | Format::AvroRegistry).then(|| input_schema(source));
         Decoder {
             source,
             format,
             avro,
             contract,
+            registry: None,
+            readable: Arc::default(),
         }
+    }
+
+    /// Reads Schema Registry frames through `registry`.
+    pub fn with_registry(mut self, registry: Option<Arc<Registry>>) -> Self {
+        self.registry = registry;
+        self
     }
 
     /// The family this decoder reads.
@@ -129,12 +160,51 @@ impl Decoder {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
         let event = match (&self.format, &self.avro) {
-            (Format::Avro, Some(schema)) => decode_avro(self.source, schema, bytes)?,
+            (Format::Avro, Some(schema)) => decode_avro(self.source, schema, None, bytes)?,
+            (Format::AvroRegistry, Some(reader)) => {
+                let (id, datum) = registry::unframe(bytes).map_err(DecodeError::Registry)?;
+                let writer = self.writer_schema(id, reader)?;
+                decode_avro(self.source, &writer, Some(reader), datum)?
+            }
             _ => decode_json(self.source, bytes)?,
         };
         let event = event.validate()?;
         self.check(&event, timestamp)?;
         Ok(event)
+    }
+
+    /// The writer schema of a frame's id, checked once to be readable as `reader`.
+    fn writer_schema(&self, id: u32, reader: &Schema) -> Result<Arc<Schema>, DecodeError> {
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| DecodeError::Registry("no schema registry configured".into()))?;
+        let writer = registry.schema(id).map_err(|e| {
+            if e.retryable() {
+                DecodeError::RegistryUnavailable(e.to_string())
+            } else {
+                DecodeError::Registry(e.to_string())
+            }
+        })?;
+        let known = self.readable.read().get(&id).cloned();
+        let verdict = match known {
+            Some(v) => v,
+            None => {
+                let v = apache_avro::schema_compatibility::SchemaCompatibility::can_read(
+                    &writer, reader,
+                )
+                .map_err(|e| {
+                    format!(
+                        "schema id {id} cannot be read as leadscore's {} schema: {e}",
+                        self.source
+                    )
+                });
+                self.readable.write().insert(id, v.clone());
+                v
+            }
+        };
+        verdict.map_err(DecodeError::Registry)?;
+        Ok(writer)
     }
 
     /// The checks that need configuration: channel names and future dates.
@@ -258,11 +328,12 @@ fn parse_type(source: Source, kind: &str) -> Result<EventType, ContractError> {
 
 fn decode_avro(
     source: Source,
-    schema: &Schema,
+    writer: &Schema,
+    reader_schema: Option<&Schema>,
     bytes: &[u8],
 ) -> Result<Event<'static>, DecodeError> {
     let mut reader = bytes;
-    let value = apache_avro::from_avro_datum(schema, &mut reader, None)
+    let value = apache_avro::from_avro_datum(writer, &mut reader, reader_schema)
         .map_err(|e| DecodeError::Avro(e.to_string()))?;
     if !reader.is_empty() {
         return Err(DecodeError::Avro(format!(

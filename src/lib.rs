@@ -36,6 +36,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod output;
+pub mod registry;
 pub mod service;
 pub mod settings;
 pub mod shard;

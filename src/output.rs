@@ -163,6 +163,8 @@ pub struct Encoder {
     format: Format,
     change_schema: Schema,
     handoff_schema: Schema,
+    /// Schema Registry ids of the two output schemas (`avro-registry`).
+    registry_ids: Option<(u32, u32)>,
 }
 
 /// Output schemas as shipped in `schemas/`.
@@ -182,7 +184,14 @@ impl Encoder {
             format,
             change_schema,
             handoff_schema,
+            registry_ids: None,
         }
+    }
+
+    /// Frames Avro outputs with these Schema Registry ids (segment changes, hand-offs).
+    pub fn with_registry_ids(mut self, change: u32, handoff: u32) -> Self {
+        self.registry_ids = Some((change, handoff));
+        self
     }
 
     /// The published form of a decision.
@@ -244,9 +253,17 @@ impl Encoder {
             Decision::Expire { at } => (OutputKind::SegmentChange, *at),
         };
         let described = Encoder::describe(engine, lead, d);
-        let payload = match self.format {
-            Format::Json => described.to_json(),
-            Format::Avro | Format::AvroRegistry => self.to_avro(&described, d),
+        let payload = match (self.format, self.registry_ids) {
+            (Format::Json, _) => described.to_json(),
+            (Format::AvroRegistry, Some((change, handoff))) => {
+                let id = if kind == OutputKind::SegmentChange {
+                    change
+                } else {
+                    handoff
+                };
+                crate::registry::frame(id, &self.to_avro(&described, d))
+            }
+            (Format::Avro | Format::AvroRegistry, _) => self.to_avro(&described, d),
         };
         Record {
             kind,

@@ -13,7 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::decode::{Contract, Decoder};
+use crate::decode::{Contract, Decoder, Format};
 use crate::engine::{Engine, EngineConfig};
 use crate::event::Source;
 use crate::http::{self, AppState};
@@ -23,6 +23,7 @@ use crate::kafka::worker::Worker;
 use crate::kafka::{consumer_config, producer_config, sink};
 use crate::metrics::Metrics;
 use crate::output::Encoder;
+use crate::registry::Registry;
 use crate::settings::{Backend, Loaded, Settings};
 use crate::shard::ShardConfig;
 use crate::shard::cache::Limit;
@@ -88,7 +89,7 @@ pub fn inputs(s: &Settings) -> (Arc<[Arc<str>]>, Arc<[Source]>) {
 }
 
 /// The decoders of the input topics, in merge order.
-pub fn decoders(s: &Settings, engine: &Engine) -> Vec<Decoder> {
+pub fn decoders(s: &Settings, engine: &Engine, registry: Option<&Arc<Registry>>) -> Vec<Decoder> {
     let contract = Contract {
         channels: engine.rules().channels.clone().into(),
         future_tolerance_ms: s.event_time.future_tolerance_ms as i64,
@@ -97,8 +98,51 @@ pub fn decoders(s: &Settings, engine: &Engine) -> Vec<Decoder> {
         .topics
         .inputs()
         .iter()
-        .map(|(source, _)| Decoder::new(*source, s.kafka.formats.of(*source), contract.clone()))
+        .map(|(source, _)| {
+            Decoder::new(*source, s.kafka.formats.of(*source), contract.clone())
+                .with_registry(registry.cloned())
+        })
         .collect()
+}
+
+/// Whether any topic uses the Schema Registry wire format.
+pub fn uses_registry(s: &Settings) -> bool {
+    Source::ALL
+        .iter()
+        .map(|src| s.kafka.formats.of(*src))
+        .chain([s.kafka.formats.outputs])
+        .any(|f| f == Format::AvroRegistry)
+}
+
+/// The output encoder; with `avro-registry` outputs, leadscore's output
+/// schemas are registered (or found) under `<topic>-value` first, retrying
+/// while the registry cannot be reached, for at most `patience`.
+pub fn encoder(
+    s: &Settings,
+    registry: Option<&Registry>,
+    patience: Duration,
+) -> anyhow::Result<Encoder> {
+    let encoder = Encoder::new(s.kafka.formats.outputs);
+    let (Format::AvroRegistry, Some(registry)) = (s.kafka.formats.outputs, registry) else {
+        return Ok(encoder);
+    };
+    let (change, handoff) = crate::output::output_schemas();
+    let deadline = std::time::Instant::now() + patience;
+    let mut policy = crate::writer::Policy::default();
+    let mut register = |topic: &str, schema| loop {
+        match registry.register(&format!("{topic}-value"), schema) {
+            Ok(id) => return Ok(id),
+            Err(e) if e.retryable() && std::time::Instant::now() < deadline => {
+                warn!(error = %e, topic, "Cannot register the output schema yet; retrying.");
+                std::thread::sleep(policy.backoff());
+            }
+            Err(e) => return Err(anyhow::anyhow!("schema registry: {e}")),
+        }
+    };
+    let change_id = register(&s.kafka.topics.segment_changes, &change)?;
+    let handoff_id = register(&s.kafka.topics.handoffs, &handoff)?;
+    info!(change_id, handoff_id, "Output schemas registered.");
+    Ok(encoder.with_registry_ids(change_id, handoff_id))
 }
 
 /// The shard settings.
@@ -145,7 +189,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let s = Arc::new(loaded.settings);
     let metrics = Metrics::new();
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new());
     let stores = Stores::from_settings(&s)?;
     let setup_store = stores.make();
     let engine = {
@@ -203,14 +247,25 @@ pub async fn run(
             .create_with_context(context)
             .context("creating the consumer")?,
     );
-    let encoder = Encoder::new(s.kafka.formats.outputs);
+    let registry = if uses_registry(&s) {
+        Some(Arc::new(
+            Registry::new(&s.schema_registry).context("schema_registry")?,
+        ))
+    } else {
+        None
+    };
+    let encoder = {
+        let (s2, reg) = (Arc::clone(&s), registry.clone());
+        tokio::task::spawn_blocking(move || encoder(&s2, reg.as_deref(), Duration::from_secs(30)))
+            .await??
+    };
     let mut handles = Vec::with_capacity(workers);
     for (id, sink) in sinks.into_iter().enumerate() {
         handles.push(
             Worker::spawn(
                 id,
                 Arc::clone(&rt),
-                decoders(&s, &engine),
+                decoders(&s, &engine, registry.as_ref()),
                 encoder.clone(),
                 stores.make(),
                 stores.make(),

@@ -364,8 +364,8 @@ impl Default for HttpSettings {
         HttpSettings {
             listen: "0.0.0.0:8080".into(),
             auth_token: None,
-            max_connections: 256,
-            header_read_timeout_ms: 10_000,
+            max_connections: 4096,
+            header_read_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
         }
     }
@@ -441,48 +441,49 @@ impl Settings {
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Loaded, SettingsError> {
         let mut problems = Vec::new();
-        let mut merged = toml::Value::try_from(Settings::default())
-            .expect("defaults serialize")
-            .as_table()
-            .cloned()
-            .unwrap_or_default();
+        // Layers, lowest first: built-in defaults, the file, the environment.
+        let defaults = toml::to_string(&Settings::default()).expect("defaults serialize");
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(&defaults, config::FileFormat::Toml));
         if let Some(path) = file {
-            match std::fs::read_to_string(path) {
-                Ok(text) => match text.parse::<toml::Table>() {
-                    Ok(table) => merge(&mut merged, table),
-                    Err(e) => problems.push(format!("{}: {e}", path.display())),
-                },
-                Err(e) => problems.push(format!("{}: {e}", path.display())),
+            if std::fs::metadata(path).is_err() {
+                return Err(SettingsError(vec![format!(
+                    "{}: cannot read the config file",
+                    path.display()
+                )]));
             }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
+        let mut env = config::Map::new();
         for (key, value) in vars {
-            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+            if !key.starts_with(ENV_PREFIX) {
                 continue;
-            };
-            let mut path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            let passthrough = path.len() == 3
-                && path[0] == "kafka"
-                && (path[1] == "consumer" || path[1] == "producer");
-            if passthrough {
-                path[2] = path[2].replace('_', ".");
             }
-            if path.iter().any(String::is_empty) {
+            if key[ENV_PREFIX.len()..].split("__").any(str::is_empty) {
                 problems.push(format!("{key}: malformed variable name"));
                 continue;
             }
-            // librdkafka properties are strings, whatever they look like.
-            let value = if passthrough {
-                toml::Value::String(value)
-            } else {
-                env_value(&value)
-            };
-            set_path(&mut merged, &path, value);
+            env.insert(key, value);
         }
+        // `__` separates levels; values stay strings (a group id "123" stays
+        // a string) and are converted only where a setting is a number or a
+        // boolean.
+        builder = builder.add_source(
+            config::Environment::with_prefix("LEADSCORE")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env)),
+        );
+        let sections: BTreeMap<String, config::Value> =
+            match builder.build().and_then(|c| c.try_deserialize()) {
+                Ok(m) => m,
+                Err(e) => return Err(SettingsError(vec![e.to_string()])),
+            };
 
         let mut settings = Settings::default();
-        for (section, value) in &merged {
+        for (section, value) in sections {
             let at = section.as_str();
-            let v = value.clone();
+            let v = value;
             let result = match at {
                 "kafka" => section_into(v, at, &mut settings.kafka),
                 "redis" => section_into(v, at, &mut settings.redis),
@@ -501,6 +502,20 @@ impl Settings {
             if let Err(e) = result {
                 problems.push(e);
             }
+        }
+        // librdkafka properties set from the environment arrive with `_`
+        // where the property has `.` (LEADSCORE__KAFKA__CONSUMER__SASL_PASSWORD).
+        for map in [&mut settings.kafka.consumer, &mut settings.kafka.producer] {
+            *map = std::mem::take(map)
+                .into_iter()
+                .map(|(k, v)| {
+                    if k.contains('.') {
+                        (k, v)
+                    } else {
+                        (k.replace('_', "."), v)
+                    }
+                })
+                .collect();
         }
         problems.extend(settings.check());
         let rules = match &settings.scoring.rules_file {
@@ -785,7 +800,7 @@ pub fn mask_url(url: &str) -> String {
 }
 
 fn section_into<T: DeserializeOwned>(
-    value: toml::Value,
+    value: config::Value,
     at: &str,
     target: &mut T,
 ) -> Result<(), String> {
@@ -805,59 +820,6 @@ fn section_into<T: DeserializeOwned>(
             }
         }
     }
-}
-
-fn env_value(raw: &str) -> toml::Value {
-    // Numbers and booleans keep their type; everything else is a string.
-    if let Ok(i) = raw.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    if let Ok(f) = raw.parse::<f64>()
-        && raw.contains('.')
-    {
-        return toml::Value::Float(f);
-    }
-    match raw {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(raw.to_owned()),
-    }
-}
-
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
-    }
-}
-
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    let (last, parents) = path.split_last().expect("non-empty path");
-    let mut cur = table;
-    for p in parents {
-        let entry = cur
-            .entry(p.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if !entry.is_table() {
-            *entry = toml::Value::Table(toml::Table::new());
-        }
-        cur = entry.as_table_mut().expect("just made a table");
-    }
-    // Keep a string where the existing setting is a string (e.g. a group id "123").
-    let value = match (cur.get(last), value) {
-        (Some(toml::Value::String(_)), v) if !v.is_str() => toml::Value::String(match v {
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => other.to_string(),
-        }),
-        (_, v) => v,
-    };
-    cur.insert(last.clone(), value);
 }
 
 #[cfg(test)]

@@ -27,15 +27,26 @@ pub struct Health {
     pub store_up: AtomicBool,
     /// A fatal error occurred: the process is stopping.
     pub failed: AtomicBool,
+    /// The Schema Registry answers (or is not used).
+    pub registry_up: AtomicBool,
     /// Wall ms of the consumer loop's last turn.
     pub heartbeat_ms: AtomicI64,
 }
 
 impl Health {
-    /// Ready to consume: running, the store answers, nothing failed.
+    /// A health record with the store and registry assumed up.
+    pub fn new() -> Self {
+        Health {
+            registry_up: AtomicBool::new(true),
+            ..Health::default()
+        }
+    }
+
+    /// Ready to consume: running, the store and registry answer, nothing failed.
     pub fn ready(&self) -> bool {
         self.running.load(Ordering::SeqCst)
             && self.store_up.load(Ordering::SeqCst)
+            && self.registry_up.load(Ordering::SeqCst)
             && !self.failed.load(Ordering::SeqCst)
     }
 
@@ -95,9 +106,11 @@ pub struct Runtime {
     pub board: Mutex<HashMap<ShardId, ShardGauges>>,
     /// Lead caches per shard owned (HTTP lookups).
     pub caches: RwLock<HashMap<ShardId, Arc<Mutex<LeadCache>>>>,
-    /// Consumer lag per (topic, partition), from librdkafka statistics.
+    /// Messages the broker has that were not fetched yet, per (topic,
+    /// partition), from librdkafka statistics.
     pub lag: Mutex<HashMap<(String, i32), i64>>,
     partitions: AtomicI32,
+    rejoin: AtomicBool,
     fatal: Mutex<Option<String>>,
     cancel: CancellationToken,
 }
@@ -141,6 +154,7 @@ impl Runtime {
             caches: RwLock::new(HashMap::new()),
             lag: Mutex::new(HashMap::new()),
             partitions: AtomicI32::new(0),
+            rejoin: AtomicBool::new(false),
             fatal: Mutex::new(None),
             cancel,
         }
@@ -169,6 +183,18 @@ impl Runtime {
         self.fatal.lock().clone()
     }
 
+    /// Asks the consumer to leave the group and join again: a shard was
+    /// fenced while the group still counts this member as its owner, so its
+    /// partitions must be handed back for the group to reassign them.
+    pub fn request_rejoin(&self) {
+        self.rejoin.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes a pending rejoin request.
+    pub fn take_rejoin(&self) -> bool {
+        self.rejoin.swap(false, Ordering::SeqCst)
+    }
+
     /// The input topics' partition count (0 until the topics were checked).
     pub fn partitions(&self) -> i32 {
         self.partitions.load(Ordering::SeqCst)
@@ -188,7 +214,14 @@ impl Runtime {
     pub fn set_store_up(&self, up: bool) {
         self.health.store_up.store(up, Ordering::SeqCst);
         self.metrics.redis_up.set(i64::from(up));
-        self.metrics.paused.set(i64::from(!up));
+        self.refresh_ready();
+    }
+
+    /// Recomputes the readiness and paused gauges.
+    pub fn refresh_ready(&self) {
+        let paused = !self.health.store_up.load(Ordering::SeqCst)
+            || !self.health.registry_up.load(Ordering::SeqCst);
+        self.metrics.paused.set(i64::from(paused));
         self.metrics.ready.set(i64::from(self.health.ready()));
     }
 
@@ -204,7 +237,7 @@ impl Runtime {
     }
 
     /// Whether an input partition has nothing left to fetch, as far as the
-    /// last statistics tell (no statistics: assumed so).
+    /// last statistics tell (none yet: assumed not).
     pub fn caught_up(&self, input: usize, shard: ShardId) -> bool {
         let Some(topic) = self.inputs.get(input) else {
             return true;
@@ -212,7 +245,7 @@ impl Runtime {
         self.lag
             .lock()
             .get(&(topic.to_string(), shard))
-            .is_none_or(|lag| *lag <= 0)
+            .is_some_and(|lag| *lag <= 0)
     }
 
     /// Turns the board into gauges (called about once a second).

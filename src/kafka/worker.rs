@@ -98,9 +98,16 @@ pub struct Handle {
 struct Owned {
     shard: Shard,
     queues: Vec<Queue>,
+    /// Per input: when quiet time started counting (the last message, or the
+    /// last time the worker started watching the queue again).
     last_message: Vec<Instant>,
+    /// Per input: when its queue was last polled.
+    last_poll: Vec<Instant>,
     blocked_until: Option<Instant>,
     written: Option<(Vec<(Arc<str>, i64)>, i64)>,
+    /// A message per input that could not be decoded yet (the Schema
+    /// Registry was unreachable): it is retried before that input is read on.
+    held: Vec<Option<OwnedMessage>>,
 }
 
 /// One worker.
@@ -210,20 +217,20 @@ impl Worker {
                 let n = queues.len();
                 self.rt
                     .register_cache(shard.id(), Arc::clone(shard.cache()));
+                let mut queues = queues;
+                for q in &mut queues {
+                    let w = Arc::clone(&self.wake);
+                    q.set_nonempty_callback(move || w.notify());
+                }
                 self.shards.push(Owned {
                     shard: *shard,
                     queues,
                     last_message: vec![Instant::now(); n],
+                    last_poll: vec![Instant::now(); n],
                     blocked_until: None,
                     written: None,
+                    held: (0..n).map(|_| None).collect(),
                 });
-                for o in &mut self.shards {
-                    let wake = Arc::clone(&self.wake);
-                    for q in &mut o.queues {
-                        let w = Arc::clone(&wake);
-                        q.set_nonempty_callback(move || w.notify());
-                    }
-                }
             }
             Control::Drain {
                 shards,
@@ -268,28 +275,62 @@ impl Worker {
         let idle_after = self.rt.idle_timeout;
         let batch = self.rt.batch_max;
         let mut busy = false;
+        let mut registry_down: Option<String> = None;
         let mut failures: Vec<(usize, ShardError)> = Vec::new();
         for (n, o) in self.shards.iter_mut().enumerate() {
             if o.blocked_until.is_some_and(|t| now < t) {
                 continue;
             }
+            if o.blocked_until.take().is_some() {
+                // Quiet time counts only while the shard reads: an input left
+                // unread while the store was down is not idle.
+                o.last_message.fill(now);
+            }
             // Bounded memory: read only while the merge holds less than a batch per input.
             for (input, q) in o.queues.iter().enumerate() {
+                // Quiet time counts only while the queue is watched: after a
+                // gap (a drain, a blocked shard, a long batch) it starts again.
+                if now.duration_since(o.last_poll[input]) > Duration::from_millis(500) {
+                    o.last_message[input] = now;
+                }
+                o.last_poll[input] = now;
                 if o.shard.queued_in(input) >= batch {
                     continue;
+                }
+                if let Some(m) = o.held[input].take() {
+                    let msg = InMessage {
+                        input,
+                        offset: m.offset(),
+                        key: m.key(),
+                        payload: m.payload(),
+                        timestamp: m.timestamp().to_millis(),
+                    };
+                    match self.decoders[input].decode(msg.payload, msg.timestamp) {
+                        Err(e) if e.retryable() => {
+                            o.held[input] = Some(m);
+                            registry_down = Some(e.to_string());
+                            continue;
+                        }
+                        decoded => o.shard.push(&msg, decoded, &mut self.stats),
+                    }
                 }
                 let mut read = 0;
                 while read < batch {
                     match q.poll(Duration::ZERO) {
                         Some(Ok(m)) => {
                             read += 1;
-                            push(
+                            if let Some(error) = push(
                                 &mut o.shard,
                                 &self.decoders[input],
                                 input,
                                 &m,
                                 &mut self.stats,
-                            );
+                            ) {
+                                // Not poison: keep it, and read this input on only once it decodes.
+                                o.held[input] = Some(m.detach());
+                                registry_down = Some(error);
+                                break;
+                            }
                         }
                         Some(Err(e)) => {
                             warn!(error = %e, shard = o.shard.id(), input, "Consumer error.");
@@ -306,7 +347,17 @@ impl Worker {
                     || (read == 0
                         && now.duration_since(o.last_message[input]) >= idle_after
                         && self.rt.caught_up(input, o.shard.id()));
+                let was = o.shard.is_idle(input);
                 o.shard.set_idle(input, idle);
+                if was != o.shard.is_idle(input) {
+                    debug!(
+                        shard = o.shard.id(),
+                        input,
+                        idle = !was,
+                        quiet_ms = now.duration_since(o.last_message[input]).as_millis() as u64,
+                        "Input idleness changed."
+                    );
+                }
             }
             let mut ctx = Ctx {
                 engine: &self.engine,
@@ -320,10 +371,7 @@ impl Worker {
                 .step(&mut ctx, batch * 4)
                 .and_then(|n| Ok(n + o.shard.idle_tick(&mut ctx, wall, batch * 4)?));
             match result {
-                Ok(k) => {
-                    busy |= k > 0;
-                    o.blocked_until = None;
-                }
+                Ok(k) => busy |= k > 0,
                 Err(e) => failures.push((n, e)),
             }
         }
@@ -331,8 +379,29 @@ impl Worker {
             busy = true;
             self.on_step_error(n, e);
         }
-        if busy {
-            self.rt.set_store_up(true);
+        let held = self
+            .shards
+            .iter()
+            .any(|o| o.held.iter().any(Option::is_some));
+        if let Some(error) = &registry_down {
+            if self
+                .rt
+                .health
+                .registry_up
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                warn!(%error, "Schema registry unreachable; holding the affected inputs until it answers (nothing is dead-lettered).");
+            }
+            self.rt.refresh_ready();
+        } else if !held
+            && !self
+                .rt
+                .health
+                .registry_up
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            info!("Schema registry answers again.");
+            self.rt.refresh_ready();
         }
         busy
     }
@@ -427,6 +496,12 @@ impl Worker {
                 self.policy.reset();
                 self.write_blocked_until = None;
                 self.rt.set_store_up(true);
+                // The store answers: shards held back by a failed load may read again.
+                for o in &mut self.shards {
+                    if o.blocked_until.take().is_some() {
+                        o.last_message.fill(Instant::now());
+                    }
+                }
                 self.rt
                     .metrics
                     .flush_seconds
@@ -600,13 +675,15 @@ impl Worker {
     }
 }
 
+/// Decodes and queues one message; a retryable decoding failure (the Schema
+/// Registry is unreachable) queues nothing and is returned.
 fn push(
     shard: &mut Shard,
     decoder: &Decoder,
     input: usize,
     m: &BorrowedMessage<'_>,
     stats: &mut StepStats,
-) {
+) -> Option<String> {
     let msg = InMessage {
         input,
         offset: m.offset(),
@@ -614,6 +691,11 @@ fn push(
         payload: m.payload(),
         timestamp: m.timestamp().to_millis(),
     };
-    let decoded = decoder.decode(msg.payload, msg.timestamp);
-    shard.push(&msg, decoded, stats);
+    match decoder.decode(msg.payload, msg.timestamp) {
+        Err(e) if e.retryable() => Some(e.to_string()),
+        decoded => {
+            shard.push(&msg, decoded, stats);
+            None
+        }
+    }
 }

@@ -333,6 +333,11 @@ impl Shard {
         self.merge.set_idle(input, idle);
     }
 
+    /// Whether an input is idle.
+    pub fn is_idle(&self, input: usize) -> bool {
+        self.merge.is_idle(input)
+    }
+
     /// Whether every input is idle.
     pub fn all_idle(&self) -> bool {
         self.merge.all_idle()
@@ -440,6 +445,14 @@ impl Shard {
         }
         let target = wall.saturating_sub(self.config.allowed_lateness_ms);
         if target > self.clock {
+            if target - self.clock > 60_000 {
+                tracing::debug!(
+                    shard = self.id,
+                    from = self.clock,
+                    to = target,
+                    "All inputs idle: the shard's clock follows the wall clock."
+                );
+            }
             self.clock = target;
         }
         self.step(ctx, budget)

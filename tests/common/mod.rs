@@ -74,9 +74,19 @@ impl Redis {
         Self::spawn(free_port(), Some(tempfile::tempdir().unwrap()))
     }
 
+    /// A Redis with extra server arguments (e.g. `--maxmemory-policy allkeys-lru`).
+    pub fn start_with(extra: &[&str]) -> Redis {
+        Self::spawn_with(free_port(), None, extra)
+    }
+
     fn spawn(port: u16, dir: Option<tempfile::TempDir>) -> Redis {
+        Self::spawn_with(port, dir, &[])
+    }
+
+    fn spawn_with(port: u16, dir: Option<tempfile::TempDir>, extra: &[&str]) -> Redis {
         let port_s = port.to_string();
         let mut args = vec!["--port", &port_s, "--bind", "127.0.0.1", "--save", ""];
+        args.extend_from_slice(extra);
         let dir_s = dir.as_ref().map(|d| d.path().display().to_string());
         match &dir_s {
             Some(d) => args.extend([
@@ -186,6 +196,8 @@ pub struct Broker {
     pub brokers: String,
     dir: tempfile::TempDir,
     storage: String,
+    /// SCRAM credentials every client of this broker uses, if it requires them.
+    pub sasl: Option<(String, String)>,
 }
 
 impl Broker {
@@ -199,23 +211,76 @@ impl Broker {
             free_port(),
             "sqlite://tansu.db".into(),
             tempfile::tempdir().unwrap(),
+            false,
         )
     }
 
-    fn start_with(port: u16, storage: String, dir: tempfile::TempDir) -> Broker {
+    /// A broker requiring SASL/SCRAM-SHA-256 from every client: `topics` are
+    /// created and the user is made while it runs without authentication
+    /// (tansu's own client cannot authenticate), then it restarts with it.
+    pub fn start_sasl(topics: &[&str], partitions: i32, user: &str, password: &str) -> Broker {
+        let open = Self::start();
+        open.create_topics(topics, partitions);
+        let status = Command::new(tansu_binary())
+            .current_dir(open.dir.path())
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", open.port),
+                "--mechanism",
+                "scram256",
+                user,
+                password,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "tansu user create");
+        let mut me = open;
+        let _ = me.child.kill();
+        let _ = me.child.wait();
+        let (port, storage) = (me.port, me.storage.clone());
+        let dir = std::mem::replace(&mut me.dir, tempfile::tempdir().unwrap());
+        let mut broker = Self::start_with(port, storage, dir, true);
+        broker.sasl = Some((user.to_owned(), password.to_owned()));
+        broker
+    }
+
+    /// Client properties for this broker (with SASL when it requires it).
+    pub fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        if let Some((user, password)) = &self.sasl {
+            c.set("security.protocol", "SASL_PLAINTEXT")
+                .set("sasl.mechanism", "SCRAM-SHA-256")
+                .set("sasl.username", user)
+                .set("sasl.password", password);
+        }
+        c
+    }
+
+    fn start_with(port: u16, storage: String, dir: tempfile::TempDir, auth: bool) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("broker.log"))
+            .unwrap();
+        let mut args = vec![
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            &storage,
+        ];
+        if auth {
+            args.push("--authentication");
+        }
         let mut child = Command::new(tansu_binary())
             .current_dir(dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                &storage,
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -227,6 +292,7 @@ impl Broker {
             brokers: format!("127.0.0.1:{port}"),
             dir,
             storage,
+            sasl: None,
         }
     }
 
@@ -235,9 +301,11 @@ impl Broker {
         let mut me = self;
         let _ = me.child.kill();
         let _ = me.child.wait();
-        let (port, storage) = (me.port, me.storage.clone());
+        let (port, storage, sasl) = (me.port, me.storage.clone(), me.sasl.clone());
         let dir = std::mem::replace(&mut me.dir, tempfile::tempdir().unwrap());
-        Self::start_with(port, storage, dir)
+        let mut broker = Self::start_with(port, storage, dir, sasl.is_some());
+        broker.sasl = sasl;
+        broker
     }
 
     pub fn create_topics(&self, topics: &[&str], partitions: i32) {
@@ -245,8 +313,8 @@ impl Broker {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(leadscore::kafka::create_topics(
-            &self.brokers,
+        rt.block_on(leadscore::kafka::create_topics_with(
+            &self.client(),
             topics,
             partitions,
         ))
@@ -254,8 +322,7 @@ impl Broker {
     }
 
     pub fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        self.client()
             .set("linger.ms", "1")
             .set("enable.idempotence", "true")
             .create()
@@ -288,8 +355,8 @@ impl Broker {
         count: usize,
         timeout: Duration,
     ) -> Vec<OwnedMessage> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let consumer: BaseConsumer = self
+            .client()
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
@@ -313,11 +380,7 @@ impl Broker {
 
     /// The group's committed offsets for a topic's partitions (-1 where none).
     pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", group)
-            .create()
-            .unwrap();
+        let consumer: BaseConsumer = self.client().set("group.id", group).create().unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition(topic, p);
@@ -456,6 +519,18 @@ impl Service {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        if let Some((user, password)) = &broker.sasl {
+            for side in ["CONSUMER", "PRODUCER"] {
+                for (k, v) in [
+                    ("SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+                    ("SASL_MECHANISM", "SCRAM-SHA-256"),
+                    ("SASL_USERNAME", user.as_str()),
+                    ("SASL_PASSWORD", password.as_str()),
+                ] {
+                    env.insert(format!("LEADSCORE__KAFKA__{side}__{k}"), v.to_owned());
+                }
+            }
+        }
         for (k, v) in extra {
             env.insert((*k).to_owned(), (*v).to_owned());
         }
@@ -639,4 +714,274 @@ pub fn assert_same_leads(
         show(got.get(*first)),
         show(want.get(*first)),
     );
+}
+
+/// One message of a workload: input index (web, adpixel, email, crm), partition, key, payload.
+pub type Msg = (usize, i32, String, Vec<u8>);
+
+/// A workload over the four input topics with the skew production has:
+/// web events in time order (a couple of seconds of jitter), ad-pixel events
+/// a minute behind, email engagement up to an hour behind web (provider
+/// webhooks, a lag that drifts between 0 and 60 minutes), and CRM updates in
+/// nightly syncs, up to a day behind. Two in a hundred events are produced
+/// twice (a producer retry). Returned in production order. Event times start
+/// on 2025-01-06, so every decay timer is long due by the time a run ends.
+pub fn skewed_workload(events: usize, leads: usize, partitions: i32, seed: u64) -> Vec<Msg> {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let start = 1_736_121_600_000_i64; // 2025-01-06T00:00:00Z
+    const DAY: i64 = 86_400_000;
+    let mut out: Vec<(i64, usize, i32, String, Vec<u8>)> = Vec::with_capacity(events + events / 40);
+    for i in 0..events {
+        let at = start + i as i64 * 30_000;
+        let lead = rng.random_range(0..leads);
+        let key = format!("lead-{lead}");
+        let partition = (lead % partitions as usize) as i32;
+        let pick = rng.random_range(0..100);
+        let (input, kind, attrs, channel): (usize, &str, serde_json::Value, Option<&str>) =
+            match pick {
+                0..20 => (
+                    0,
+                    "page_view",
+                    serde_json::json!({"url": "/menu", "utm_source": "google"}),
+                    None,
+                ),
+                20..32 => (0, "page_view", serde_json::json!({"url": "/pricing"}), None),
+                32..36 => (0, "page_view", serde_json::json!({"url": "/careers"}), None),
+                36..42 => (0, "booking_started", serde_json::json!({}), None),
+                42..46 => (0, "booking_abandoned", serde_json::json!({}), None),
+                46..50 => (
+                    0,
+                    "chat_message",
+                    serde_json::json!({"intent": "booking"}),
+                    None,
+                ),
+                50..52 => (0, "form_submit", serde_json::json!({}), None),
+                52 => (0, "booking_completed", serde_json::json!({}), None),
+                53..60 => (
+                    1,
+                    "impression",
+                    serde_json::json!({"campaign_id": "c1"}),
+                    None,
+                ),
+                60..65 => (1, "click", serde_json::json!({"ad_id": "a1"}), None),
+                65..67 => (1, "add_to_cart", serde_json::json!({}), None),
+                67..77 => (
+                    2,
+                    "delivered",
+                    serde_json::json!({}),
+                    if pick % 3 == 0 { Some("sms") } else { None },
+                ),
+                77..84 => (2, "open", serde_json::json!({}), None),
+                84..89 => (
+                    2,
+                    "click",
+                    serde_json::json!({"link_url": "/pricing"}),
+                    None,
+                ),
+                89..91 => (2, "reply", serde_json::json!({}), Some("zalo")),
+                91 => (2, "unsubscribe", serde_json::json!({}), None),
+                92..96 => (
+                    3,
+                    "profile_updated",
+                    serde_json::json!({"industry": "catering", "company_size": "120", "budget": "5000"}),
+                    None,
+                ),
+                96..98 => (
+                    3,
+                    "lifecycle_changed",
+                    serde_json::json!({"stage": "not_ready"}),
+                    None,
+                ),
+                98 => (
+                    3,
+                    "lifecycle_changed",
+                    serde_json::json!({"stage": "opportunity_open"}),
+                    None,
+                ),
+                _ => (
+                    3,
+                    "lifecycle_changed",
+                    serde_json::json!({"stage": "opportunity_lost"}),
+                    None,
+                ),
+            };
+        let produce_at = match input {
+            0 => at + rng.random_range(0..2_000),
+            1 => at + 60_000 + rng.random_range(0..1_000),
+            2 => {
+                // A webhook lag drifting between 0 and 60 minutes; slow enough
+                // that the email topic stays in event-time order.
+                let phase = (at - start) as f64 / (6.0 * 3_600_000.0) * std::f64::consts::TAU;
+                at + (1_800_000.0 * (1.0 + phase.sin())) as i64 + rng.random_range(0..1_000)
+            }
+            // The nightly sync after the day ends (at least an hour after the event), in event order.
+            _ => {
+                let night = (at + 3_600_000).div_euclid(DAY) * DAY + DAY;
+                night + (at - night + DAY) / 1000
+            }
+        };
+        let mut payload = serde_json::json!({
+            "event_id": format!("e-{seed}-{i}"), "lead_id": key, "occurred_at": leadscore::event::format_rfc3339(at),
+            "type": kind, "attributes": attrs,
+        });
+        if let Some(c) = channel {
+            payload["channel"] = c.into();
+        }
+        let bytes = payload.to_string().into_bytes();
+        if rng.random_range(0..100) < 2 {
+            out.push((
+                produce_at + 5_000,
+                input,
+                partition,
+                key.clone(),
+                bytes.clone(),
+            ));
+        }
+        out.push((produce_at, input, partition, key, bytes));
+    }
+    out.sort_by_key(|(p, input, ..)| (*p, *input));
+    out.into_iter()
+        .map(|(_, i, p, k, b)| (i, p, k, b))
+        .collect()
+}
+
+impl Names {
+    /// The input topic of input index `i` (web, adpixel, email, crm).
+    pub fn input(&self, i: usize) -> &str {
+        [&self.web, &self.adpixel, &self.email, &self.crm][i]
+    }
+}
+
+impl Broker {
+    /// Produces workload messages to their topics and partitions, waiting for acks.
+    pub fn produce_msgs(&self, names: &Names, items: &[Msg]) {
+        let p = self.producer();
+        for (input, partition, key, payload) in items {
+            let mut record = BaseRecord::to(names.input(*input))
+                .partition(*partition)
+                .key(key.as_str())
+                .payload(&payload[..]);
+            loop {
+                match p.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        p.poll(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        p.flush(Duration::from_secs(60)).unwrap();
+    }
+
+    /// Committed offsets summed over every input topic's partitions.
+    pub fn committed_inputs(&self, names: &Names, partitions: i32) -> i64 {
+        (0..4)
+            .map(|i| {
+                self.committed(&names.group, names.input(i), partitions)
+                    .iter()
+                    .filter(|c| **c > 0)
+                    .sum::<i64>()
+            })
+            .sum()
+    }
+}
+
+impl Service {
+    /// The service's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, …).
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    /// Whether the process has exited; its status if so.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+impl Service {
+    /// Waits until the service is quiet: every owned shard's clock has caught
+    /// up with the wall clock (so every due timer fired), nothing waits to be
+    /// written, and its counts stopped moving.
+    pub fn wait_settled(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        let mut stable_since = Instant::now();
+        loop {
+            let metrics = self.get("/metrics").map(|m| m.1).unwrap_or_default();
+            let value = |name: &str| -> Vec<f64> {
+                metrics
+                    .lines()
+                    .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                    .collect()
+            };
+            let caught_up = value("leadscore_shard_watermark_lag_seconds")
+                .iter()
+                .all(|lag| *lag < 120.0);
+            let clean = value("leadscore_dirty_leads").iter().all(|d| *d == 0.0)
+                && value("leadscore_merge_buffered_events")
+                    .iter()
+                    .all(|d| *d == 0.0);
+            let counts = format!(
+                "{:?} {:?} {:?}",
+                value("leadscore_segment_changes_total"),
+                value("leadscore_events_consumed_total"),
+                value("leadscore_outputs_produced_total")
+            );
+            if counts != last {
+                last = counts;
+                stable_since = Instant::now();
+            }
+            if caught_up && clean && stable_since.elapsed() >= Duration::from_millis(1500) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not settled in {timeout:?}; log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Service {
+    /// Any request over plain HTTP/1.1 with extra headers: (status, body).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(&self.http).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nConnection: close\r\nContent-Length: 0\r\n",
+            self.http
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    }
 }
