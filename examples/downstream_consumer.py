@@ -92,6 +92,8 @@ def main():
     p.add_argument("--brokers", default="localhost:29092")
     p.add_argument("--group", default="mailer-example")
     p.add_argument("--max-messages", type=int, default=0, help="stop after this many (0: run until Ctrl-C)")
+    p.add_argument("--changes-topic", default=CHANGES)
+    p.add_argument("--handoffs-topic", default=HANDOFFS)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -101,7 +103,7 @@ def main():
         "auto.offset.reset": "earliest",  # a new group starts at the beginning of the topics
         "enable.auto.commit": False,      # commit only what was handled
     })
-    consumer.subscribe([CHANGES, HANDOFFS])
+    consumer.subscribe([args.changes_topic, args.handoffs_topic])
     seen, handled, stop = SeenIds(), 0, threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -115,7 +117,7 @@ def main():
             try:
                 payload = json.loads(msg.value())
                 if seen.add(payload["event_id"]):
-                    (on_change if msg.topic() == CHANGES else on_handoff)(payload)
+                    (on_change if msg.topic() == args.changes_topic else on_handoff)(payload)
                 else:
                     log.info("duplicate %s skipped", payload["event_id"])
             except (ValueError, KeyError, TypeError) as e:

@@ -297,12 +297,22 @@ impl ClientContext for GroupContext {
                         (p.hi_offset - p.next_offset).max(0),
                     );
                 }
-                if p.consumer_lag >= 0 {
+                // Behind the group's committed offset; a partition the group
+                // never committed is read from its start (auto.offset.reset =
+                // earliest), so its whole log is the lag.
+                let committed_lag = if p.consumer_lag >= 0 {
+                    Some(p.consumer_lag)
+                } else if p.committed_offset < 0 && p.hi_offset >= 0 && p.lo_offset >= 0 {
+                    Some(p.hi_offset - p.lo_offset)
+                } else {
+                    None
+                };
+                if let Some(value) = committed_lag {
                     self.rt
                         .metrics
                         .consumer_lag
                         .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(p.consumer_lag);
+                        .set(value);
                 }
             }
         }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -27,8 +27,9 @@ pub struct Health {
     pub store_up: AtomicBool,
     /// A fatal error occurred: the process is stopping.
     pub failed: AtomicBool,
-    /// The Schema Registry answers (or is not used).
-    pub registry_up: AtomicBool,
+    /// Workers holding inputs back because the Schema Registry does not
+    /// answer (0: it answers, or is not used).
+    pub registry_down: AtomicUsize,
     /// Wall ms of the consumer loop's last turn.
     pub heartbeat_ms: AtomicI64,
 }
@@ -37,7 +38,6 @@ impl Health {
     /// A health record with the store and registry assumed up.
     pub fn new() -> Self {
         Health {
-            registry_up: AtomicBool::new(true),
             ..Health::default()
         }
     }
@@ -46,7 +46,7 @@ impl Health {
     pub fn ready(&self) -> bool {
         self.running.load(Ordering::SeqCst)
             && self.store_up.load(Ordering::SeqCst)
-            && self.registry_up.load(Ordering::SeqCst)
+            && self.registry_down.load(Ordering::SeqCst) == 0
             && !self.failed.load(Ordering::SeqCst)
     }
 
@@ -220,7 +220,7 @@ impl Runtime {
     /// Recomputes the readiness and paused gauges.
     pub fn refresh_ready(&self) {
         let paused = !self.health.store_up.load(Ordering::SeqCst)
-            || !self.health.registry_up.load(Ordering::SeqCst);
+            || self.health.registry_down.load(Ordering::SeqCst) > 0;
         self.metrics.paused.set(i64::from(paused));
         self.metrics.ready.set(i64::from(self.health.ready()));
     }

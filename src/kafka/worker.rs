@@ -129,6 +129,8 @@ pub struct Worker {
     stats: StepStats,
     next_write: Instant,
     write_blocked_until: Option<Instant>,
+    /// This worker holds inputs back until the Schema Registry answers.
+    registry_held: bool,
 }
 
 impl Worker {
@@ -167,6 +169,7 @@ impl Worker {
             stats: StepStats::default(),
             next_write: Instant::now(),
             write_blocked_until: None,
+            registry_held: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("leadscore-worker-{id}"))
@@ -383,25 +386,26 @@ impl Worker {
             .shards
             .iter()
             .any(|o| o.held.iter().any(Option::is_some));
-        if let Some(error) = &registry_down {
-            if self
-                .rt
-                .health
-                .registry_up
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
+        match (&registry_down, self.registry_held) {
+            (Some(error), false) => {
+                self.registry_held = true;
+                self.rt
+                    .health
+                    .registry_down
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 warn!(%error, "Schema registry unreachable; holding the affected inputs until it answers (nothing is dead-lettered).");
+                self.rt.refresh_ready();
             }
-            self.rt.refresh_ready();
-        } else if !held
-            && !self
-                .rt
-                .health
-                .registry_up
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            info!("Schema registry answers again.");
-            self.rt.refresh_ready();
+            (None, true) if !held => {
+                self.registry_held = false;
+                self.rt
+                    .health
+                    .registry_down
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                info!("Schema registry answers again.");
+                self.rt.refresh_ready();
+            }
+            _ => {}
         }
         busy
     }
@@ -644,6 +648,13 @@ impl Worker {
         let ids: Vec<ShardId> = self.shards.iter().map(|o| o.shard.id()).collect();
         for id in ids {
             self.remove(id, "stopped");
+        }
+        if std::mem::take(&mut self.registry_held) {
+            self.rt
+                .health
+                .registry_down
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            self.rt.refresh_ready();
         }
     }
 

@@ -445,7 +445,7 @@ impl Shard {
         }
         let target = wall.saturating_sub(self.config.allowed_lateness_ms);
         if target > self.clock {
-            if target - self.clock > 60_000 {
+            if target.saturating_sub(self.clock) > 60_000 {
                 tracing::debug!(
                     shard = self.id,
                     from = self.clock,

@@ -985,3 +985,147 @@ impl Service {
         Some((status, body))
     }
 }
+
+/// The Python interpreter of the test virtualenv (confluent-kafka[avro],
+/// jsonschema), which `scripts/test.sh` creates: `LEADSCORE_TEST_PYTHON`, else
+/// `.tmp/test-venv/bin/python`. Panics with how to get it when neither exists.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("LEADSCORE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tmp/test-venv/bin/python")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run ./scripts/test.sh once (it creates the test virtualenv), \
+         or set LEADSCORE_TEST_PYTHON to a python with tests/support/requirements.txt \
+         and scripts/requirements-tests.txt installed",
+        path.display()
+    );
+    path
+}
+
+/// Runs a Python script of the repository with the test interpreter: its
+/// exit code, stdout and stderr.
+pub fn run_python(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    let mut child = Command::new(python())
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A Confluent-compatible Schema Registry for one test
+/// (`tests/support/registry.py`, in memory; it stops with the test).
+pub struct SchemaRegistry {
+    child: Child,
+    pub url: String,
+}
+
+impl SchemaRegistry {
+    pub fn start() -> SchemaRegistry {
+        use std::io::BufRead;
+        let mut child = Command::new(python())
+            .args([
+                "tests/support/registry.py",
+                "--port",
+                "0",
+                "--exit-on-stdin-eof",
+                "--quiet",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line
+            .strip_prefix("LISTENING ")
+            .unwrap_or_else(|| panic!("registry.py said {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        SchemaRegistry {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// A JSON request to the registry: status and body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        http_request(self.addr(), method, path, body)
+    }
+
+    /// The requests it served so far, as (method, path).
+    pub fn requests(&self) -> Vec<(String, String)> {
+        let (_, body) = self.call("GET", "/__test/requests", None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["method"].as_str().unwrap().to_owned(),
+                    r["path"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for SchemaRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request with an optional JSON body: status and body.
+pub fn http_request(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,311 @@
+//! Schema Registry interoperability, proven with clients nobody here wrote:
+//! confluent-kafka's Python `AvroSerializer` produces the input (first with
+//! leadscore's schema, then with an evolved one registered as a new version),
+//! and its `AvroDeserializer` reads leadscore's outputs. The registry is
+//! `tests/support/registry.py`, a Confluent-compatible REST endpoint (no
+//! registry server can be installed here).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Broker, Names, Redis, SchemaRegistry, Service, header, run_python};
+
+const PARTITIONS: i32 = 2;
+
+fn setup() -> (Broker, Redis, Names, SchemaRegistry) {
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = Names::new();
+    broker.create_topics(&names.all(), PARTITIONS);
+    (broker, redis, names, SchemaRegistry::start())
+}
+
+/// Produces NDJSON events with confluent-kafka's AvroSerializer: one
+/// `{"partition","offset","schema_id","key"}` line per message.
+fn produce_avro(
+    broker: &Broker,
+    registry: &SchemaRegistry,
+    topic: &str,
+    schema: &str,
+    events: &[serde_json::Value],
+    evolve: bool,
+) -> Vec<serde_json::Value> {
+    let input: String = events.iter().map(|e| format!("{e}\n")).collect();
+    let schema = format!("schemas/{schema}.avsc");
+    let mut args = vec![
+        "tests/support/avro_interop.py",
+        "produce",
+        "--brokers",
+        &broker.brokers,
+        "--registry",
+        &registry.url,
+        "--topic",
+        topic,
+        "--schema",
+        &schema,
+        "--input",
+        "-",
+    ];
+    if evolve {
+        args.push("--evolve");
+    }
+    let (code, out, err) = run_python(&args, Some(input.as_bytes()));
+    assert_eq!(code, 0, "avro_interop produce failed:\n{out}\n{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Reads `count` records of a topic with confluent-kafka's AvroDeserializer.
+fn consume_avro(
+    broker: &Broker,
+    registry: &SchemaRegistry,
+    topic: &str,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    let count_arg = count.to_string();
+    let (code, out, err) = run_python(
+        &[
+            "tests/support/avro_interop.py",
+            "consume",
+            "--brokers",
+            &broker.brokers,
+            "--registry",
+            &registry.url,
+            "--topic",
+            topic,
+            "--count",
+            &count_arg,
+            "--timeout",
+            "60",
+            "--timestamps",
+            "rfc3339",
+            "--meta",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "avro_interop consume failed:\n{out}\n{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// An RFC 3339 time `minutes` ago (recent, so no decay moves the scores
+/// while the test reads them).
+fn ago(minutes: i64) -> String {
+    let t = time::OffsetDateTime::now_utc() - time::Duration::minutes(minutes);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
+fn web(id: &str, lead: &str, at: &str, kind: &str, attrs: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"event_id": id, "lead_id": lead, "occurred_at": at, "type": kind, "attributes": attrs})
+}
+
+/// The registered id of a subject's latest version.
+fn subject_id(registry: &SchemaRegistry, subject: &str) -> u64 {
+    let (status, body) = registry.call("GET", &format!("/subjects/{subject}/versions/latest"), None);
+    assert_eq!(status, 200, "{subject}: {body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn confluent_avro_clients_interoperate_through_the_registry() {
+    let (broker, redis, names, registry) = setup();
+    let service = Service::start(
+        &broker,
+        &redis,
+        &names,
+        &[
+            ("LEADSCORE__KAFKA__FORMATS__WEB", "avro-registry"),
+            ("LEADSCORE__KAFKA__FORMATS__EMAIL", "avro-registry"),
+            ("LEADSCORE__KAFKA__FORMATS__OUTPUTS", "avro-registry"),
+            ("LEADSCORE__SCHEMA_REGISTRY__URL", &registry.url),
+        ],
+    );
+    // leadscore registered its output schemas under <topic>-value at start-up.
+    let changes_id = subject_id(&registry, &format!("{}-value", names.changes));
+    let handoffs_id = subject_id(&registry, &format!("{}-value", names.handoffs));
+
+    // The buffet lead of the brief, no CRM profile (unknown fit): reads the
+    // menu and prices, opens and clicks the promotion email…
+    let lead = "buffet-lead-1";
+    let first = produce_avro(
+        &broker,
+        &registry,
+        &names.web,
+        "events.web",
+        &[
+            web("w1", lead, &ago(10), "page_view", serde_json::json!({"url": "https://buffet.example/menu", "utm_source": "facebook"})),
+            web("w2", lead, &ago(9), "page_view", serde_json::json!({"url": "https://buffet.example/pricing"})),
+            web("w3", lead, &ago(8), "page_view", serde_json::json!({"url": "https://buffet.example/pricing"})),
+        ],
+        false,
+    );
+    let email = produce_avro(
+        &broker,
+        &registry,
+        &names.email,
+        "events.email",
+        &[
+            serde_json::json!({"event_id": "e1", "lead_id": lead, "occurred_at": &ago(7), "type": "open", "channel": "email", "attributes": {"campaign": "year-end"}}),
+            serde_json::json!({"event_id": "e2", "lead_id": lead, "occurred_at": &ago(6), "type": "click", "channel": "email", "attributes": {"url": "https://buffet.example/pricing"}}),
+        ],
+        false,
+    );
+    // …then upstream adds a field: the next events are written with a newer
+    // schema version leadscore has never seen, which its reader schema resolves.
+    let evolved = produce_avro(
+        &broker,
+        &registry,
+        &names.web,
+        "events.web",
+        &[
+            web("w4", lead, &ago(5), "booking_started", serde_json::json!({})),
+            web("w5", lead, &ago(4), "booking_abandoned", serde_json::json!({})),
+            web("w6", lead, &ago(3), "chat_message", serde_json::json!({"intent": "booking", "text": "table for six tonight?"})),
+        ],
+        true,
+    );
+    let web_v1 = first[0]["schema_id"].as_u64().unwrap();
+    let web_v2 = evolved[0]["schema_id"].as_u64().unwrap();
+    let email_id = email[0]["schema_id"].as_u64().unwrap();
+    assert_ne!(web_v1, web_v2, "the evolved schema is a new version");
+
+    service.wait_consumed(8, Duration::from_secs(60));
+    service.wait_settled(Duration::from_secs(60));
+    assert_eq!(
+        service.counter("leadscore_dead_lettered_total"),
+        0,
+        "log:\n{}",
+        service.logs()
+    );
+
+    // A stock Confluent consumer decodes leadscore's outputs.
+    let changes = consume_avro(&broker, &registry, &names.changes, 2);
+    let path: Vec<(String, String)> = changes
+        .iter()
+        .map(|c| {
+            assert_eq!(c["schema_id"].as_u64(), Some(changes_id), "{c}");
+            assert_eq!(c["key"], lead);
+            let v = &c["value"];
+            assert_eq!(v["fit_grade"], serde_json::Value::Null, "unknown fit: {v}");
+            (
+                v["previous_segment"].as_str().unwrap().to_owned(),
+                v["segment"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        path,
+        [("cold".to_owned(), "warm".to_owned()), ("warm".into(), "hot".into())]
+    );
+    let handoffs = consume_avro(&broker, &registry, &names.handoffs, 1);
+    let h = &handoffs[0];
+    assert_eq!(h["schema_id"].as_u64(), Some(handoffs_id));
+    assert_eq!(h["value"]["lead_id"], lead);
+    assert_eq!(h["value"]["first_touch_source"], "facebook");
+    assert_eq!(h["value"]["trigger_event_id"], "w5", "{h}");
+
+    // Each input schema was fetched once and then served from the cache.
+    let requests = registry.requests();
+    for id in [web_v1, web_v2, email_id] {
+        let fetched = requests
+            .iter()
+            .filter(|(m, p)| m == "GET" && p.split('?').next() == Some(&format!("/schemas/ids/{id}")))
+            .count();
+        assert_eq!(fetched, 1, "schema {id} fetched {fetched} times: {requests:?}");
+    }
+}
+
+#[test]
+fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consumption() {
+    let (broker, redis, names, registry) = setup();
+    let service = Service::start(
+        &broker,
+        &redis,
+        &names,
+        &[
+            ("LEADSCORE__KAFKA__FORMATS__WEB", "avro-registry"),
+            ("LEADSCORE__SCHEMA_REGISTRY__URL", &registry.url),
+        ],
+    );
+    // An id the registry never issued, and a payload with no framing at all.
+    let mut unknown = vec![0u8, 0, 0, 0x10, 0x92];
+    unknown.extend_from_slice(b"\x02\x06abc");
+    broker.produce(
+        &names.web,
+        &[
+            ("x", unknown),
+            ("y", br#"{"event_id":"j1","lead_id":"y"}"#.to_vec()),
+        ],
+    );
+    let dead = broker.read(&names.dead, PARTITIONS, 2, Duration::from_secs(30));
+    assert_eq!(dead.len(), 2, "log:\n{}", service.logs());
+    for m in &dead {
+        assert_eq!(header(m, "leadscore.error.kind").as_deref(), Some("registry"));
+    }
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|m| header(m, "leadscore.reason").unwrap())
+        .collect();
+    assert!(reasons.iter().any(|r| r.contains("4242")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("magic byte")), "{reasons:?}");
+
+    // The registry answers 503 to every schema lookup: nothing is dead-lettered,
+    // consumption holds and the service reports not ready…
+    let (status, _) = registry.call(
+        "POST",
+        "/__test/faults",
+        Some(r#"{"status":503,"count":-1,"path_prefix":"/schemas/ids/","method":"GET"}"#),
+    );
+    assert_eq!(status, 200);
+    let lead = "held-lead";
+    produce_avro(
+        &broker,
+        &registry,
+        &names.web,
+        "events.web",
+        &[
+            web("h1", lead, &ago(10), "page_view", serde_json::json!({"url": "/pricing"})),
+            web("h2", lead, &ago(9), "booking_started", serde_json::json!({})),
+            web("h3", lead, &ago(8), "booking_abandoned", serde_json::json!({})),
+        ],
+        false,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while service.get("/readyz").map(|r| r.0) != Some(503) {
+        assert!(Instant::now() < deadline, "still ready; log:\n{}", service.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(service.counter("leadscore_dead_lettered_total"), 2);
+    assert_eq!(service.counter("leadscore_events_consumed_total"), 0);
+    assert!(broker.read(&names.changes, PARTITIONS, 1, Duration::from_secs(1)).is_empty());
+
+    // …and carries on where it stopped once the registry is back.
+    registry.call("DELETE", "/__test/faults", None);
+    let changes = broker.read(&names.changes, PARTITIONS, 2, Duration::from_secs(30));
+    let segments: Vec<&str> = changes
+        .iter()
+        .map(|m| {
+            let v = common::json(m);
+            assert_eq!(v["lead_id"], lead);
+            match v["segment"].as_str().unwrap() {
+                "warm" => "warm",
+                "hot" => "hot",
+                other => panic!("unexpected segment {other}"),
+            }
+        })
+        .collect();
+    assert_eq!(segments, ["warm", "hot"], "log:\n{}", service.logs());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while service.get("/readyz").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "not ready again; log:\n{}", service.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(service.counter("leadscore_dead_lettered_total"), 2);
+    assert_eq!(service.counter("leadscore_events_consumed_total"), 3);
+}
