@@ -16,7 +16,6 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -27,6 +26,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::decode::{Format, encode_avro, input_schema};
 use crate::engine::explain::Explanation;
@@ -84,7 +87,7 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 /// A lead as served by `GET /v1/leads/{id}`.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, ToSchema)]
 pub struct LeadView {
     /// Lead id.
     pub lead_id: String,
@@ -106,9 +109,11 @@ pub struct LeadView {
     pub first_touch_source: Option<String>,
     /// First-touch campaign, if known.
     pub first_touch_campaign: Option<String>,
-    /// Event time of the last event applied.
+    /// Event time of the last event applied (RFC 3339).
+    #[schema(format = DateTime)]
     pub last_event_at: Option<String>,
-    /// The instant the scores are decayed to.
+    /// The instant the scores are decayed to (RFC 3339, the request's time).
+    #[schema(format = DateTime)]
     pub as_of: String,
     /// Top contributing signals now.
     pub top_signals: Vec<SignalOut>,
@@ -116,8 +121,10 @@ pub struct LeadView {
     pub rules_version: String,
 }
 
-#[derive(Serialize)]
+/// Every error answer.
+#[derive(Serialize, ToSchema)]
 struct ErrorBody {
+    /// What went wrong.
     error: String,
 }
 
@@ -131,20 +138,83 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// The OpenAPI document's fixed parts; the paths come from the routes.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "leadscore",
+        description = "Lead lookups, explanations and erasure, plus the operational endpoints. \
+            `/v1/*` requires `Authorization: Bearer <token>` when `http.auth_token` is set; \
+            `/metrics`, `/healthz`, `/readyz` and `/openapi.json` stay open.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "leads", description = "Leads' scores, explanations and erasure"),
+        (name = "operations", description = "Metrics, liveness, readiness")
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        openapi
+            .components
+            .get_or_insert_with(utoipa::openapi::Components::new)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+    }
+}
+
+/// The routes with their OpenAPI description, open and under `/v1`; the
+/// document is built from the same lists that route requests, so it cannot
+/// miss one.
+fn api() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
+    let open = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(metrics))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json));
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(lead, erase))
+        .routes(routes!(explain));
+    (open, v1)
+}
+
+/// The OpenAPI document served at `/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let (open, v1) = api();
+    let mut doc = open.into_openapi();
+    doc.merge(v1.into_openapi());
+    doc
+}
+
 /// The router.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let v1 = Router::new()
-        .route("/v1/leads/{id}", get(lead).delete(erase))
-        .route("/v1/leads/{id}/explain", get(explain))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .merge(v1)
+    let (open, v1) = api();
+    let (open, mut doc) = open.split_for_parts();
+    let (v1, v1_doc) = v1.split_for_parts();
+    doc.merge(v1_doc);
+    let doc = Arc::new(doc.to_pretty_json().unwrap_or_default());
+    open.merge(v1.route_layer(middleware::from_fn_with_state(state.clone(), authorize)))
+        .layer(axum::Extension(OpenApiJson(doc)))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(request_timeout, time_limit))
         .with_state(state)
+}
+
+#[derive(Clone)]
+struct OpenApiJson(Arc<String>);
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json")))]
+async fn openapi_json(axum::Extension(OpenApiJson(doc)): axum::Extension<OpenApiJson>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned()).into_response()
 }
 
 async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
@@ -230,6 +300,9 @@ pub async fn serve(
     Ok(())
 }
 
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Every metric, counters with known labels from zero", content_type = "text/plain")))]
 async fn metrics(State(s): State<AppState>) -> Response {
     (
         [(
@@ -241,6 +314,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Liveness: the consumer loop turned within the last minute.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses(
+    (status = 200, description = "Alive", body = String, content_type = "text/plain"),
+    (status = 503, description = "The consumer loop stalled", body = ErrorBody)))]
 async fn healthz(State(s): State<AppState>) -> Response {
     if s.rt.health.alive(Duration::from_secs(60)) {
         (StatusCode::OK, "ok\n").into_response()
@@ -249,6 +326,10 @@ async fn healthz(State(s): State<AppState>) -> Response {
     }
 }
 
+/// Readiness: consuming, with Redis (and the Schema Registry, if used) answering.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready", body = String, content_type = "text/plain"),
+    (status = 503, description = "Not ready, and why", body = ErrorBody)))]
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.rt.health.ready() {
         (StatusCode::OK, "ready\n").into_response()
@@ -365,6 +446,15 @@ async fn find(s: &AppState, id: &str) -> Result<LeadState, Response> {
     }
 }
 
+/// A lead's scores, segment and top signals, decayed to now.
+#[utoipa::path(get, path = "/v1/leads/{id}", tag = "leads", params(("id" = String, Path, description = "The lead id (1 to 256 bytes)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The lead", body = LeadView),
+        (status = 400, description = "Bad lead id", body = ErrorBody),
+        (status = 401, description = "A bearer token is required", body = ErrorBody),
+        (status = 404, description = "Unknown lead (or only an anonymous visitor)", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody)))]
 async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match find(&s, &id).await {
         Ok(state) => Json(view(s.engine(), &id, &state, wall_clock_ms())).into_response(),
@@ -372,11 +462,22 @@ async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     }
 }
 
+/// Why a lead has its score: the remembered contributions then and now,
+/// caps in force, the fit breakdown and the segment history; the parts add
+/// up to the score.
+#[utoipa::path(get, path = "/v1/leads/{id}/explain", tag = "leads", params(("id" = String, Path, description = "The lead id (1 to 256 bytes)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The explanation", body = ExplainView),
+        (status = 400, description = "Bad lead id", body = ErrorBody),
+        (status = 401, description = "A bearer token is required", body = ErrorBody),
+        (status = 404, description = "Unknown lead", body = ErrorBody),
+        (status = 503, description = "Redis unavailable", body = ErrorBody)))]
 async fn explain(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match find(&s, &id).await {
         Ok(state) => {
             let x = s.engine().explain(&state, wall_clock_ms());
-            Json(explain_view(s.engine(), &id, &x)).into_response()
+            Json(ExplainView::new(s.engine(), &id, &x)).into_response()
         }
         Err(response) => response,
     }
@@ -388,6 +489,13 @@ async fn explain(State(s): State<AppState>, Path(id): Path<String>) -> Response 
 /// removes the lead and its linked anonymous ids from memory, Redis and the
 /// timers, and is never lost across restarts. Answers 202 once the broker
 /// has the request.
+#[utoipa::path(delete, path = "/v1/leads/{id}", tag = "leads", params(("id" = String, Path, description = "The lead id (1 to 256 bytes)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The erasure request is on the CRM topic", body = ErasureAccepted),
+        (status = 400, description = "Bad lead id", body = ErrorBody),
+        (status = 401, description = "A bearer token is required", body = ErrorBody),
+        (status = 503, description = "Redis or the broker unavailable", body = ErrorBody)))]
 async fn erase(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     if let Err(r) = check_id(&id) {
         return r;
@@ -445,51 +553,197 @@ async fn erase(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     }
     (
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({
-            "erasure_event_id": event_id,
-            "lead_id": id,
-            "partitions": targets.iter().flatten().collect::<Vec<_>>(),
-        })),
+        Json(ErasureAccepted {
+            erasure_event_id: event_id,
+            lead_id: id,
+            partitions: targets.iter().flatten().copied().collect(),
+        }),
     )
         .into_response()
 }
 
-/// The JSON form of an explanation.
-pub fn explain_view(engine: &Engine, id: &str, x: &Explanation) -> serde_json::Value {
-    let rules = engine.rules();
-    serde_json::json!({
-        "lead_id": id,
-        "as_of": format_rfc3339(x.at),
-        "score": x.scores.total,
-        "engagement": x.scores.engagement,
-        "fit": x.scores.fit,
-        "fit_grade": x.scores.grade.map(|g| g.as_str()),
-        "segment": x.segment.name(rules),
-        "contributions": x.contributions.iter().map(|c| serde_json::json!({
-            "rule": c.rule,
-            "event_id": c.event_id,
-            "occurred_at": format_rfc3339(c.at),
-            "points_then": c.points_then,
-            "points_now": c.points_now,
-            "capped": c.capped,
-        })).collect::<Vec<_>>(),
-        "earlier_contributions": x.earlier.iter().map(|(rule, now)| serde_json::json!({
-            "rule": rule, "points_now": now,
-        })).collect::<Vec<_>>(),
-        "adjustment": x.adjustment,
-        "caps": x.caps.iter().map(|c| serde_json::json!({
-            "rule": c.rule,
-            "window_start": format_rfc3339(c.window_start),
-            "window_end": format_rfc3339(c.window_end),
-            "matches": c.matches,
-            "points": c.points,
-            "max_matches": c.max_matches,
-            "max_points": c.max_points,
-        })).collect::<Vec<_>>(),
-        "fit_breakdown": x.fit.iter().map(|(rule, p)| serde_json::json!({"rule": rule, "points": p})).collect::<Vec<_>>(),
-        "segment_history": x.history.iter().map(|(from, to, reason, at)| serde_json::json!({
-            "from": from.name(rules), "to": to.name(rules), "reason": reason.as_str(), "at": format_rfc3339(*at),
-        })).collect::<Vec<_>>(),
-        "rules_version": rules.version,
-    })
+/// The answer to an erasure request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErasureAccepted {
+    /// Id of the `erasure_requested` event produced to the CRM topic.
+    pub erasure_event_id: String,
+    /// The lead.
+    pub lead_id: String,
+    /// CRM partitions the request went to (the shards holding the lead; empty:
+    /// keyed by the lead id).
+    pub partitions: Vec<i32>,
+}
+
+/// `GET /v1/leads/{id}/explain`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExplainView {
+    /// Lead id.
+    pub lead_id: String,
+    /// The instant explained (RFC 3339).
+    #[schema(format = DateTime)]
+    pub as_of: String,
+    /// Total score.
+    pub score: f64,
+    /// Engagement.
+    pub engagement: f64,
+    /// Fit.
+    pub fit: f64,
+    /// Fit grade; null while fit is unknown.
+    pub fit_grade: Option<String>,
+    /// Visible segment.
+    pub segment: String,
+    /// Remembered contributions, oldest first.
+    pub contributions: Vec<ContributionView>,
+    /// Per rule, what its contributions before the remembered window are worth now.
+    pub earlier_contributions: Vec<EarlierView>,
+    /// Engagement no rule accounts for (the floor at zero, rounding).
+    pub adjustment: f64,
+    /// Caps in force.
+    pub caps: Vec<CapView>,
+    /// Fit points by rule.
+    pub fit_breakdown: Vec<FitView>,
+    /// Recent segment transitions.
+    pub segment_history: Vec<TransitionView>,
+    /// Rules version.
+    pub rules_version: String,
+}
+
+/// One counted event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContributionView {
+    /// Rule name.
+    pub rule: String,
+    /// Input event id.
+    pub event_id: String,
+    /// Event time (RFC 3339).
+    #[schema(format = DateTime)]
+    pub occurred_at: String,
+    /// Points when it counted (after any cap).
+    pub points_then: f64,
+    /// The same points decayed to `as_of`.
+    pub points_now: f64,
+    /// Whether a cap cut it.
+    pub capped: bool,
+}
+
+/// Older contributions of one rule.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EarlierView {
+    /// Rule name.
+    pub rule: String,
+    /// What they are worth now.
+    pub points_now: f64,
+}
+
+/// A cap in force.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CapView {
+    /// Rule name.
+    pub rule: String,
+    /// Window start (RFC 3339).
+    #[schema(format = DateTime)]
+    pub window_start: String,
+    /// Window end, exclusive (RFC 3339).
+    #[schema(format = DateTime)]
+    pub window_end: String,
+    /// Matches counted in the window.
+    pub matches: u32,
+    /// Absolute points counted in the window.
+    pub points: f64,
+    /// The rule's limit on matches.
+    pub max_matches: Option<u32>,
+    /// The rule's limit on points.
+    pub max_points: Option<f64>,
+}
+
+/// Fit points of one rule.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FitView {
+    /// Rule name.
+    pub rule: String,
+    /// Points.
+    pub points: f64,
+}
+
+/// A segment transition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransitionView {
+    /// Segment before.
+    pub from: String,
+    /// Segment after.
+    pub to: String,
+    /// `event`, `decay`, `lifecycle`, `frequency_cap` or `opt_out`.
+    pub reason: String,
+    /// When (RFC 3339).
+    #[schema(format = DateTime)]
+    pub at: String,
+}
+
+impl ExplainView {
+    /// The served form of an explanation.
+    pub fn new(engine: &Engine, id: &str, x: &Explanation) -> Self {
+        let rules = engine.rules();
+        ExplainView {
+            lead_id: id.to_owned(),
+            as_of: format_rfc3339(x.at),
+            score: x.scores.total,
+            engagement: x.scores.engagement,
+            fit: x.scores.fit,
+            fit_grade: x.scores.grade.map(|g| g.as_str().to_owned()),
+            segment: x.segment.name(rules).to_owned(),
+            contributions: x
+                .contributions
+                .iter()
+                .map(|c| ContributionView {
+                    rule: c.rule.clone(),
+                    event_id: c.event_id.clone(),
+                    occurred_at: format_rfc3339(c.at),
+                    points_then: c.points_then,
+                    points_now: c.points_now,
+                    capped: c.capped,
+                })
+                .collect(),
+            earlier_contributions: x
+                .earlier
+                .iter()
+                .map(|(rule, now)| EarlierView {
+                    rule: rule.clone(),
+                    points_now: *now,
+                })
+                .collect(),
+            adjustment: x.adjustment,
+            caps: x
+                .caps
+                .iter()
+                .map(|c| CapView {
+                    rule: c.rule.clone(),
+                    window_start: format_rfc3339(c.window_start),
+                    window_end: format_rfc3339(c.window_end),
+                    matches: c.matches,
+                    points: c.points,
+                    max_matches: c.max_matches,
+                    max_points: c.max_points,
+                })
+                .collect(),
+            fit_breakdown: x
+                .fit
+                .iter()
+                .map(|(rule, points)| FitView {
+                    rule: rule.clone(),
+                    points: *points,
+                })
+                .collect(),
+            segment_history: x
+                .history
+                .iter()
+                .map(|(from, to, reason, at)| TransitionView {
+                    from: from.name(rules).to_owned(),
+                    to: to.name(rules).to_owned(),
+                    reason: reason.as_str().to_owned(),
+                    at: format_rfc3339(*at),
+                })
+                .collect(),
+            rules_version: rules.version.clone(),
+        }
+    }
 }

@@ -86,13 +86,14 @@ pub struct SegmentChangeOut {
 }
 
 /// One signal in a hand-off.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct SignalOut {
     /// Rule name.
     pub rule: String,
     /// Decayed points at hand-off time.
     pub points: f64,
     /// Last match, RFC 3339.
+    #[schema(format = DateTime)]
     pub last_at: String,
     /// Matches.
     pub count: u32,
