@@ -1,182 +1,226 @@
-//! Hot-path benchmarks with fixed fixtures: decoding, scoring, and the whole
-//! processor batch (decode → engine → encode outputs) with in-memory doubles.
+//! Hot-path benchmarks on the synthetic stream (the brief's personas,
+//! anonymous visitors who identify, all four sources):
+//!
+//! - `decode`: JSON and Avro payloads to validated events;
+//! - `shard`: one shard doing everything the service does per event except
+//!   Kafka and Redis I/O: decode, event-time merge, lead cache, engine,
+//!   timers, output encoding, and a state write (to the in-memory store)
+//!   every 10,000 events;
+//! - `shards`: 1, 2, 4 and 8 threads, each driving its own shard as the
+//!   service's workers do (shared: the engine and rules, read-only). Total
+//!   events per second across threads; flat past the machine's core count.
 //!
 //! `cargo bench --bench engine`
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use leadscore::decode::{DecodeError, Decoder, Format, encode_avro, input_schema};
-use leadscore::engine::{Engine, Rules};
-use leadscore::event::{Event, Source};
-use leadscore::metrics::Metrics;
-use leadscore::output::{Encoder, Record};
-use leadscore::pipeline::{
-    Barrier, InMessage, LeadMap, Processor, ProcessorConfig, Sink, SinkError,
-};
-use leadscore::store::MemoryStore;
-use leadscore::synth::{Synth, SynthEvent};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use leadscore::decode::{Contract, Decoder, Format, encode_avro, input_schema};
+use leadscore::engine::{Engine, EngineConfig, Rules};
+use leadscore::event::Source;
+use leadscore::output::Encoder;
+use leadscore::shard::{Ctx, InMessage, Shard, ShardConfig, StepStats};
+use leadscore::sink::{Barrier, DeadLetter, Sink, SinkError};
+use leadscore::store::Store;
+use leadscore::store::memory::MemoryStore;
+
+#[allow(dead_code)]
+#[path = "../src/tools/synth.rs"]
+mod synth;
 
 /// The allocator the `leadscore` binary uses, so the figures are the shipped ones.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const EVENTS: usize = 100_000;
-const LEADS: usize = 10_000;
+const EVENTS: usize = 200_000;
+const LEADS: usize = 20_000;
 
-fn fixture() -> Vec<SynthEvent> {
-    let mut s = Synth::new(LEADS, 7, 1_764_000_000_000, 1000);
-    (0..EVENTS).map(|_| s.next_event()).collect()
+struct Fixture {
+    events: Vec<(usize, Vec<u8>)>,
 }
 
-fn decoders() -> HashMap<Source, Decoder> {
+fn fixture(seed: u64) -> Fixture {
+    let mut s = synth::Synth::new(LEADS, seed, 1_764_000_000_000, 1000);
+    let events = (0..EVENTS)
+        .map(|_| {
+            let e = s.next_event();
+            let input = Source::ALL.iter().position(|x| *x == e.source).unwrap();
+            (input, e.payload.into_bytes())
+        })
+        .collect();
+    Fixture { events }
+}
+
+fn engine() -> Engine {
+    Engine::new(Arc::new(Rules::default_rules()), EngineConfig::default())
+}
+
+fn decoders(engine: &Engine, format: Format) -> Vec<Decoder> {
+    let contract = Contract {
+        channels: engine.rules().channels.clone().into(),
+        future_tolerance_ms: i64::MAX / 4,
+    };
     Source::ALL
         .iter()
-        .map(|s| (*s, Decoder::new(*s, Format::Json)))
+        .map(|s| Decoder::new(*s, format, contract.clone()))
         .collect()
 }
 
-fn bench_decode(c: &mut Criterion) {
-    let events = fixture();
-    let d = decoders();
-    let mut g = c.benchmark_group("decode");
-    g.throughput(Throughput::Elements(events.len() as u64));
-    g.bench_function("json", |b| {
-        b.iter(|| {
-            for e in &events {
-                black_box(d[&e.source].decode(Some(e.payload.as_bytes())).unwrap());
-            }
-        })
-    });
-    let avro: Vec<(Source, Vec<u8>)> = events
-        .iter()
-        .map(|e| {
-            let ev = d[&e.source].decode(Some(e.payload.as_bytes())).unwrap();
-            (e.source, encode_avro(&input_schema(e.source), &ev).unwrap())
-        })
-        .collect();
-    let ad: HashMap<Source, Decoder> = Source::ALL
-        .iter()
-        .map(|s| (*s, Decoder::new(*s, Format::Avro)))
-        .collect();
-    g.bench_function("avro", |b| {
-        b.iter(|| {
-            for (s, bytes) in &avro {
-                black_box(ad[s].decode(Some(bytes)).unwrap());
-            }
-        })
-    });
-    g.finish();
+/// Outputs counted and dropped: the benchmark measures leadscore, not a producer.
+#[derive(Default)]
+struct NullSink {
+    records: u64,
 }
-
-fn bench_engine(c: &mut Criterion) {
-    let events = fixture();
-    let d = decoders();
-    let decoded: Vec<Event<'static>> = events
-        .iter()
-        .map(|e| {
-            d[&e.source]
-                .decode(Some(e.payload.as_bytes()))
-                .unwrap()
-                .into_owned()
-        })
-        .collect();
-    let engine = Engine::new(Arc::new(Rules::default_rules()), 16);
-    let mut g = c.benchmark_group("engine");
-    g.throughput(Throughput::Elements(decoded.len() as u64));
-    g.bench_function("apply", |b| {
-        b.iter_batched(
-            || HashMap::<String, leadscore::engine::LeadState>::with_capacity(LEADS),
-            |mut states| {
-                let mut out = Vec::new();
-                for e in &decoded {
-                    let s = states
-                        .entry(leadscore::pipeline::subject_key(e).into_owned())
-                        .or_insert_with(|| engine.new_state());
-                    out.clear();
-                    engine.apply(s, e, &mut out);
-                    black_box(engine.next_transition(s));
-                }
-                states
-            },
-            BatchSize::LargeInput,
-        )
-    });
-    g.finish();
-}
-
-struct NullSink;
 
 impl Sink for NullSink {
-    fn send(&mut self, record: &Record) -> Result<(), SinkError> {
+    fn send(&mut self, record: &leadscore::output::Record) -> Result<(), SinkError> {
         black_box(record);
+        self.records += 1;
         Ok(())
     }
-    fn dead_letter(&mut self, _: &InMessage<'_>, _: &DecodeError) -> Result<(), SinkError> {
+
+    fn dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), SinkError> {
+        black_box(letter);
         Ok(())
     }
+
     fn barrier(&mut self) -> Barrier {
         Barrier::ready()
     }
 }
 
-fn bench_processor(c: &mut Criterion) {
-    let events = fixture();
-    let topics: HashMap<Source, String> = Source::ALL
+/// Runs the whole fixture through a fresh shard; returns the outputs made.
+fn run_shard(engine: &Engine, decoders: &[Decoder], fixture: &Fixture) -> u64 {
+    let store = MemoryStore::default();
+    let meta = store.take_shard(0).unwrap();
+    let topics: Arc<[Arc<str>]> = ["web", "adpixel", "email", "crm"]
         .iter()
-        .map(|s| (*s, format!("events.{s}")))
+        .map(|t| Arc::from(*t))
         .collect();
-    let mut g = c.benchmark_group("processor");
-    g.throughput(Throughput::Elements(events.len() as u64));
-    g.sample_size(10);
-    g.bench_function("batch_8192_memory_store", |b| {
-        b.iter_batched(
-            || {
-                Processor::new(
-                    Engine::new(Arc::new(Rules::default_rules()), 16),
-                    Arc::new(LeadMap::default()),
-                    Arc::new(MemoryStore::default()),
-                    Box::new(NullSink),
-                    Source::ALL
-                        .iter()
-                        .map(|s| (topics[s].clone(), Decoder::new(*s, Format::Json)))
-                        .collect(),
-                    Encoder::new(Format::Json),
-                    Metrics::new(),
-                    ProcessorConfig {
-                        flush_interval: Duration::from_millis(200),
-                        flush_max_dirty: 50_000,
-                        ack_timeout: Duration::from_secs(1),
-                    },
-                )
-            },
-            |mut p| {
-                let msgs: Vec<InMessage<'_>> = events
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| InMessage {
-                        topic: &topics[&e.source],
-                        partition: (e.key.bytes().map(u32::from).sum::<u32>() % 4) as i32,
-                        offset: i as i64,
-                        key: Some(e.key.as_bytes()),
-                        payload: Some(e.payload.as_bytes()),
-                        timestamp: None,
-                    })
-                    .collect();
-                for chunk in msgs.chunks(8192) {
-                    p.process(chunk).unwrap();
-                }
-                p.flush().unwrap();
-                p
-            },
-            BatchSize::LargeInput,
-        )
+    let mut shard = Shard::new(0, &meta, topics, Source::ALL.into(), ShardConfig::default());
+    let encoder = Encoder::new(Format::Json);
+    let mut sink = NullSink::default();
+    let mut stats = StepStats::default();
+    let mut offsets = [0i64; 4];
+    for chunk in fixture.events.chunks(10_000) {
+        for (input, payload) in chunk {
+            let msg = InMessage {
+                input: *input,
+                offset: offsets[*input],
+                key: None,
+                payload: Some(payload),
+                timestamp: None,
+            };
+            offsets[*input] += 1;
+            let decoded = decoders[*input].decode(msg.payload, None);
+            shard.push(&msg, decoded, &mut stats);
+        }
+        let mut ctx = Ctx {
+            engine,
+            store: &store,
+            sink: &mut sink,
+            encoder: &encoder,
+            stats: &mut stats,
+        };
+        while shard.step(&mut ctx, 1 << 16).unwrap() > 0 {}
+        let (write, pending) = shard.prepare_write();
+        let ok = store.write(std::slice::from_ref(&write)).is_ok();
+        shard.write_done(pending, ok);
+        stats = StepStats::default();
+    }
+    for i in 0..4 {
+        shard.set_idle(i, true);
+    }
+    let mut ctx = Ctx {
+        engine,
+        store: &store,
+        sink: &mut sink,
+        encoder: &encoder,
+        stats: &mut stats,
+    };
+    while shard.step(&mut ctx, 1 << 16).unwrap() > 0 {}
+    sink.records
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let engine = engine();
+    let fixture = fixture(7);
+    let json = decoders(&engine, Format::Json);
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(fixture.events.len() as u64));
+    g.bench_function("json", |b| {
+        b.iter(|| {
+            for (input, payload) in &fixture.events {
+                let _ = black_box(json[*input].decode(Some(payload), None));
+            }
+        })
+    });
+    let schemas: Vec<_> = Source::ALL.iter().map(|s| input_schema(*s)).collect();
+    let avro: Vec<(usize, Vec<u8>)> = fixture
+        .events
+        .iter()
+        .filter_map(|(input, payload)| {
+            let event = json[*input].decode(Some(payload), None).ok()?;
+            Some((*input, encode_avro(&schemas[*input], &event).ok()?))
+        })
+        .collect();
+    let avro_decoders = decoders(&engine, Format::Avro);
+    g.throughput(Throughput::Elements(avro.len() as u64));
+    g.bench_function("avro", |b| {
+        b.iter(|| {
+            for (input, payload) in &avro {
+                let _ = black_box(avro_decoders[*input].decode(Some(payload), None));
+            }
+        })
     });
     g.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_engine, bench_processor);
+fn bench_shard(c: &mut Criterion) {
+    let engine = engine();
+    let fixture = fixture(7);
+    let decoders = decoders(&engine, Format::Json);
+    let mut g = c.benchmark_group("shard");
+    g.throughput(Throughput::Elements(fixture.events.len() as u64));
+    g.sample_size(10);
+    g.bench_function("events", |b| {
+        b.iter(|| black_box(run_shard(&engine, &decoders, &fixture)))
+    });
+    g.finish();
+}
+
+fn bench_shards(c: &mut Criterion) {
+    let engine = Arc::new(engine());
+    let fixtures: Vec<Arc<Fixture>> = (0..8).map(|i| Arc::new(fixture(100 + i))).collect();
+    let mut g = c.benchmark_group("shards");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    for threads in [1usize, 2, 4, 8] {
+        g.throughput(Throughput::Elements((threads * EVENTS) as u64));
+        g.bench_function(format!("threads_{threads}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    std::thread::scope(|scope| {
+                        for fixture in fixtures.iter().take(threads) {
+                            let engine = Arc::clone(&engine);
+                            scope.spawn(move || {
+                                let decoders = decoders(&engine, Format::Json);
+                                black_box(run_shard(&engine, &decoders, fixture))
+                            });
+                        }
+                    });
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_shard, bench_shards);
 criterion_main!(benches);

@@ -1,8 +1,8 @@
 # Sourced by bench.sh and memory.sh: installs what is missing, builds the
 # release binary, starts a tansu broker and a Redis on spare loopback ports
 # (stopped on exit) and points the service at them. Sets BIN, KPORT, RPORT,
-# HPORT, WORK, EVENTS, LEADS, RUNS, RATE.
-EVENTS=${EVENTS:-1000000} LEADS=${LEADS:-100000} RUNS=${RUNS:-3} RATE=${RATE:-20000}
+# HPORT, WORK, EVENTS, LEADS, RUNS, RATE, PARTITIONS.
+EVENTS=${EVENTS:-2000000} LEADS=${LEADS:-200000} RUNS=${RUNS:-5} RATE=${RATE:-20000} PARTITIONS=${PARTITIONS:-4}
 TANSU="${TANSU_BIN:-$HOME/.cargo/bin/tansu}"
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 "$TANSU" --version >/dev/null 2>&1 || cargo install tansu@0.6.0 --locked --features dynostore,libsql

@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
-# End-to-end benchmark: starts a tansu broker and a Redis on spare loopback
-# ports, prefills the input topics, then runs the service RUNS times from the
-# same backlog (fresh group, empty Redis) and reports each drain rate; then a
-# fixed-rate latency run. Prints the figures the README quotes.
-#   EVENTS=1000000 LEADS=100000 RUNS=3 RATE=20000 scripts/bench.sh
-# STORAGE=sqlite://tansu.db puts the broker on tansu's sqlite engine (much slower).
+# End-to-end throughput beside its ceiling, in the same run: starts a tansu
+# broker and a Redis on spare loopback ports, prefills the four input topics
+# with EVENTS synthetic events for LEADS leads, then RUNS times:
+#   1. a consumer that does nothing but read (`leadscore loadgen --mode read`)
+#      reads the whole backlog: the ceiling this broker gives on this machine;
+#   2. the service (fresh group, empty Redis) drains the same backlog: consume,
+#      decode, score, produce outputs, write Redis, commit. Timed from the
+#      first event consumed until every event is consumed and nothing is left
+#      to write (`loadgen --mode drain`).
+# Prints each run and the medians with the service/ceiling ratio.
+#   EVENTS=2000000 LEADS=200000 RUNS=5 PARTITIONS=4 scripts/bench.sh
+# STORAGE=sqlite://tansu.db puts the broker on tansu's sqlite engine (slower).
+# Extra LEADSCORE__… variables in the environment reach the service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-env.sh
 
-$BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions 4
+$BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions "$PARTITIONS"
+reader=() service=()
 for run in $(seq "$RUNS"); do
+  r=$($BIN loadgen --mode read --brokers "127.0.0.1:$KPORT" --events "$EVENTS" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
   redis-cli -p "$RPORT" flushall >/dev/null
   LEADSCORE__KAFKA__GROUP_ID="bench-$run-$RANDOM" $BIN run >"$WORK/service.log" 2>&1 &
   svc=$!
-  $BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics"
+  s=$($BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
   kill -TERM "$svc"; wait "$svc" || true
+  reader+=("$r") service+=("$s")
+  awk -v r="$r" -v s="$s" -v n="$run" 'BEGIN { printf "run %d: service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, s, r, s / r }'
 done
-
-redis-cli -p "$RPORT" flushall >/dev/null
-LEADSCORE__KAFKA__GROUP_ID="latency-$RANDOM" $BIN run >"$WORK/service.log" 2>&1 &
-svc=$!
-pids+=($svc)
-# Let it consume the backlog first, then measure at a fixed rate.
-$BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" >/dev/null
-$BIN loadgen --mode latency --brokers "127.0.0.1:$KPORT" --rate "$RATE" --duration 30s --leads "$LEADS"
-kill -TERM "$svc"; wait "$svc" || true
+median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+ms=$(median "${service[@]}") mr=$(median "${reader[@]}")
+awk -v s="$ms" -v r="$mr" -v n="$RUNS" -v e="$EVENTS" -v l="$LEADS" -v p="$PARTITIONS" -v c="$(nproc)" 'BEGIN {
+  printf "median of %d runs (%d events, %d leads, %d partitions, %d cores): service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, e, l, p, c, s, r, s / r }'

@@ -13,8 +13,10 @@
 //!   the drain deadline, below the session timeout), the stored offsets are
 //!   committed synchronously, then the partitions are released. Lost
 //!   partitions (another member may own them already) are dropped unwritten.
-//! * Offsets: workers store the offsets their durable writes cover;
-//!   librdkafka commits stored offsets periodically and at every revocation.
+//! * Offsets: workers store the offsets their durable writes cover; this
+//!   thread commits them every second and the revocation synchronously.
+//! * Shutdown: unsubscribe (the revocation drains and commits), let the
+//!   LeaveGroup go out, close the consumer: the group rebalances at once.
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -482,6 +484,14 @@ pub fn run(
             None => {}
         }
         if last_gauges.elapsed() >= Duration::from_secs(1) {
+            // Offsets the workers stored (each covered by a durable write).
+            match consumer.commit_consumer_state(CommitMode::Async) {
+                Err(e) if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {
+                    rt.metrics.commits.with_label_values(&["error"]).inc();
+                    warn!(error = %e, "Offset commit failed; the next commit covers it.");
+                }
+                _ => {}
+            }
             rt.publish_gauges(&segment_refs);
             rt.metrics.ready.set(i64::from(rt.health.ready()));
             last_gauges = Instant::now();
@@ -503,6 +513,25 @@ pub fn run(
     }
     if let Some(f) = rt.fatal() {
         return Err(ConsumerError::Fatal(f));
+    }
+    // The revocation committed synchronously; with nothing left to commit
+    // librdkafka sends LeaveGroup as the unassignment completes, so the
+    // group rebalances at once instead of after this member's session
+    // timeout. Give the request a moment to go out before closing.
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        let _ = consumer.poll(Duration::from_millis(20));
+    }
+    // Close here, not on drop (the workers hold the consumer too, and the
+    // process may exit first).
+    match consumer.close_queue() {
+        Ok(()) => {
+            let until = Instant::now() + Duration::from_secs(10);
+            while !consumer.closed() && Instant::now() < until {
+                let _ = consumer.poll(Duration::from_millis(50));
+            }
+        }
+        Err(e) => warn!(error = %e, "Cannot close the consumer cleanly."),
     }
     info!("Consumer stopped cleanly.");
     Ok(())

@@ -20,16 +20,17 @@ use crate::settings::KafkaSettings;
 /// Consumer properties: leadscore's own, then the user's pass-through ones.
 ///
 /// Offsets: workers store the offset each durable write covers
-/// (`enable.auto.offset.store=false`) and librdkafka commits stored offsets
-/// every second and at every revocation (`enable.auto.commit=true`), the
-/// at-least-once pattern of vector and rust-rdkafka's example. Positions in
-/// Redis, written with the state, are what leadscore resumes from.
+/// (`enable.auto.offset.store=false`); the consumer loop commits the stored
+/// offsets every second, and the revocation callback commits synchronously
+/// before partitions are released (`enable.auto.commit=false`, so that
+/// librdkafka has no commit of its own in flight when a member leaves the
+/// group and sends LeaveGroup at once). Positions in Redis, written with
+/// the state, are what leadscore resumes from.
 pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers)
         .set("group.id", &k.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")

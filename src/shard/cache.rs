@@ -7,23 +7,33 @@
 
 use std::hash::BuildHasher;
 
+use std::sync::Arc;
+
 use hashbrown::HashTable;
 
 use crate::event::Millis;
 
 /// The key of a lead or visitor within a shard: `l:<lead id>` or `a:<anonymous id>`.
+/// Shared, not copied, by the cache, the timers and the writes.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeadKey(Box<str>);
+pub struct LeadKey(std::sync::Arc<str>);
 
 impl LeadKey {
     /// The key of a lead.
     pub fn lead(id: &str) -> LeadKey {
-        LeadKey(format!("l:{id}").into_boxed_str())
+        LeadKey(Self::join("l:", id))
     }
 
     /// The key of an anonymous visitor (or of its alias).
     pub fn visitor(anonymous_id: &str) -> LeadKey {
-        LeadKey(format!("a:{anonymous_id}").into_boxed_str())
+        LeadKey(Self::join("a:", anonymous_id))
+    }
+
+    fn join(kind: &str, id: &str) -> std::sync::Arc<str> {
+        let mut s = String::with_capacity(kind.len() + id.len());
+        s.push_str(kind);
+        s.push_str(id);
+        s.into()
     }
 
     /// A key as stored (`l:…` or `a:…`), if well formed.
@@ -59,8 +69,8 @@ impl std::fmt::Debug for LeadKey {
 pub struct Entry {
     /// Its key.
     pub key: LeadKey,
-    /// Its state, in the stored binary form.
-    pub blob: Box<[u8]>,
+    /// Its state, in the stored binary form (shared with a write in flight).
+    pub blob: Arc<[u8]>,
     /// Its next timer.
     pub timer: Option<Millis>,
     /// Changed since it was last written.
@@ -174,8 +184,8 @@ impl LeadCache {
         self.find(key).is_some()
     }
 
-    /// A copy of a lead's state (for the HTTP surface).
-    pub fn peek(&self, key: &LeadKey) -> Option<Box<[u8]>> {
+    /// A lead's state (shared, not copied), without marking it used.
+    pub fn peek(&self, key: &LeadKey) -> Option<Arc<[u8]>> {
         let i = self.find(key)? as usize;
         self.slab[i].as_ref().map(|e| e.blob.clone())
     }
@@ -185,6 +195,48 @@ impl LeadCache {
         self.put_with(key, blob, timer, true);
     }
 
+    /// Where a key is held: a slot valid until the key is removed or evicted.
+    pub fn slot(&self, key: &LeadKey) -> Option<u32> {
+        self.find(key)
+    }
+
+    /// The state in a slot, if it holds `key`.
+    pub fn blob_at(&self, slot: u32, key: &LeadKey) -> Option<&Arc<[u8]>> {
+        self.entry_at(slot, key).map(|e| &e.blob)
+    }
+
+    fn entry_at(&self, slot: u32, key: &LeadKey) -> Option<&Entry> {
+        self.slab
+            .get(slot as usize)?
+            .as_ref()
+            .filter(|e| std::sync::Arc::ptr_eq(&e.key.0, &key.0) || e.key == *key)
+    }
+
+    /// [`LeadCache::put`] with the slot the key was read from, which saves
+    /// looking it up again (any slot that no longer holds it is ignored).
+    pub fn put_at(&mut self, slot: Option<u32>, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
+        match slot.filter(|s| self.entry_at(*s, key).is_some()) {
+            Some(i) => self.update(i, blob, timer, true),
+            None => self.put_with(key, blob, timer, true),
+        }
+    }
+
+    fn update(&mut self, i: u32, blob: &[u8], timer: Option<Millis>, dirty: bool) {
+        let e = self.slab[i as usize]
+            .as_mut()
+            .expect("indexed entries exist");
+        if *e.blob != *blob {
+            self.bytes = self.bytes - e.blob.len() + blob.len();
+            e.blob = blob.into();
+        }
+        e.timer = timer;
+        e.referenced = true;
+        if dirty && !e.dirty {
+            e.dirty = true;
+            self.dirty.push(i);
+        }
+    }
+
     /// Inserts a lead just loaded from the store (clean).
     pub fn put_clean(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
         self.put_with(key, blob, timer, false);
@@ -192,21 +244,7 @@ impl LeadCache {
 
     fn put_with(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>, dirty: bool) {
         match self.find(key) {
-            Some(i) => {
-                let e = self.slab[i as usize]
-                    .as_mut()
-                    .expect("indexed entries exist");
-                if *e.blob != *blob {
-                    self.bytes = self.bytes - e.blob.len() + blob.len();
-                    e.blob = blob.into();
-                }
-                e.timer = timer;
-                e.referenced = true;
-                if dirty && !e.dirty {
-                    e.dirty = true;
-                    self.dirty.push(i);
-                }
-            }
+            Some(i) => self.update(i, blob, timer, dirty),
             None => {
                 let entry = Entry {
                     key: key.clone(),
@@ -257,8 +295,9 @@ impl LeadCache {
     /// Takes the dirty leads for a write: (key, state, timer). They count as
     /// clean but are kept in memory until [`LeadCache::written`] says how the
     /// write ended.
-    pub fn take_dirty(&mut self) -> Vec<(LeadKey, Box<[u8]>, Option<Millis>)> {
+    pub fn take_dirty(&mut self) -> (Vec<(LeadKey, Arc<[u8]>, Option<Millis>)>, Vec<u32>) {
         let mut out = Vec::with_capacity(self.dirty.len());
+        let mut slots = Vec::with_capacity(self.dirty.len());
         for i in std::mem::take(&mut self.dirty) {
             if let Some(e) = self.slab.get_mut(i as usize).and_then(Option::as_mut)
                 && e.dirty
@@ -266,15 +305,22 @@ impl LeadCache {
                 e.dirty = false;
                 e.writing = true;
                 out.push((e.key.clone(), e.blob.clone(), e.timer));
+                slots.push(i);
             }
         }
-        out
+        (out, slots)
     }
 
-    /// A write of `keys` finished: on failure they are dirty again.
-    pub fn written(&mut self, keys: &[LeadKey], ok: bool) {
-        for key in keys {
-            if let Some(i) = self.find(key)
+    /// A write of `keys` (taken from `slots`) finished: on failure they are
+    /// dirty again.
+    pub fn written(&mut self, keys: &[LeadKey], slots: &[u32], ok: bool) {
+        for (n, key) in keys.iter().enumerate() {
+            let slot = slots
+                .get(n)
+                .copied()
+                .filter(|s| self.entry_at(*s, key).is_some())
+                .or_else(|| self.find(key));
+            if let Some(i) = slot
                 && let Some(e) = self.slab[i as usize].as_mut()
             {
                 e.writing = false;
@@ -354,11 +400,11 @@ mod tests {
             Some((&b"xyz"[..], Some(5)))
         );
         assert_eq!(c.dirty_len(), 1);
-        let taken = c.take_dirty();
+        let (taken, _) = c.take_dirty();
         assert_eq!(taken.len(), 1);
-        assert_eq!(c.take_dirty().len(), 0);
+        assert_eq!(c.take_dirty().0.len(), 0);
         c.mark_dirty([a.clone()]);
-        assert_eq!(c.take_dirty().len(), 1);
+        assert_eq!(c.take_dirty().0.len(), 1);
         assert!(c.remove(&a).is_some());
         assert!(c.is_empty() && c.bytes() == 0);
         assert!(LeadKey::visitor("c").as_str() == "a:c" && !LeadKey::visitor("c").is_lead());

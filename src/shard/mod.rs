@@ -36,6 +36,9 @@ use cache::{LeadCache, LeadKey, Limit};
 use merge::{Merge, Released};
 use timers::Timers;
 
+/// A set of keys (fast hashing; its order is never observed).
+type KeySet = std::collections::HashSet<LeadKey, foldhash::fast::RandomState>;
+
 /// One input message as the consumer hands it over.
 #[derive(Debug, Clone, Copy)]
 pub struct InMessage<'a> {
@@ -180,6 +183,7 @@ pub struct Ctx<'a> {
 #[derive(Debug, Default)]
 pub struct Pending {
     keys: Vec<LeadKey>,
+    slots: Vec<u32>,
     deletes: Vec<LeadKey>,
 }
 
@@ -201,7 +205,7 @@ pub struct Shard {
     clock: Millis,
     cache: Arc<Mutex<LeadCache>>,
     timers: Timers,
-    deletes: Vec<LeadKey>,
+    deletes: KeySet,
     population: HashMap<String, i64>,
     population_dirty: bool,
     decisions: Vec<Decision>,
@@ -209,7 +213,9 @@ pub struct Shard {
     other: LeadState,
     buf: Vec<u8>,
     /// Keys this round looked for in the store and did not find.
-    absent: Vec<LeadKey>,
+    absent: KeySet,
+    /// Keys a round wants from the store (scratch).
+    wanted: KeySet,
 }
 
 impl std::fmt::Debug for Shard {
@@ -258,14 +264,15 @@ impl Shard {
             clock: meta.clock.unwrap_or(NEVER),
             cache: Arc::new(Mutex::new(LeadCache::new(config.cache))),
             timers: Timers::default(),
-            deletes: Vec::new(),
+            deletes: KeySet::default(),
             population: meta.population.clone(),
             population_dirty: false,
             decisions: Vec::new(),
             state: LeadState::new(Kind::Lead),
             other: LeadState::new(Kind::Lead),
             buf: Vec::new(),
-            absent: Vec::new(),
+            absent: KeySet::default(),
+            wanted: KeySet::default(),
         }
     }
 
@@ -491,16 +498,17 @@ impl Shard {
             .max()
             .unwrap_or(NEVER)
             .max(self.clock);
-        let mut wanted: Vec<LeadKey> = Vec::new();
+        let mut wanted = std::mem::take(&mut self.wanted);
+        wanted.clear();
         {
             let cache = self.cache.lock();
             let mut want = |k: LeadKey| {
-                if !cache.contains(&k) && !wanted.contains(&k) {
-                    wanted.push(k);
+                if !cache.contains(&k) {
+                    wanted.insert(k);
                 }
             };
             for (_, key) in self.timers.due(until, self.config.round) {
-                want(key.clone());
+                want(key);
             }
             for r in &self.ready {
                 match &r.item {
@@ -517,9 +525,11 @@ impl Shard {
                 }
             }
         }
-        self.load(ctx, &wanted)?;
+        let keys: Vec<LeadKey> = wanted.drain().collect();
+        self.wanted = wanted;
+        self.load(ctx, &keys)?;
         // Visitors that turned out to be aliases need their lead too.
-        let mut second = Vec::new();
+        let mut second = KeySet::default();
         {
             let mut cache = self.cache.lock();
             for r in &self.ready {
@@ -531,12 +541,13 @@ impl Shard {
                     && let Kind::Alias(lead) = &self.other.kind
                 {
                     let k = LeadKey::lead(lead);
-                    if !cache.contains(&k) && !second.contains(&k) {
-                        second.push(k);
+                    if !cache.contains(&k) {
+                        second.insert(k);
                     }
                 }
             }
         }
+        let second: Vec<LeadKey> = second.into_iter().collect();
         self.load(ctx, &second)
     }
 
@@ -558,7 +569,7 @@ impl Shard {
         let mut cache = self.cache.lock();
         for (key, bytes) in keys.iter().zip(loaded) {
             let Some(bytes) = bytes else {
-                self.absent.push(key.clone());
+                self.absent.insert(key.clone());
                 continue;
             };
             // A state written under other rules is remapped as it decodes and
@@ -576,7 +587,7 @@ impl Shard {
                 }
                 Err(error) => {
                     tracing::warn!(%error, shard = self.id, "Stored lead state unreadable; the lead starts afresh.");
-                    self.absent.push(key.clone());
+                    self.absent.insert(key.clone());
                 }
             }
         }
@@ -584,6 +595,9 @@ impl Shard {
     }
 
     fn apply_round(&mut self, ctx: &mut Ctx<'_>) -> Result<usize, ShardError> {
+        // The clock never passes the wall clock plus the future tolerance
+        // (read once per round: a round takes milliseconds).
+        let ceiling = crate::event::wall_clock_ms().saturating_add(self.config.future_tolerance_ms);
         let mut applied = 0;
         let mut fired = 0;
         while let Some(r) = self.ready.front() {
@@ -637,12 +651,7 @@ impl Shard {
                         *ctx.stats.late.entry(input).or_default() += 1;
                     }
                     if let Some(t) = at {
-                        self.clock = self.clock.max(
-                            t.min(
-                                crate::event::wall_clock_ms()
-                                    .saturating_add(self.config.future_tolerance_ms),
-                            ),
-                        );
+                        self.clock = self.clock.max(t.min(ceiling));
                     }
                     let r = self.ready.pop_front().expect("peeked above");
                     let Item::Event(event) = r.item else {
@@ -697,34 +706,35 @@ impl Shard {
         key: &LeadKey,
         kind: Kind,
         into: &mut LeadState,
-    ) -> bool {
+    ) -> Option<u32> {
         let cache = cache.lock();
-        match cache.peek(key) {
-            Some(blob) if engine.decode_into(&blob, into).is_ok() => true,
-            _ => {
-                into.reset(kind);
-                false
-            }
+        let found = cache.slot(key).filter(|slot| {
+            cache
+                .blob_at(*slot, key)
+                .is_some_and(|blob| engine.decode_into(blob, into).is_ok())
+        });
+        if found.is_none() {
+            into.reset(kind);
         }
+        found
     }
 
-    fn store_state(&mut self, engine: &Engine, key: &LeadKey, which: Which) {
+    /// Stores a lead's state back (`slot`: where it was read from, if it was).
+    fn store_state(&mut self, engine: &Engine, key: &LeadKey, which: Which, slot: Option<u32>) {
         let state = match which {
             Which::Main => &self.state,
             Which::Other => &self.other,
         };
         let timer = engine.next_transition(state);
         engine.encode(state, &mut self.buf);
-        self.cache.lock().put(key, &self.buf, timer);
+        self.cache.lock().put_at(slot, key, &self.buf, timer);
         self.timers.set(key, timer);
     }
 
     fn delete(&mut self, key: &LeadKey) {
         self.cache.lock().remove(key);
         self.timers.set(key, None);
-        if !self.deletes.contains(key) {
-            self.deletes.push(key.clone());
-        }
+        self.deletes.insert(key.clone());
     }
 
     fn count_segment(&mut self, rules: &crate::engine::Rules, segment: Segment, delta: i64) {
@@ -752,10 +762,11 @@ impl Shard {
         }
         // Identity: the visitor's stored state decides where the event goes.
         let visitor_key = e.anonymous_id.as_deref().map(LeadKey::visitor);
-        let has_visitor = match &visitor_key {
+        let visitor_slot = match &visitor_key {
             Some(k) => Self::read(&self.cache, engine, k, Kind::Visitor, &mut self.other),
-            None => false,
+            None => None,
         };
+        let has_visitor = visitor_slot.is_some();
         let route = identity::route(e, has_visitor.then_some(&self.other));
         let (key, kind, publish) = match &route {
             Route::Lead { id, .. } => (LeadKey::lead(id), Kind::Lead, true),
@@ -763,7 +774,8 @@ impl Shard {
             Route::Aliased { lead, .. } => (LeadKey::lead(lead), Kind::Lead, true),
         };
         let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
-        if Self::read(&self.cache, engine, &key, kind, &mut state) {
+        let slot = Self::read(&self.cache, engine, &key, kind, &mut state);
+        if slot.is_some() {
             ctx.stats.hits += 1;
         }
         if engine.is_duplicate(&state, e) {
@@ -798,7 +810,7 @@ impl Shard {
                     state.linked.push((*anon).to_owned());
                 }
                 self.other = alias;
-                self.store_state(engine, vkey, Which::Other);
+                self.store_state(engine, vkey, Which::Other, visitor_slot);
             }
         }
         if let (Route::Aliased { .. }, Some(vkey)) = (&route, &visitor_key)
@@ -806,7 +818,7 @@ impl Shard {
         {
             self.other.last_event_at = e.occurred_at;
             self.other.as_of = self.other.as_of.max(e.occurred_at);
-            self.store_state(engine, vkey, Which::Other);
+            self.store_state(engine, vkey, Which::Other, visitor_slot);
         }
         let was_new = state.is_new();
         let before = Segment::of(&state);
@@ -833,7 +845,7 @@ impl Shard {
             }
         }
         self.state = state;
-        self.store_state(engine, &key, Which::Main);
+        self.store_state(engine, &key, Which::Main, slot);
         if publish {
             self.publish(ctx, key.id())?;
         }
@@ -849,9 +861,9 @@ impl Shard {
         } else {
             Kind::Visitor
         };
-        if !Self::read(&self.cache, engine, key, kind, &mut self.state) {
+        let Some(slot) = Self::read(&self.cache, engine, key, kind, &mut self.state) else {
             return Ok(());
-        }
+        };
         let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
         let before = Segment::of(&state);
         self.decisions.clear();
@@ -866,7 +878,7 @@ impl Shard {
             self.delete(key);
             return Ok(());
         }
-        self.store_state(engine, key, Which::Main);
+        self.store_state(engine, key, Which::Main, Some(slot));
         if key.is_lead() {
             self.publish(ctx, key.id())?;
         }
@@ -878,7 +890,7 @@ impl Shard {
         let engine = ctx.engine;
         let rules = engine.rules().clone();
         let key = LeadKey::lead(lead);
-        if Self::read(&self.cache, engine, &key, Kind::Lead, &mut self.state) {
+        if Self::read(&self.cache, engine, &key, Kind::Lead, &mut self.state).is_some() {
             let segment = Segment::of(&self.state);
             self.count_segment(&rules, segment, -1);
             let linked = std::mem::take(&mut self.state.linked);
@@ -940,9 +952,12 @@ impl Shard {
     /// Takes everything changed since the last write, with the positions,
     /// clock and merge progress it covers.
     pub fn prepare_write(&mut self) -> (ShardWrite, Pending) {
-        let leads = self.cache.lock().take_dirty();
+        let (leads, slots) = self.cache.lock().take_dirty();
         let mut deletes = std::mem::take(&mut self.deletes);
-        deletes.retain(|d| !leads.iter().any(|(k, _, _)| k == d));
+        for (k, _, _) in &leads {
+            deletes.remove(k);
+        }
+        let deletes: Vec<LeadKey> = deletes.into_iter().collect();
         let keys = leads.iter().map(|(k, _, _)| k.clone()).collect();
         let write = ShardWrite {
             shard: self.id,
@@ -971,17 +986,24 @@ impl Shard {
                 .collect(),
         };
         self.population_dirty = false;
-        (write, Pending { keys, deletes })
+        (
+            write,
+            Pending {
+                keys,
+                slots,
+                deletes,
+            },
+        )
     }
 
     /// Accounts for a finished write: on failure, what it carried is pending again.
     pub fn write_done(&mut self, pending: Pending, ok: bool) {
         let mut cache = self.cache.lock();
-        cache.written(&pending.keys, ok);
+        cache.written(&pending.keys, &pending.slots, ok);
         if !ok {
             for d in pending.deletes {
-                if !cache.contains(&d) && !self.deletes.contains(&d) {
-                    self.deletes.push(d);
+                if !cache.contains(&d) {
+                    self.deletes.insert(d);
                 }
             }
             self.population_dirty = true;

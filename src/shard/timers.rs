@@ -5,16 +5,22 @@
 //! reaches the end of the window. A restart therefore reads one page, never
 //! every timer of a shard.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+type KeyMap<V> = HashMap<LeadKey, V, foldhash::fast::RandomState>;
 
 use super::cache::LeadKey;
 use crate::event::Millis;
 
-/// Timers of one shard.
+/// Timers of one shard: each key's timer in a map, and a min-heap by
+/// (time, key) whose entries a later `set` makes stale instead of removing
+/// them (cheap to reschedule; stale entries are dropped as they surface, and
+/// the heap is rebuilt when they outnumber the live ones).
 #[derive(Debug, Default)]
 pub struct Timers {
-    by_time: BTreeSet<(Millis, LeadKey)>,
-    by_key: HashMap<LeadKey, Millis>,
+    heap: BinaryHeap<Reverse<(Millis, LeadKey)>>,
+    by_key: KeyMap<Millis>,
     /// Store timers due at or before this are in memory.
     loaded_until: Option<Millis>,
     /// The store has nothing after `loaded_until`.
@@ -24,18 +30,38 @@ pub struct Timers {
 impl Timers {
     /// Sets (or clears) the timer of a lead held in memory.
     pub fn set(&mut self, key: &LeadKey, at: Option<Millis>) {
-        match (self.by_key.get(key).copied(), at) {
-            (Some(old), Some(new)) if old == new => {}
-            (old, new) => {
-                if let Some(old) = old {
-                    self.by_time.remove(&(old, key.clone()));
-                    self.by_key.remove(key);
+        match at {
+            Some(new) => match self.by_key.get_mut(key) {
+                Some(old) if *old == new => {}
+                Some(old) => {
+                    *old = new;
+                    self.heap.push(Reverse((new, key.clone())));
                 }
-                if let Some(new) = new {
-                    self.by_time.insert((new, key.clone()));
+                None => {
                     self.by_key.insert(key.clone(), new);
+                    self.heap.push(Reverse((new, key.clone())));
                 }
+            },
+            None => {
+                self.by_key.remove(key);
             }
+        }
+        if self.heap.len() > 2 * self.by_key.len() + 4096 {
+            self.heap = self
+                .by_key
+                .iter()
+                .map(|(k, t)| Reverse((*t, k.clone())))
+                .collect();
+        }
+    }
+
+    /// Drops stale entries from the top of the heap.
+    fn settle(&mut self) {
+        while let Some(Reverse((t, k))) = self.heap.peek() {
+            if self.by_key.get(k) == Some(t) {
+                return;
+            }
+            self.heap.pop();
         }
     }
 
@@ -90,30 +116,45 @@ impl Timers {
     }
 
     /// The earliest timer due at or before `until`.
-    pub fn peek_due(&self, until: Millis) -> Option<(Millis, &LeadKey)> {
-        self.by_time
-            .first()
-            .filter(|(t, _)| *t <= until)
-            .map(|(t, k)| (*t, k))
+    pub fn peek_due(&mut self, until: Millis) -> Option<(Millis, &LeadKey)> {
+        self.settle();
+        self.heap
+            .peek()
+            .filter(|Reverse((t, _))| *t <= until)
+            .map(|Reverse((t, k))| (*t, k))
     }
 
     /// Removes and returns the earliest timer due at or before `until`.
     pub fn pop_due(&mut self, until: Millis) -> Option<(Millis, LeadKey)> {
-        if self.by_time.first().is_none_or(|(t, _)| *t > until) {
+        self.settle();
+        if self.heap.peek().is_none_or(|Reverse((t, _))| *t > until) {
             return None;
         }
-        let (t, key) = self.by_time.pop_first()?;
+        let Reverse((t, key)) = self.heap.pop()?;
         self.by_key.remove(&key);
         Some((t, key))
     }
 
-    /// The keys of up to `n` timers due at or before `until`, earliest first.
-    pub fn due(&self, until: Millis, n: usize) -> impl Iterator<Item = (Millis, &LeadKey)> {
-        self.by_time
-            .iter()
-            .take_while(move |(t, _)| *t <= until)
-            .take(n)
-            .map(|(t, k)| (*t, k))
+    /// Up to `n` timers due at or before `until`, earliest first.
+    pub fn due(&mut self, until: Millis, n: usize) -> Vec<(Millis, LeadKey)> {
+        let mut out: Vec<(Millis, LeadKey)> = Vec::new();
+        while out.len() < n {
+            self.settle();
+            match self.heap.peek() {
+                Some(Reverse((t, _))) if *t <= until => {
+                    let Reverse(entry) = self.heap.pop().expect("peeked");
+                    // Several stale copies of one live entry may exist.
+                    if out.last() != Some(&entry) {
+                        out.push(entry);
+                    }
+                }
+                _ => break,
+            }
+        }
+        for entry in &out {
+            self.heap.push(Reverse(entry.clone()));
+        }
+        out
     }
 
     /// The timer of a lead, if in memory.

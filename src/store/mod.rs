@@ -72,7 +72,7 @@ pub struct ShardWrite {
     /// The writer's owner epoch: the write happens only if it is still current.
     pub epoch: u64,
     /// Changed leads: key, state, next timer.
-    pub leads: Vec<(LeadKey, Box<[u8]>, Option<Millis>)>,
+    pub leads: Vec<(LeadKey, std::sync::Arc<[u8]>, Option<Millis>)>,
     /// Deleted leads (merged visitors, expired, erased).
     pub deletes: Vec<LeadKey>,
     /// Next offset to read, per input topic.

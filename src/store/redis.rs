@@ -59,25 +59,50 @@ for i = 0, nm - 1 do
     if cur and tonumber(cur) > tonumber(v) then return {2, f} end
   end
 end
+-- Many keys per command, in chunks that stay within Lua's stack.
+local CHUNK = 500
 local k = 3
-for i = 1, nd do
-  redis.call('DEL', KEYS[k])
-  redis.call('ZREM', KEYS[2], ARGV[a])
-  k = k + 1
-  a = a + 1
-end
-for i = 1, nw do
-  redis.call('SET', KEYS[k], ARGV[a + 1])
-  if ARGV[a + 2] == '' then
-    redis.call('ZREM', KEYS[2], ARGV[a])
-  else
-    redis.call('ZADD', KEYS[2], ARGV[a + 2], ARGV[a])
+local i = 0
+while i < nd do
+  local n = math.min(CHUNK, nd - i)
+  local keys, members = {}, {}
+  for j = 1, n do
+    keys[j] = KEYS[k + i + j - 1]
+    members[j] = ARGV[a + i + j - 1]
   end
-  k = k + 1
-  a = a + 3
+  redis.call('DEL', unpack(keys))
+  redis.call('ZREM', KEYS[2], unpack(members))
+  i = i + n
 end
-for i = 0, nm - 1 do
-  redis.call('HSET', KEYS[1], ARGV[m + 2 * i], ARGV[m + 2 * i + 1])
+k = k + nd
+a = a + nd
+i = 0
+while i < nw do
+  local n = math.min(CHUNK, nw - i)
+  local kv, zadd, zrem = {}, {}, {}
+  for j = 0, n - 1 do
+    local ai = a + 3 * (i + j)
+    kv[#kv + 1] = KEYS[k + i + j]
+    kv[#kv + 1] = ARGV[ai + 1]
+    if ARGV[ai + 2] == '' then
+      zrem[#zrem + 1] = ARGV[ai]
+    else
+      zadd[#zadd + 1] = ARGV[ai + 2]
+      zadd[#zadd + 1] = ARGV[ai]
+    end
+  end
+  redis.call('MSET', unpack(kv))
+  if #zadd > 0 then redis.call('ZADD', KEYS[2], unpack(zadd)) end
+  if #zrem > 0 then redis.call('ZREM', KEYS[2], unpack(zrem)) end
+  i = i + n
+end
+if nm > 0 then
+  local hv = {}
+  for j = 0, nm - 1 do
+    hv[#hv + 1] = ARGV[m + 2 * j]
+    hv[#hv + 1] = ARGV[m + 2 * j + 1]
+  end
+  redis.call('HSET', KEYS[1], unpack(hv))
 end
 return {3}
 ";
@@ -223,6 +248,141 @@ impl RedisStore {
         }
     }
 
+    /// One shard's write as a transaction fenced by `WATCH` on its record:
+    /// the epoch and positions are checked, then everything is written in
+    /// one `MULTI`/`EXEC`, which Redis refuses if the record changed since
+    /// (another member took the shard). Commands carry many keys each, so
+    /// Redis parses each state once and runs no script per lead.
+    fn write_watched(
+        &self,
+        w: &ShardWrite,
+        meta: &[(String, String)],
+    ) -> Result<Written, StoreError> {
+        let meta_key = self.shard_key(w.shard, "meta");
+        let timers_key = self.shard_key(w.shard, "timers");
+        let positions: Vec<&(String, String)> =
+            meta.iter().filter(|(f, _)| f.starts_with("pos:")).collect();
+        self.with_conn(|c| {
+            redis::cmd("WATCH").arg(&meta_key).exec(c)?;
+            let mut get = redis::cmd("HMGET");
+            get.arg(&meta_key).arg("epoch");
+            for (f, _) in &positions {
+                get.arg(f);
+            }
+            let stored: Vec<Option<String>> = get.query(c)?;
+            let refusal = match stored.first().cloned().flatten() {
+                None => Some(Written::Lost),
+                Some(e) if e != w.epoch.to_string() => {
+                    Some(Written::Fenced(e.parse().unwrap_or(0)))
+                }
+                Some(_) => positions.iter().zip(&stored[1..]).find_map(|((f, v), cur)| {
+                    let behind = cur
+                        .as_deref()
+                        .and_then(|c| c.parse::<i64>().ok())
+                        .zip(v.parse::<i64>().ok())
+                        .is_some_and(|(cur, new)| cur > new);
+                    behind.then(|| Written::Backwards(f.trim_start_matches("pos:").to_owned()))
+                }),
+            };
+            if let Some(refusal) = refusal {
+                redis::cmd("UNWATCH").exec(c)?;
+                return Ok(refusal);
+            }
+            let mut tx = redis::pipe();
+            tx.atomic();
+            for chunk in w.deletes.chunks(WRITE_CHUNK) {
+                let mut del = redis::cmd("DEL");
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&timers_key);
+                for d in chunk {
+                    del.arg(self.lead_key(w.shard, d));
+                    zrem.arg(d.as_str());
+                }
+                tx.add_command(del).ignore().add_command(zrem).ignore();
+            }
+            for chunk in w.leads.chunks(WRITE_CHUNK) {
+                let mut mset = redis::cmd("MSET");
+                let (mut zadd, mut zrem) = (redis::cmd("ZADD"), redis::cmd("ZREM"));
+                zadd.arg(&timers_key);
+                zrem.arg(&timers_key);
+                let (mut adds, mut rems) = (0, 0);
+                for (k, blob, timer) in chunk {
+                    mset.arg(self.lead_key(w.shard, k)).arg(&blob[..]);
+                    match timer {
+                        Some(t) => {
+                            zadd.arg(*t).arg(k.as_str());
+                            adds += 1;
+                        }
+                        None => {
+                            zrem.arg(k.as_str());
+                            rems += 1;
+                        }
+                    }
+                }
+                tx.add_command(mset).ignore();
+                if adds > 0 {
+                    tx.add_command(zadd).ignore();
+                }
+                if rems > 0 {
+                    tx.add_command(zrem).ignore();
+                }
+            }
+            if !meta.is_empty() {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&meta_key);
+                for (f, v) in meta {
+                    hset.arg(f).arg(v);
+                }
+                tx.add_command(hset).ignore();
+            }
+            let done: Option<()> = tx.query(c)?;
+            if done.is_some() {
+                return Ok(Written::Ok);
+            }
+            // EXEC refused: the record changed under the watch.
+            let epoch: Option<String> = redis::cmd("HGET").arg(&meta_key).arg("epoch").query(c)?;
+            Ok(match epoch {
+                None => Written::Lost,
+                Some(e) => Written::Fenced(e.parse().unwrap_or(0)),
+            })
+        })
+    }
+
+    /// One shard's write as one Lua script (Redis Cluster: a transaction
+    /// there is a script on the shard's slot).
+    fn write_scripted(
+        &self,
+        w: &ShardWrite,
+        meta: &[(String, String)],
+    ) -> Result<Written, StoreError> {
+        let mut inv = self.write.prepare_invoke();
+        inv.key(self.shard_key(w.shard, "meta"));
+        inv.key(self.shard_key(w.shard, "timers"));
+        for d in &w.deletes {
+            inv.key(self.lead_key(w.shard, d));
+        }
+        for (k, _, _) in &w.leads {
+            inv.key(self.lead_key(w.shard, k));
+        }
+        inv.arg(w.epoch)
+            .arg(w.deletes.len())
+            .arg(w.leads.len())
+            .arg(meta.len());
+        for d in &w.deletes {
+            inv.arg(d.as_str());
+        }
+        for (k, blob, timer) in &w.leads {
+            inv.arg(k.as_str())
+                .arg(&blob[..])
+                .arg(timer.map_or_else(String::new, |t| t.to_string()));
+        }
+        for (f, v) in meta {
+            inv.arg(f).arg(v);
+        }
+        let reply: Vec<Value> = self.with_conn(|c| inv.invoke(c))?;
+        Ok(refused(&reply).unwrap_or(Written::Ok))
+    }
+
     fn shard_key(&self, shard: ShardId, suffix: &str) -> String {
         format!("{}{{p{shard}}}:{suffix}", self.prefix)
     }
@@ -258,6 +418,31 @@ fn parse_meta(flat: Vec<(String, Vec<u8>)>) -> ShardMeta {
         }
     }
     meta.fresh = meta.epoch == 1;
+    meta
+}
+
+/// Keys per command in a write.
+const WRITE_CHUNK: usize = 500;
+
+/// The shard record's fields a write sets: positions, merge progress,
+/// clock, population.
+fn meta_fields(w: &ShardWrite) -> Vec<(String, String)> {
+    let mut meta: Vec<(String, String)> = Vec::new();
+    for (topic, p) in &w.positions {
+        meta.push((format!("pos:{topic}"), p.to_string()));
+    }
+    for (topic, t) in &w.seen {
+        meta.push((format!("seen:{topic}"), t.to_string()));
+    }
+    if let Some(c) = w.clock {
+        meta.push(("clock".into(), c.to_string()));
+    }
+    if let Some(r) = w.released {
+        meta.push(("released".into(), r.to_string()));
+    }
+    for (segment, n) in &w.population {
+        meta.push((format!("pop:{segment}"), n.to_string()));
+    }
     meta
 }
 
@@ -352,48 +537,11 @@ impl Store for RedisStore {
     fn write(&self, writes: &[ShardWrite]) -> Result<Vec<Written>, StoreError> {
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
-            let mut inv = self.write.prepare_invoke();
-            inv.key(self.shard_key(w.shard, "meta"));
-            inv.key(self.shard_key(w.shard, "timers"));
-            for d in &w.deletes {
-                inv.key(self.lead_key(w.shard, d));
-            }
-            for (k, _, _) in &w.leads {
-                inv.key(self.lead_key(w.shard, k));
-            }
-            let mut meta: Vec<(String, String)> = Vec::new();
-            for (topic, p) in &w.positions {
-                meta.push((format!("pos:{topic}"), p.to_string()));
-            }
-            for (topic, t) in &w.seen {
-                meta.push((format!("seen:{topic}"), t.to_string()));
-            }
-            if let Some(c) = w.clock {
-                meta.push(("clock".into(), c.to_string()));
-            }
-            if let Some(r) = w.released {
-                meta.push(("released".into(), r.to_string()));
-            }
-            for (segment, n) in &w.population {
-                meta.push((format!("pop:{segment}"), n.to_string()));
-            }
-            inv.arg(w.epoch)
-                .arg(w.deletes.len())
-                .arg(w.leads.len())
-                .arg(meta.len());
-            for d in &w.deletes {
-                inv.arg(d.as_str());
-            }
-            for (k, blob, timer) in &w.leads {
-                inv.arg(k.as_str())
-                    .arg(&blob[..])
-                    .arg(timer.map_or_else(String::new, |t| t.to_string()));
-            }
-            for (f, v) in &meta {
-                inv.arg(f).arg(v);
-            }
-            let reply: Vec<Value> = self.with_conn(|c| inv.invoke(c))?;
-            out.push(refused(&reply).unwrap_or(Written::Ok));
+            let meta = meta_fields(w);
+            out.push(match &*self.clients {
+                Clients::Single(_) => self.write_watched(w, &meta)?,
+                Clients::Cluster(_) => self.write_scripted(w, &meta)?,
+            });
         }
         Ok(out)
     }

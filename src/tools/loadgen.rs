@@ -147,7 +147,7 @@ fn prefill(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scrape(url: &str) -> anyhow::Result<u64> {
+async fn scrape(url: &str) -> anyhow::Result<Scrape> {
     let rest = url
         .strip_prefix("http://")
         .context("--metrics-url must start with http://")?;
@@ -161,9 +161,24 @@ async fn scrape(url: &str) -> anyhow::Result<u64> {
         .await?;
     let mut body = String::new();
     stream.read_to_string(&mut body).await?;
-    Ok(sum_counter(&body, "leadscore_events_consumed_total")
-        + sum_counter(&body, "leadscore_dead_lettered_total")
-        + sum_counter(&body, "leadscore_duplicates_skipped_total"))
+    let pending = |name: &str| {
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    Ok(Scrape {
+        handled: sum_counter(&body, "leadscore_events_consumed_total")
+            + sum_counter(&body, "leadscore_dead_lettered_total")
+            + sum_counter(&body, "leadscore_duplicates_skipped_total"),
+        unwritten: pending("leadscore_dirty_leads") + pending("leadscore_merge_buffered_events"),
+    })
+}
+
+/// What the service reports: events handled, and work not yet durable.
+struct Scrape {
+    handled: u64,
+    unwritten: u64,
 }
 
 async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
@@ -175,34 +190,30 @@ async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (baseline, target) = (0, args.events);
+    let target = args.events;
     let mut first: Option<(Instant, u64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let n = scrape(&args.metrics_url).await?;
+        let Scrape { handled, unwritten } = scrape(&args.metrics_url).await?;
         let now = Instant::now();
-        if first.is_none() && n > baseline {
-            first = Some((now, n));
+        if first.is_none() && handled > 0 {
+            first = Some((now, handled));
         }
-        if n >= target {
-            let (t0, n0) = first.unwrap_or((now, baseline));
+        // Done when every event is handled and its state and outputs written.
+        if handled >= target && unwritten == 0 {
+            let (t0, n0) = first.unwrap_or((now, 0));
             let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
             println!(
-                "drain: {} events in {:.2} s = {:.0} events/s end to end (consume, score, Redis, produce)",
-                n - n0,
-                secs,
-                (n - n0) as f64 / secs
+                "drain: {handled} events, {} of them in {secs:.2} s = {:.0} events/s end to end (consume, score, produce, Redis, commit)",
+                handled - n0,
+                (handled - n0) as f64 / secs
             );
             return Ok(());
         }
         if now > deadline {
-            anyhow::bail!(
-                "the service consumed {} of {} events in 2 minutes",
-                n - baseline,
-                args.events
-            );
+            anyhow::bail!("the service handled {handled} of {target} events in 5 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
