@@ -480,27 +480,33 @@ impl Settings {
                 Err(e) => return Err(SettingsError(vec![e.to_string()])),
             };
 
+        let default_sections: BTreeMap<String, config::Value> = config::Config::builder()
+            .add_source(config::File::from_str(&defaults, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .unwrap_or_default();
         let mut settings = Settings::default();
         for (section, value) in sections {
             let at = section.as_str();
             let v = value;
+            let d = default_sections.get(at);
             let result = match at {
-                "kafka" => section_into(v, at, &mut settings.kafka),
-                "redis" => section_into(v, at, &mut settings.redis),
-                "state" => section_into(v, at, &mut settings.state),
-                "event_time" => section_into(v, at, &mut settings.event_time),
-                "processing" => section_into(v, at, &mut settings.processing),
-                "scoring" => section_into(v, at, &mut settings.scoring),
-                "schema_registry" => section_into(v, at, &mut settings.schema_registry),
-                "http" => section_into(v, at, &mut settings.http),
-                "shutdown" => section_into(v, at, &mut settings.shutdown),
-                "log" => section_into(v, at, &mut settings.log),
-                other => Err(format!(
+                "kafka" => section_into(v, d, at, &mut settings.kafka),
+                "redis" => section_into(v, d, at, &mut settings.redis),
+                "state" => section_into(v, d, at, &mut settings.state),
+                "event_time" => section_into(v, d, at, &mut settings.event_time),
+                "processing" => section_into(v, d, at, &mut settings.processing),
+                "scoring" => section_into(v, d, at, &mut settings.scoring),
+                "schema_registry" => section_into(v, d, at, &mut settings.schema_registry),
+                "http" => section_into(v, d, at, &mut settings.http),
+                "shutdown" => section_into(v, d, at, &mut settings.shutdown),
+                "log" => section_into(v, d, at, &mut settings.log),
+                other => Err(vec![format!(
                     "{other}: unknown section (expected kafka, redis, state, event_time, processing, scoring, schema_registry, http, shutdown, log)"
-                )),
+                )]),
             };
             if let Err(e) = result {
-                problems.push(e);
+                problems.extend(e);
             }
         }
         // librdkafka properties set from the environment arrive with `_`
@@ -799,11 +805,51 @@ pub fn mask_url(url: &str) -> String {
     out
 }
 
+/// Deserializes one section. A bad key (unknown, or a value of the wrong
+/// type) is reported and replaced by its default (an unknown one dropped),
+/// and the section is tried again, so that every bad key of a section is
+/// reported at once and the good ones still reach the cross-field checks.
 fn section_into<T: DeserializeOwned>(
+    value: config::Value,
+    defaults: Option<&config::Value>,
+    at: &str,
+    target: &mut T,
+) -> Result<(), Vec<String>> {
+    let mut table = match value.clone().into_table() {
+        Ok(t) => t,
+        Err(_) => return deserialize_section(value, at, target).map_err(|(p, _)| vec![p]),
+    };
+    let defaults = defaults.and_then(|d| d.clone().into_table().ok()).unwrap_or_default();
+    let mut problems = Vec::new();
+    for _ in 0..=table.len() {
+        let value = config::Value::new(None, config::ValueKind::Table(table.clone()));
+        match deserialize_section(value, at, target) {
+            Ok(()) => break,
+            Err((problem, key)) => {
+                problems.push(problem);
+                let Some(key) = key.filter(|k| table.contains_key(k)) else {
+                    break;
+                };
+                match defaults.get(&key) {
+                    Some(d) => table.insert(key, d.clone()),
+                    None => table.remove(&key),
+                };
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// One attempt: the problem and the section key it is about, if known.
+fn deserialize_section<T: DeserializeOwned>(
     value: config::Value,
     at: &str,
     target: &mut T,
-) -> Result<(), String> {
+) -> Result<(), (String, Option<String>)> {
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(v) => {
             *target = v;
@@ -814,9 +860,19 @@ fn section_into<T: DeserializeOwned>(
             let inner = e.into_inner().to_string();
             let inner = inner.lines().next().unwrap_or_default().to_owned();
             if path == "." || path.is_empty() {
-                Err(format!("{at}: {inner}"))
+                // deny_unknown_fields: "unknown field `x`, expected …"
+                let key = inner
+                    .strip_prefix("unknown field `")
+                    .and_then(|r| r.split('`').next())
+                    .map(str::to_owned);
+                let problem = match &key {
+                    Some(k) => format!("{at}.{k}: unknown setting ({inner})"),
+                    None => format!("{at}: {inner}"),
+                };
+                Err((problem, key))
             } else {
-                Err(format!("{at}.{path}: {inner}"))
+                let key = path.split(['.', '[']).next().map(str::to_owned);
+                Err((format!("{at}.{path}: {inner}"), key))
             }
         }
     }

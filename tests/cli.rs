@@ -43,13 +43,17 @@ fn check_config_names_every_invalid_setting() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "[kafka]\nbrokers = \"\"\ngroup_id = 42\n[redis]\nflush_interval_ms = 0\nurl = \"http://x\"\n[http]\nlisten = \"everywhere\"\n",
+        "[kafka]\nbrokers = \"\"\nbatch_max_messages = \"many\"\nnonsense = 1\n[redis]\nflush_interval_ms = 0\nurl = \"http://x\"\n[http]\nlisten = \"everywhere\"\n",
     )
     .unwrap();
     let (code, _, stderr) = leadscore(&["check-config", "--config", path.to_str().unwrap()], &[]);
     assert_eq!(code, 2);
+    // A type error and an unknown key in one section do not hide that
+    // section's other problems.
     for needle in [
-        "kafka.group_id",
+        "kafka.batch_max_messages",
+        "kafka.nonsense",
+        "kafka.brokers",
         "redis.flush_interval_ms",
         "redis.url",
         "http.listen",
