@@ -365,6 +365,19 @@ def check_crds(rendered: pathlib.Path) -> int:
     deployment = one(p, docs, "Deployment")
     configmap = one(p, docs, "ConfigMap")
     settings = tomllib.loads(get(configmap, "data") and configmap["data"]["leadscore.toml"] or "")
+    # The ConfigMap lists every setting, like config/leadscore.example.toml,
+    # and differs from it only in the two in-cluster addresses.
+    example = tomllib.loads((ROOT / "config/leadscore.example.toml").read_text())
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+    mine, theirs = flat(settings), flat(example)
+    p.check(set(mine) == set(theirs),
+            f"ConfigMap settings differ from config/leadscore.example.toml: missing {sorted(set(theirs) - set(mine))}, extra {sorted(set(mine) - set(theirs))}")
+    for key in sorted(set(mine) & set(theirs) - {"kafka.brokers", "redis.url"}):
+        p.check(mine[key] == theirs[key], f"ConfigMap {key} = {mine[key]!r}, example config has {theirs[key]!r}")
     kafka = settings.get("kafka", {})
     topics = kafka.get("topics", {})
     inputs = [topics.get(k) for k in ("web", "adpixel", "email", "crm")]

@@ -37,6 +37,7 @@ use crate::engine::{Engine, Kind, LeadState, Segment};
 use crate::event::{Event, EventType, MAX_ID_LEN, Source, format_rfc3339, wall_clock_ms};
 use crate::kafka::runtime::Runtime;
 use crate::output::SignalOut;
+use crate::registry::{Registry, frame};
 use crate::service::Stores;
 use crate::settings::{HttpSettings, Settings};
 use crate::shard::cache::LeadKey;
@@ -52,11 +53,21 @@ pub struct AppState {
     eraser: Option<Arc<FutureProducer>>,
     crm_topic: String,
     crm_format: Format,
+    /// With `avro-registry` CRM input: the registry, and the id under which
+    /// leadscore's CRM schema is registered (`<crm topic>-value`), found on
+    /// the first erasure request.
+    crm_registry: Option<Arc<Registry>>,
+    crm_schema_id: Arc<std::sync::OnceLock<u32>>,
 }
 
 impl AppState {
     /// The state of a running service.
-    pub fn new(rt: Arc<Runtime>, stores: &Stores, s: &Settings) -> anyhow::Result<Self> {
+    pub fn new(
+        rt: Arc<Runtime>,
+        stores: &Stores,
+        s: &Settings,
+        registry: Option<Arc<Registry>>,
+    ) -> anyhow::Result<Self> {
         let eraser = crate::kafka::producer_config(&s.kafka)
             .create::<FutureProducer>()
             .ok()
@@ -69,6 +80,8 @@ impl AppState {
             eraser,
             crm_topic: s.kafka.topics.crm.clone(),
             crm_format: s.kafka.formats.crm,
+            crm_registry: registry.filter(|_| s.kafka.formats.crm == Format::AvroRegistry),
+            crm_schema_id: Arc::default(),
         })
     }
 
@@ -214,7 +227,11 @@ struct OpenApiJson(Arc<String>);
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json")))]
 async fn openapi_json(axum::Extension(OpenApiJson(doc)): axum::Extension<OpenApiJson>) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.as_str().to_owned(),
+    )
+        .into_response()
 }
 
 async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
@@ -483,6 +500,34 @@ async fn explain(State(s): State<AppState>, Path(id): Path<String>) -> Response 
     }
 }
 
+/// The registry id of leadscore's CRM schema under `<crm topic>-value`
+/// (registered, or found if already there), to frame erasure requests the
+/// way every other message on an `avro-registry` topic is framed.
+async fn crm_schema_id(s: &AppState) -> Result<u32, Response> {
+    if let Some(id) = s.crm_schema_id.get() {
+        return Ok(*id);
+    }
+    let Some(registry) = s.crm_registry.clone() else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the CRM topic is avro-registry but no schema registry is configured",
+        ));
+    };
+    let subject = format!("{}-value", s.crm_topic);
+    let found = tokio::task::spawn_blocking(move || {
+        registry.register(&subject, &input_schema(Source::Crm))
+    })
+    .await;
+    match found {
+        Ok(Ok(id)) => Ok(*s.crm_schema_id.get_or_init(|| id)),
+        Ok(Err(e)) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot register the CRM schema for the erasure request: {e}"),
+        )),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
 /// `DELETE /v1/leads/{id}`: erases a person. The request goes through the CRM
 /// topic (an `erasure_requested` event, to the partition that holds the
 /// lead), so it is applied in order by whichever member owns that shard,
@@ -527,8 +572,12 @@ async fn erase(State(s): State<AppState>, Path(id): Path<String>) -> Response {
         })
         .to_string()
         .into_bytes(),
-        _ => match encode_avro(&input_schema(Source::Crm), &event) {
-            Ok(b) => b,
+        format => match encode_avro(&input_schema(Source::Crm), &event) {
+            Ok(datum) if format == Format::AvroRegistry => match crm_schema_id(&s).await {
+                Ok(id) => frame(id, &datum),
+                Err(r) => return r,
+            },
+            Ok(datum) => datum,
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
     };

@@ -286,7 +286,7 @@ pub async fn run(
         .with_context(|| format!("http.listen: cannot bind {}", s.http.listen))?;
     let http_addr = listener.local_addr()?;
     info!(%http_addr, workers, "HTTP server listening (/metrics, /healthz, /readyz, /v1/leads/{{id}}).");
-    let app = AppState::new(Arc::clone(&rt), &stores, &s)?;
+    let app = AppState::new(Arc::clone(&rt), &stores, &s, registry.clone())?;
     let http_task = tokio::spawn(http::serve(listener, app, s.http.clone(), cancel.clone()));
     on_start(Running {
         metrics,

@@ -183,7 +183,7 @@ pub struct RedisSettings {
     pub flush_interval_ms: u64,
     /// Also write as soon as this many leads are changed.
     pub flush_max_dirty: usize,
-    /// Commands per pipelined round trip.
+    /// Keys per Redis command or script call (reads; single-server writes).
     pub pipeline_batch: usize,
     /// Give up one Redis call after this long (it is retried).
     pub timeout_ms: u64,
@@ -819,7 +819,9 @@ fn section_into<T: DeserializeOwned>(
         Ok(t) => t,
         Err(_) => return deserialize_section(value, at, target).map_err(|(p, _)| vec![p]),
     };
-    let defaults = defaults.and_then(|d| d.clone().into_table().ok()).unwrap_or_default();
+    let defaults = defaults
+        .and_then(|d| d.clone().into_table().ok())
+        .unwrap_or_default();
     let mut problems = Vec::new();
     for _ in 0..=table.len() {
         let value = config::Value::new(None, config::ValueKind::Table(table.clone()));

@@ -102,6 +102,13 @@ impl Policy {
                 "the stored position of {topic} is ahead of this member's: another member wrote it; \
                  refusing to move it backwards"
             )),
+            Written::Diverged(stored) => Action::Fatal(format!(
+                "Redis holds an older state of this shard than this member wrote (write {stored} \
+                 stored, this member's later writes acknowledged): Redis lost acknowledged writes, \
+                 as when a replica that had not received them is promoted, or an append-only file \
+                 is cut short. Exiting so that a restart resumes from what Redis holds, which \
+                 re-reads the events those writes covered"
+            )),
             Written::Lost => Action::Fatal(
                 "the shard's state is gone from Redis (flushed, or failed over to an empty replica) \
                  while Kafka holds committed offsets for it; restore Redis, or reset the consumer \

@@ -68,7 +68,10 @@ fn live_outputs_match_the_json_schemas_and_the_example_consumer_handles_them() {
     for (input, key, payload) in &sample {
         broker.produce(names.input(*input), &[(key.as_str(), payload.clone())]);
     }
-    service.wait_consumed((workload.len() + sample.len()) as u64, Duration::from_secs(120));
+    service.wait_consumed(
+        (workload.len() + sample.len()) as u64,
+        Duration::from_secs(120),
+    );
     service.wait_settled(Duration::from_secs(60));
 
     let count = |topic: &str| -> usize {
@@ -84,8 +87,18 @@ fn live_outputs_match_the_json_schemas_and_the_example_consumer_handles_them() {
     let (n_changes, n_handoffs) = (count(&names.changes), count(&names.handoffs));
     assert!(n_changes > 100, "only {n_changes} segment changes");
     assert!(n_handoffs > 0, "no hand-offs");
-    let changes = broker.read(&names.changes, PARTITIONS, n_changes, Duration::from_secs(60));
-    let handoffs = broker.read(&names.handoffs, PARTITIONS, n_handoffs, Duration::from_secs(60));
+    let changes = broker.read(
+        &names.changes,
+        PARTITIONS,
+        n_changes,
+        Duration::from_secs(60),
+    );
+    let handoffs = broker.read(
+        &names.handoffs,
+        PARTITIONS,
+        n_handoffs,
+        Duration::from_secs(60),
+    );
     assert_eq!((changes.len(), handoffs.len()), (n_changes, n_handoffs));
     let payloads = |ms: &[rdkafka::message::OwnedMessage]| -> Vec<Vec<u8>> {
         ms.iter().map(|m| m.payload().unwrap().to_vec()).collect()
@@ -95,7 +108,10 @@ fn live_outputs_match_the_json_schemas_and_the_example_consumer_handles_them() {
         .map(|m| common::json(m)["segment"].as_str().unwrap().to_owned())
         .collect();
     for expected in ["warm", "hot", "cold", "resting"] {
-        assert!(segments.contains(expected), "no change to {expected}: {segments:?}");
+        assert!(
+            segments.contains(expected),
+            "no change to {expected}: {segments:?}"
+        );
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -136,8 +152,15 @@ fn live_outputs_match_the_json_schemas_and_the_example_consumer_handles_them() {
         None,
     );
     assert_eq!(code, 0, "downstream_consumer.py failed:\n{out}\n{err}");
-    assert!(err.contains(&format!("handled {total} message(s)")), "{err}");
-    assert_eq!(err.matches("skipped").count(), 1, "one duplicate skipped:\n{err}");
+    assert!(
+        err.contains(&format!("handled {total} message(s)")),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("skipped").count(),
+        1,
+        "one duplicate skipped:\n{err}"
+    );
     assert_eq!(err.matches("HAND-OFF").count(), n_handoffs, "{err}");
     assert!(!err.contains("unreadable"), "{err}");
 }
@@ -162,7 +185,11 @@ fn replay_output_and_the_documented_examples_match_the_json_schemas() {
         .into_iter()
         .filter(|k| outputs.contains(k))
         .collect();
-    assert_eq!(kinds.len(), 2, "the sample gives changes and a hand-off:\n{outputs}");
+    assert_eq!(
+        kinds.len(),
+        2,
+        "the sample gives changes and a hand-off:\n{outputs}"
+    );
     // Without --skip-examples the script also checks every docs/examples/*.json.
     let (code, stdout, stderr) = run_python(
         &[
@@ -180,7 +207,12 @@ fn replay_output_and_the_documented_examples_match_the_json_schemas() {
     let broken = outputs.replacen("\"reason\":\"event\"", "\"reason\":\"whim\"", 1);
     assert_ne!(broken, outputs);
     let (code, _, _) = run_python(
-        &["scripts/check-contracts.py", "--skip-examples", "--outputs", "-"],
+        &[
+            "scripts/check-contracts.py",
+            "--skip-examples",
+            "--outputs",
+            "-",
+        ],
         Some(broken.as_bytes()),
     );
     assert_eq!(code, 1, "an unknown reason must fail the contract");

@@ -41,7 +41,13 @@ fn every_metric_the_dashboard_and_alerts_use_is_exported() {
         &[
             (
                 "lead-1",
-                event("w1", "lead-1", "2026-11-20T10:00:00Z", "booking_abandoned", &[]),
+                event(
+                    "w1",
+                    "lead-1",
+                    "2026-11-20T10:00:00Z",
+                    "booking_abandoned",
+                    &[],
+                ),
             ),
             ("lead-1", b"not json".to_vec()),
         ],

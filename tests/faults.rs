@@ -207,10 +207,19 @@ impl Positions {
 
 #[test]
 fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
+    sigkills(Redis::start);
+}
+
+#[test]
+fn on_a_redis_cluster_sigkills_lose_nothing_and_count_nothing_twice() {
+    sigkills(|| Redis::start_cluster(false));
+}
+
+fn sigkills(redis: fn() -> Redis) {
     let _serial = serial();
     reference();
     let broker = Broker::start();
-    let redis = Redis::start();
+    let redis = redis();
     let names = setup(&broker);
     let mut rng = SmallRng::seed_from_u64(5);
     feed_while(&broker, &names, 1_000, Duration::from_millis(900), || {
@@ -227,10 +236,19 @@ fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
 
 #[test]
 fn graceful_shutdown_under_load_is_bounded_and_exact() {
+    graceful_shutdown(Redis::start);
+}
+
+#[test]
+fn on_a_redis_cluster_graceful_shutdown_is_bounded_and_exact() {
+    graceful_shutdown(|| Redis::start_cluster(false));
+}
+
+fn graceful_shutdown(redis: fn() -> Redis) {
     let _serial = serial();
     reference();
     let broker = Broker::start();
-    let redis = Redis::start();
+    let redis = redis();
     let names = setup(&broker);
     broker.produce_msgs(&names, workload());
     // Small batches put the stop, and so the resume positions, inside the
@@ -341,10 +359,19 @@ fn a_broker_restart_mid_stream_loses_nothing() {
 
 #[test]
 fn a_group_of_three_that_gains_and_loses_members_ends_exact() {
+    group_of_three(Redis::start);
+}
+
+#[test]
+fn on_a_redis_cluster_a_group_of_three_that_gains_and_loses_members_ends_exact() {
+    group_of_three(|| Redis::start_cluster(false));
+}
+
+fn group_of_three(redis: fn() -> Redis) {
     let _serial = serial();
     reference();
     let broker = Broker::start();
-    let redis = Redis::start();
+    let redis = redis();
     let names = setup(&broker);
     let mut positions = Positions::new();
     let survivors = feed_while(&broker, &names, 4_000, Duration::from_millis(400), || {
@@ -380,6 +407,106 @@ fn a_group_of_three_that_gains_and_loses_members_ends_exact() {
     );
     assert!(a.terminate().success());
     assert!(d.terminate().success());
+    assert_same(&redis, &broker, &names);
+}
+
+/// The key of a shard's record, whose hash slot holds all of the shard.
+fn shard_record(names: &Names, shard: i32) -> String {
+    format!("{}{{p{shard}}}:meta", names.prefix)
+}
+
+fn wait_committed_at_least(broker: &Broker, names: &Names, n: i64, service: &Service) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while broker.committed_inputs(names, PARTITIONS) < n {
+        assert!(
+            Instant::now() < deadline,
+            "no progress; log:\n{}",
+            service.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn on_a_redis_cluster_a_shard_slot_moved_mid_stream_ends_exact() {
+    let _serial = serial();
+    reference();
+    let broker = Broker::start();
+    let redis = Redis::start_cluster(false);
+    let names = setup(&broker);
+    let mut positions = Positions::new();
+    let service = feed_while(&broker, &names, 2_000, Duration::from_millis(500), || {
+        let service = Service::start(&broker, &redis, &names, &env(&[]));
+        wait_committed_at_least(&broker, &names, 6_000, &service);
+        positions.sample(&redis, &names.prefix);
+        let record = shard_record(&names, 0);
+        let (slot, from) = redis.slot_owner(&record);
+        let to = redis.primaries().into_iter().find(|p| *p != from).unwrap();
+        // Keys move a few at a time while the service reads and writes the
+        // shard: it meets ASK redirects, TRYAGAIN on its scripts whose keys
+        // are split between the nodes, and finally MOVED.
+        redis.migrate_slot(slot, from, to);
+        assert_eq!(redis.slot_owner(&record), (slot, to));
+        positions.sample(&redis, &names.prefix);
+        service
+    });
+    wait_committed(
+        &broker,
+        &names,
+        workload().len(),
+        Duration::from_secs(300),
+        &service,
+    );
+    service.wait_settled(Duration::from_secs(60));
+    positions.sample(&redis, &names.prefix);
+    assert!(service.terminate().success(), "exit 0 on SIGTERM");
+    assert_same(&redis, &broker, &names);
+}
+
+#[test]
+fn on_a_redis_cluster_a_primary_killed_fails_over_to_its_replica_and_ends_exact() {
+    let _serial = serial();
+    reference();
+    let broker = Broker::start();
+    let mut redis = Redis::start_cluster(true);
+    let names = setup(&broker);
+    let mut service = Service::start(&broker, &redis, &names, &env(&[]));
+    let mut restarts = 0;
+    feed_while(&broker, &names, 1_000, Duration::from_millis(700), || {
+        wait_committed_at_least(&broker, &names, 8_000, &service);
+        let (_, victim) = redis.slot_owner(&shard_record(&names, 0));
+        redis.kill_node(victim);
+        // Its replica is promoted once the others give up on it (node
+        // timeout 2 s); meanwhile writes to its slots fail and are retried.
+        std::thread::sleep(Duration::from_secs(1));
+        redis.wait_cluster_ok(Duration::from_secs(60));
+        assert_eq!(redis.primaries().len(), 3, "a replica took over");
+    });
+    // Like Kubernetes, restart the service if it exits: a promoted replica
+    // that missed acknowledged writes makes it exit (the shard's write
+    // sequence is behind), and the restart resumes from what Redis holds.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while broker.committed_inputs(&names, PARTITIONS) < workload().len() as i64 {
+        if let Some(status) = service.exited() {
+            let log = service.logs();
+            assert!(
+                log.contains("Redis lost acknowledged writes"),
+                "exited ({status}) for another reason:\n{log}"
+            );
+            restarts += 1;
+            assert!(restarts <= 3, "restarted {restarts} times");
+            service = Service::start(&broker, &redis, &names, &env(&[]));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not finished; log:\n{}",
+            service.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    service.wait_settled(Duration::from_secs(60));
+    assert!(service.terminate().success());
+    eprintln!("restarts after the failover: {restarts}");
     assert_same(&redis, &broker, &names);
 }
 

@@ -69,7 +69,10 @@ fn the_openapi_document_describes_every_route_and_every_answer() {
                     &[("url", "/pricing"), ("utm_source", "google")],
                 ),
             ),
-            (lead, event("w2", lead, "2026-11-20T10:01:00Z", "booking_abandoned", &[])),
+            (
+                lead,
+                event("w2", lead, "2026-11-20T10:01:00Z", "booking_abandoned", &[]),
+            ),
         ],
     );
     service.wait_consumed(2, Duration::from_secs(30));
@@ -123,11 +126,36 @@ fn the_openapi_document_describes_every_route_and_every_answer() {
         ("get", "/v1/leads/{id}", format!("/v1/leads/{lead}"), false),
         ("get", "/v1/leads/{id}", "/v1/leads/nobody".into(), true),
         ("get", "/v1/leads/{id}", format!("/v1/leads/{long}"), true),
-        ("get", "/v1/leads/{id}/explain", format!("/v1/leads/{lead}/explain"), true),
-        ("get", "/v1/leads/{id}/explain", "/v1/leads/nobody/explain".into(), true),
-        ("delete", "/v1/leads/{id}", format!("/v1/leads/{long}"), true),
-        ("delete", "/v1/leads/{id}", format!("/v1/leads/{lead}"), false),
-        ("delete", "/v1/leads/{id}", format!("/v1/leads/{lead}"), true),
+        (
+            "get",
+            "/v1/leads/{id}/explain",
+            format!("/v1/leads/{lead}/explain"),
+            true,
+        ),
+        (
+            "get",
+            "/v1/leads/{id}/explain",
+            "/v1/leads/nobody/explain".into(),
+            true,
+        ),
+        (
+            "delete",
+            "/v1/leads/{id}",
+            format!("/v1/leads/{long}"),
+            true,
+        ),
+        (
+            "delete",
+            "/v1/leads/{id}",
+            format!("/v1/leads/{lead}"),
+            false,
+        ),
+        (
+            "delete",
+            "/v1/leads/{id}",
+            format!("/v1/leads/{lead}"),
+            true,
+        ),
     ];
     let mut lines = String::new();
     let mut statuses = Vec::new();
@@ -150,7 +178,9 @@ fn the_openapi_document_describes_every_route_and_every_answer() {
     }
     assert_eq!(
         statuses,
-        [200, 200, 200, 200, 200, 401, 404, 400, 200, 404, 400, 401, 202]
+        [
+            200, 200, 200, 200, 200, 401, 404, 400, 200, 404, 400, 401, 202
+        ]
     );
     let dir = tempfile::tempdir().unwrap();
     let doc_file = dir.path().join("openapi.json");
@@ -177,8 +207,18 @@ fn the_openapi_document_describes_every_route_and_every_answer() {
         let (status, _, _) = call(&service, method, &path, true);
         assert_eq!(status, 405, "{method} {path}");
     }
-    for path in ["/v1/leads", "/v1/leads/a/b", "/v2/leads/a", "/openapi.yaml", "/"] {
+    for path in [
+        "/v1/leads",
+        "/v1/leads/a/b",
+        "/v2/leads/a",
+        "/openapi.yaml",
+        "/",
+    ] {
         let (status, _, body) = call(&service, "GET", path, true);
-        assert_eq!((status, body.contains("no such route")), (404, true), "{path}");
+        assert_eq!(
+            (status, body.contains("no such route")),
+            (404, true),
+            "{path}"
+        );
     }
 }

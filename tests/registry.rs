@@ -95,7 +95,8 @@ fn consume_avro(
 /// while the test reads them).
 fn ago(minutes: i64) -> String {
     let t = time::OffsetDateTime::now_utc() - time::Duration::minutes(minutes);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
 }
 
 fn web(id: &str, lead: &str, at: &str, kind: &str, attrs: serde_json::Value) -> serde_json::Value {
@@ -104,7 +105,8 @@ fn web(id: &str, lead: &str, at: &str, kind: &str, attrs: serde_json::Value) -> 
 
 /// The registered id of a subject's latest version.
 fn subject_id(registry: &SchemaRegistry, subject: &str) -> u64 {
-    let (status, body) = registry.call("GET", &format!("/subjects/{subject}/versions/latest"), None);
+    let (status, body) =
+        registry.call("GET", &format!("/subjects/{subject}/versions/latest"), None);
     assert_eq!(status, 200, "{subject}: {body}");
     serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
         .as_u64()
@@ -121,6 +123,7 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
         &[
             ("LEADSCORE__KAFKA__FORMATS__WEB", "avro-registry"),
             ("LEADSCORE__KAFKA__FORMATS__EMAIL", "avro-registry"),
+            ("LEADSCORE__KAFKA__FORMATS__CRM", "avro-registry"),
             ("LEADSCORE__KAFKA__FORMATS__OUTPUTS", "avro-registry"),
             ("LEADSCORE__SCHEMA_REGISTRY__URL", &registry.url),
         ],
@@ -138,9 +141,27 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
         &names.web,
         "events.web",
         &[
-            web("w1", lead, &ago(10), "page_view", serde_json::json!({"url": "https://buffet.example/menu", "utm_source": "facebook"})),
-            web("w2", lead, &ago(9), "page_view", serde_json::json!({"url": "https://buffet.example/pricing"})),
-            web("w3", lead, &ago(8), "page_view", serde_json::json!({"url": "https://buffet.example/pricing"})),
+            web(
+                "w1",
+                lead,
+                &ago(10),
+                "page_view",
+                serde_json::json!({"url": "https://buffet.example/menu", "utm_source": "facebook"}),
+            ),
+            web(
+                "w2",
+                lead,
+                &ago(9),
+                "page_view",
+                serde_json::json!({"url": "https://buffet.example/pricing"}),
+            ),
+            web(
+                "w3",
+                lead,
+                &ago(8),
+                "page_view",
+                serde_json::json!({"url": "https://buffet.example/pricing"}),
+            ),
         ],
         false,
     );
@@ -163,9 +184,27 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
         &names.web,
         "events.web",
         &[
-            web("w4", lead, &ago(5), "booking_started", serde_json::json!({})),
-            web("w5", lead, &ago(4), "booking_abandoned", serde_json::json!({})),
-            web("w6", lead, &ago(3), "chat_message", serde_json::json!({"intent": "booking", "text": "table for six tonight?"})),
+            web(
+                "w4",
+                lead,
+                &ago(5),
+                "booking_started",
+                serde_json::json!({}),
+            ),
+            web(
+                "w5",
+                lead,
+                &ago(4),
+                "booking_abandoned",
+                serde_json::json!({}),
+            ),
+            web(
+                "w6",
+                lead,
+                &ago(3),
+                "chat_message",
+                serde_json::json!({"intent": "booking", "text": "table for six tonight?"}),
+            ),
         ],
         true,
     );
@@ -200,7 +239,10 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
         .collect();
     assert_eq!(
         path,
-        [("cold".to_owned(), "warm".to_owned()), ("warm".into(), "hot".into())]
+        [
+            ("cold".to_owned(), "warm".to_owned()),
+            ("warm".into(), "hot".into())
+        ]
     );
     let handoffs = consume_avro(&broker, &registry, &names.handoffs, 1);
     let h = &handoffs[0];
@@ -209,14 +251,47 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
     assert_eq!(h["value"]["first_touch_source"], "facebook");
     assert_eq!(h["value"]["trigger_event_id"], "w5", "{h}");
 
+    // An erasure request through the HTTP API goes onto the CRM topic framed
+    // like every other message there: a stock deserializer reads it, and
+    // leadscore applies it (an unframed datum would be dead-lettered).
+    let (status, body) = service
+        .request("DELETE", &format!("/v1/leads/{lead}"), &[])
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let crm_id = subject_id(&registry, &format!("{}-value", names.crm));
+    let erasures = consume_avro(&broker, &registry, &names.crm, 1);
+    assert_eq!(
+        erasures[0]["schema_id"].as_u64(),
+        Some(crm_id),
+        "{}",
+        erasures[0]
+    );
+    assert_eq!(erasures[0]["value"]["type"], "erasure_requested");
+    assert_eq!(erasures[0]["value"]["lead_id"], lead);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while redis.lead(&names.prefix, lead).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lead not erased; log:\n{}",
+            service.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(service.counter("leadscore_dead_lettered_total"), 0);
+
     // Each input schema was fetched once and then served from the cache.
     let requests = registry.requests();
     for id in [web_v1, web_v2, email_id] {
         let fetched = requests
             .iter()
-            .filter(|(m, p)| m == "GET" && p.split('?').next() == Some(&format!("/schemas/ids/{id}")))
+            .filter(|(m, p)| {
+                m == "GET" && p.split('?').next() == Some(&format!("/schemas/ids/{id}"))
+            })
             .count();
-        assert_eq!(fetched, 1, "schema {id} fetched {fetched} times: {requests:?}");
+        assert_eq!(
+            fetched, 1,
+            "schema {id} fetched {fetched} times: {requests:?}"
+        );
     }
 }
 
@@ -245,14 +320,20 @@ fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consum
     let dead = broker.read(&names.dead, PARTITIONS, 2, Duration::from_secs(30));
     assert_eq!(dead.len(), 2, "log:\n{}", service.logs());
     for m in &dead {
-        assert_eq!(header(m, "leadscore.error.kind").as_deref(), Some("registry"));
+        assert_eq!(
+            header(m, "leadscore.error.kind").as_deref(),
+            Some("registry")
+        );
     }
     let reasons: Vec<String> = dead
         .iter()
         .map(|m| header(m, "leadscore.reason").unwrap())
         .collect();
     assert!(reasons.iter().any(|r| r.contains("4242")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("magic byte")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("magic byte")),
+        "{reasons:?}"
+    );
 
     // The registry answers 503 to every schema lookup: nothing is dead-lettered,
     // consumption holds and the service reports not ready…
@@ -269,21 +350,47 @@ fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consum
         &names.web,
         "events.web",
         &[
-            web("h1", lead, &ago(10), "page_view", serde_json::json!({"url": "/pricing"})),
-            web("h2", lead, &ago(9), "booking_started", serde_json::json!({})),
-            web("h3", lead, &ago(8), "booking_abandoned", serde_json::json!({})),
+            web(
+                "h1",
+                lead,
+                &ago(10),
+                "page_view",
+                serde_json::json!({"url": "/pricing"}),
+            ),
+            web(
+                "h2",
+                lead,
+                &ago(9),
+                "booking_started",
+                serde_json::json!({}),
+            ),
+            web(
+                "h3",
+                lead,
+                &ago(8),
+                "booking_abandoned",
+                serde_json::json!({}),
+            ),
         ],
         false,
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while service.get("/readyz").map(|r| r.0) != Some(503) {
-        assert!(Instant::now() < deadline, "still ready; log:\n{}", service.logs());
+        assert!(
+            Instant::now() < deadline,
+            "still ready; log:\n{}",
+            service.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(service.counter("leadscore_dead_lettered_total"), 2);
     assert_eq!(service.counter("leadscore_events_consumed_total"), 0);
-    assert!(broker.read(&names.changes, PARTITIONS, 1, Duration::from_secs(1)).is_empty());
+    assert!(
+        broker
+            .read(&names.changes, PARTITIONS, 1, Duration::from_secs(1))
+            .is_empty()
+    );
 
     // …and carries on where it stopped once the registry is back.
     registry.call("DELETE", "/__test/faults", None);
@@ -303,7 +410,11 @@ fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consum
     assert_eq!(segments, ["warm", "hot"], "log:\n{}", service.logs());
     let deadline = Instant::now() + Duration::from_secs(20);
     while service.get("/readyz").map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "not ready again; log:\n{}", service.logs());
+        assert!(
+            Instant::now() < deadline,
+            "not ready again; log:\n{}",
+            service.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(service.counter("leadscore_dead_lettered_total"), 2);

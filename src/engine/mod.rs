@@ -329,7 +329,10 @@ pub struct Engine {
     rules: Arc<Rules>,
     layout: Arc<Layout>,
     layout_hash: u32,
-    known_layouts: Arc<HashMap<u32, Layout>>,
+    /// Layouts stored states may be written under, shared by every clone:
+    /// members with other rules may add one while this one runs (a rolling
+    /// rules change), and [`Engine::learn_layouts`] adds it here.
+    known_layouts: Arc<parking_lot::RwLock<HashMap<u32, Layout>>>,
     config: EngineConfig,
 }
 
@@ -465,7 +468,7 @@ impl Engine {
             rules,
             layout: Arc::new(layout),
             layout_hash,
-            known_layouts: Arc::new(known),
+            known_layouts: Arc::new(parking_lot::RwLock::new(known)),
             config: EngineConfig {
                 dedup_window: config.dedup_window.min(255),
                 explain_window: config.explain_window.min(255),
@@ -477,12 +480,22 @@ impl Engine {
 
     /// Adds layouts earlier rules files wrote states under, so those states
     /// can be remapped by name (see [`layout`]).
-    pub fn with_known_layouts(mut self, layouts: impl IntoIterator<Item = Layout>) -> Self {
-        let known = Arc::make_mut(&mut self.known_layouts);
+    pub fn with_known_layouts(self, layouts: impl IntoIterator<Item = Layout>) -> Self {
+        self.learn_layouts(layouts);
+        self
+    }
+
+    /// Adds layouts found after start (written by members running other rules).
+    pub fn learn_layouts(&self, layouts: impl IntoIterator<Item = Layout>) {
+        let mut known = self.known_layouts.write();
         for l in layouts {
             known.insert(l.hash(), l);
         }
-        self
+    }
+
+    /// Whether states written under layout `hash` can be read by name.
+    pub fn knows_layout(&self, hash: u32) -> bool {
+        hash == self.layout_hash || self.known_layouts.read().contains_key(&hash)
     }
 
     /// The compiled rules.
@@ -521,8 +534,8 @@ impl Engine {
         if stored == self.layout_hash {
             return Ok(false);
         }
-        let from = self.known_layouts.get(&stored);
-        layout::remap(self, from, into);
+        let known = self.known_layouts.read();
+        layout::remap(self, known.get(&stored), into);
         Ok(true)
     }
 

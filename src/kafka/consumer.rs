@@ -486,7 +486,10 @@ pub fn run(
         if last_gauges.elapsed() >= Duration::from_secs(1) {
             // Offsets the workers stored (each covered by a durable write).
             match consumer.commit_consumer_state(CommitMode::Async) {
-                Err(e) if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {
+                Err(e)
+                    if e.rdkafka_error_code()
+                        != Some(rdkafka::types::RDKafkaErrorCode::NoOffset) =>
+                {
                     rt.metrics.commits.with_label_values(&["error"]).inc();
                     warn!(error = %e, "Offset commit failed; the next commit covers it.");
                 }

@@ -191,6 +191,8 @@ pub struct Pending {
 pub struct Shard {
     id: ShardId,
     epoch: u64,
+    /// Writes the stored record has taken (see [`ShardWrite::seq`]).
+    seq: u64,
     topics: Arc<[Arc<str>]>,
     sources: Arc<[Source]>,
     config: ShardConfig,
@@ -253,6 +255,7 @@ impl Shard {
         Shard {
             id,
             epoch: meta.epoch,
+            seq: meta.seq,
             topics,
             sources,
             config,
@@ -566,6 +569,17 @@ impl Shard {
                 });
             }
         };
+        // A state under a layout this member has not seen was written by a
+        // member running other rules (a rolling rules change): that member
+        // stored its layout at start, so read the layouts again before
+        // decoding rather than reading the state as unknown.
+        if loaded
+            .iter()
+            .flatten()
+            .any(|b| LeadState::stored_layout(b).is_ok_and(|h| !ctx.engine.knows_layout(h)))
+        {
+            ctx.engine.learn_layouts(ctx.store.layouts()?);
+        }
         let mut cache = self.cache.lock();
         for (key, bytes) in keys.iter().zip(loaded) {
             let Some(bytes) = bytes else {
@@ -962,6 +976,7 @@ impl Shard {
         let write = ShardWrite {
             shard: self.id,
             epoch: self.epoch,
+            seq: self.seq,
             leads,
             deletes: deletes.clone(),
             positions: self
@@ -998,6 +1013,9 @@ impl Shard {
 
     /// Accounts for a finished write: on failure, what it carried is pending again.
     pub fn write_done(&mut self, pending: Pending, ok: bool) {
+        if ok {
+            self.seq += 1;
+        }
         let mut cache = self.cache.lock();
         cache.written(&pending.keys, &pending.slots, ok);
         if !ok {

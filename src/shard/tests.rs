@@ -327,6 +327,68 @@ fn a_fenced_owner_writes_nothing() {
 }
 
 #[test]
+fn a_member_reads_states_written_under_rules_it_started_without() {
+    // A rolling rules change: a member with the old rules runs; a member with
+    // new rules (an extra rule, and so a new layout) starts, records its
+    // layout, takes the shard and writes; the old member takes the shard back
+    // and must read those states by name, not as unknown (which would rescore
+    // the lead from nothing).
+    let store = Arc::new(MemoryStore::default());
+    let old = engine();
+    store.register_layout(old.layout()).unwrap();
+    let changed = crate::engine::rules::DEFAULT_RULES.replacen(
+        "[[rules]]",
+        "[[rules]]\nname = \"any_page\"\nsource = \"web\"\ntype = \"page_view\"\npoints = 1.0\n\n[[rules]]",
+        1,
+    );
+    let new = Engine::new(
+        Arc::new(Rules::from_toml(&changed).unwrap()),
+        EngineConfig::default(),
+    );
+    assert_ne!(new.layout().hash(), old.layout().hash());
+    // The old member starts first: it knows only its own layout.
+    let mut a = Harness::on(old.clone(), ShardConfig::default(), Arc::clone(&store));
+    store.register_layout(new.layout()).unwrap();
+    let mut b = Harness::on(new, ShardConfig::default(), Arc::clone(&store));
+    b.produce(
+        0,
+        json(
+            "1",
+            Some("x"),
+            None,
+            T0,
+            "form_submit",
+            serde_json::json!({}),
+        ),
+    );
+    b.finish();
+    let written = b.engine.decode(&store.leads(0)["l:x"]).unwrap();
+    assert!(b.engine.engagement_at(&written, T0) > 0.0);
+    // The old member takes the shard back (as after a rebalance) and reads x.
+    let meta = store.take_shard(0).unwrap();
+    a.shard = Shard::new(0, &meta, topics(), Source::ALL.into(), a.config);
+    a.read = vec![1, 0, 0, 0];
+    a.logs = b.logs.clone();
+    a.produce(
+        0,
+        json(
+            "2",
+            Some("x"),
+            None,
+            T0 + MIN,
+            "page_view",
+            serde_json::json!({}),
+        ),
+    );
+    a.finish();
+    let read = old.decode(&store.leads(0)["l:x"]).unwrap();
+    assert!(
+        old.engagement_at(&read, T0 + MIN) > 10.0,
+        "the form submission written under the new rules still counts"
+    );
+}
+
+#[test]
 fn a_quiet_shard_still_decays_with_the_wall_clock() {
     let mut h = Harness::new(engine(), ShardConfig::default());
     let now = crate::event::wall_clock_ms();

@@ -94,7 +94,7 @@ impl Store for MemoryStore {
         let data = shards.entry(shard).or_default();
         let mut meta = data.meta.clone().unwrap_or_default();
         meta.epoch += 1;
-        meta.fresh = meta.epoch == 1;
+        meta.fresh = meta.positions.is_empty();
         data.meta = Some(meta.clone());
         Ok(meta)
     }
@@ -149,6 +149,11 @@ impl Store for MemoryStore {
                 continue;
             }
             let meta = data.meta.as_mut().expect("fenced above");
+            // `seq + 1`: the same write sent again after an unanswered call.
+            if meta.seq != w.seq && meta.seq != w.seq + 1 {
+                out.push(Written::Diverged(meta.seq));
+                continue;
+            }
             if let Some((topic, _)) = w
                 .positions
                 .iter()
@@ -157,6 +162,7 @@ impl Store for MemoryStore {
                 out.push(Written::Backwards(topic.clone()));
                 continue;
             }
+            meta.seq = w.seq + 1;
             for (topic, p) in &w.positions {
                 meta.positions.insert(topic.clone(), *p);
             }
@@ -169,8 +175,8 @@ impl Store for MemoryStore {
             if w.released.is_some() {
                 meta.released = w.released;
             }
-            for (segment, d) in &w.population {
-                *meta.population.entry(segment.clone()).or_default() += d;
+            for (segment, n) in &w.population {
+                meta.population.insert(segment.clone(), *n);
             }
             for (key, blob, timer) in &w.leads {
                 data.leads.insert(key.clone(), blob.to_vec());
@@ -246,6 +252,9 @@ mod tests {
         let s = MemoryStore::default();
         let a = s.take_shard(3).unwrap();
         assert!(a.fresh);
+        // Taking it again without writing: still no state.
+        let a = s.take_shard(3).unwrap();
+        assert!(a.fresh && a.epoch == 2);
         let write = |epoch, pos| ShardWrite {
             shard: 3,
             epoch,
@@ -275,5 +284,40 @@ mod tests {
             s.load(3, b.epoch, &[&LeadKey::lead("x")]).unwrap(),
             Err(Written::Lost)
         );
+    }
+
+    #[test]
+    fn a_record_behind_the_owners_writes_is_refused_as_diverged() {
+        let s = MemoryStore::default();
+        let m = s.take_shard(1).unwrap();
+        assert_eq!(m.seq, 0);
+        let write = |seq, pos| ShardWrite {
+            shard: 1,
+            epoch: m.epoch,
+            seq,
+            positions: vec![("t".into(), pos)],
+            ..ShardWrite::default()
+        };
+        assert_eq!(s.write(&[write(0, 10)]).unwrap(), vec![Written::Ok]);
+        assert_eq!(s.write(&[write(1, 20)]).unwrap(), vec![Written::Ok]);
+        // The same write again (its answer was lost): applied again, harmless.
+        assert_eq!(s.write(&[write(1, 20)]).unwrap(), vec![Written::Ok]);
+        // The store lost the last write (a failover): the record is at 1
+        // while the owner wrote twice.
+        s.shards
+            .lock()
+            .get_mut(&1)
+            .unwrap()
+            .meta
+            .as_mut()
+            .unwrap()
+            .seq = 1;
+        assert_eq!(
+            s.write(&[write(2, 30)]).unwrap(),
+            vec![Written::Diverged(1)]
+        );
+        // A new owner starts from what is stored.
+        let n = s.take_shard(1).unwrap();
+        assert_eq!(n.seq, 1);
     }
 }

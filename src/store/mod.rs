@@ -50,7 +50,12 @@ impl StoreError {
 pub struct ShardMeta {
     /// The owner epoch just taken.
     pub epoch: u64,
-    /// Whether nothing was ever stored for the shard before (epoch 1).
+    /// The shard's write sequence (see [`ShardWrite::seq`]).
+    pub seq: u64,
+    /// Whether no position was ever stored for the shard. Offsets are
+    /// committed only after positions are durable, so a fresh shard whose
+    /// partition has committed offsets lost its state; this stays true on
+    /// every later take until positions are written again.
     pub fresh: bool,
     /// Next offset to read, per input topic.
     pub positions: HashMap<String, i64>,
@@ -71,6 +76,11 @@ pub struct ShardWrite {
     pub shard: ShardId,
     /// The writer's owner epoch: the write happens only if it is still current.
     pub epoch: u64,
+    /// The shard's write sequence the stored record must be at (the number
+    /// of writes this owner's record has taken); the write sets `seq + 1`.
+    /// A record behind it lost writes that were acknowledged (a failover to a
+    /// replica that had not received them, an append-only file cut short).
+    pub seq: u64,
     /// Changed leads: key, state, next timer.
     pub leads: Vec<(LeadKey, std::sync::Arc<[u8]>, Option<Millis>)>,
     /// Deleted leads (merged visitors, expired, erased).
@@ -99,6 +109,9 @@ pub enum Written {
     /// Not written: the shard's record is gone (the store was flushed or
     /// failed over to an empty replica).
     Lost,
+    /// Not written: the record's write sequence is not the one this owner
+    /// left (the stored one): the store lost acknowledged writes.
+    Diverged(u64),
 }
 
 /// What a store check at start-up found.

@@ -57,6 +57,9 @@ for i = 0, nm - 1 do
   if string.sub(f, 1, 4) == 'pos:' then
     local cur = redis.call('HGET', KEYS[1], f)
     if cur and tonumber(cur) > tonumber(v) then return {2, f} end
+  elseif f == 'seq' then
+    local cur = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+    if cur ~= tonumber(v) and cur ~= tonumber(v) - 1 then return {4, tostring(cur)} end
   end
 end
 -- Many keys per command, in chunks that stay within Lua's stack.
@@ -133,6 +136,10 @@ pub struct RedisStore {
     conn: Mutex<Option<Conn>>,
     prefix: String,
     timeout: Duration,
+    /// Keys per command (`redis.pipeline_batch`): reads are split into
+    /// calls of this many keys, and a single-server write into commands of
+    /// this many keys inside its one transaction.
+    batch: usize,
     take: Script,
     load: Script,
     write: Script,
@@ -196,12 +203,14 @@ impl RedisStore {
             Arc::new(clients),
             &r.key_prefix,
             timeout,
+            r.pipeline_batch,
         ))
     }
 
-    fn with_clients(clients: Arc<Clients>, prefix: &str, timeout: Duration) -> Self {
+    fn with_clients(clients: Arc<Clients>, prefix: &str, timeout: Duration, batch: usize) -> Self {
         RedisStore {
             clients,
+            batch: batch.max(1),
             conn: Mutex::new(None),
             prefix: prefix.to_owned(),
             timeout,
@@ -213,7 +222,12 @@ impl RedisStore {
 
     /// Another store on the same servers with a connection of its own.
     pub fn sibling(&self) -> Self {
-        RedisStore::with_clients(Arc::clone(&self.clients), &self.prefix, self.timeout)
+        RedisStore::with_clients(
+            Arc::clone(&self.clients),
+            &self.prefix,
+            self.timeout,
+            self.batch,
+        )
     }
 
     fn open(&self) -> Result<Conn, StoreError> {
@@ -265,7 +279,7 @@ impl RedisStore {
         self.with_conn(|c| {
             redis::cmd("WATCH").arg(&meta_key).exec(c)?;
             let mut get = redis::cmd("HMGET");
-            get.arg(&meta_key).arg("epoch");
+            get.arg(&meta_key).arg("epoch").arg("seq");
             for (f, _) in &positions {
                 get.arg(f);
             }
@@ -275,14 +289,23 @@ impl RedisStore {
                 Some(e) if e != w.epoch.to_string() => {
                     Some(Written::Fenced(e.parse().unwrap_or(0)))
                 }
-                Some(_) => positions.iter().zip(&stored[1..]).find_map(|((f, v), cur)| {
-                    let behind = cur
-                        .as_deref()
-                        .and_then(|c| c.parse::<i64>().ok())
-                        .zip(v.parse::<i64>().ok())
-                        .is_some_and(|(cur, new)| cur > new);
-                    behind.then(|| Written::Backwards(f.trim_start_matches("pos:").to_owned()))
-                }),
+                Some(_) if !seq_follows(stored.get(1).cloned().flatten(), w.seq) => {
+                    let stored_seq = stored.get(1).cloned().flatten();
+                    Some(Written::Diverged(
+                        stored_seq.and_then(|s| s.parse().ok()).unwrap_or(0),
+                    ))
+                }
+                Some(_) => positions
+                    .iter()
+                    .zip(&stored[2..])
+                    .find_map(|((f, v), cur)| {
+                        let behind = cur
+                            .as_deref()
+                            .and_then(|c| c.parse::<i64>().ok())
+                            .zip(v.parse::<i64>().ok())
+                            .is_some_and(|(cur, new)| cur > new);
+                        behind.then(|| Written::Backwards(f.trim_start_matches("pos:").to_owned()))
+                    }),
             };
             if let Some(refusal) = refusal {
                 redis::cmd("UNWATCH").exec(c)?;
@@ -290,7 +313,7 @@ impl RedisStore {
             }
             let mut tx = redis::pipe();
             tx.atomic();
-            for chunk in w.deletes.chunks(WRITE_CHUNK) {
+            for chunk in w.deletes.chunks(self.batch) {
                 let mut del = redis::cmd("DEL");
                 let mut zrem = redis::cmd("ZREM");
                 zrem.arg(&timers_key);
@@ -300,7 +323,7 @@ impl RedisStore {
                 }
                 tx.add_command(del).ignore().add_command(zrem).ignore();
             }
-            for chunk in w.leads.chunks(WRITE_CHUNK) {
+            for chunk in w.leads.chunks(self.batch) {
                 let mut mset = redis::cmd("MSET");
                 let (mut zadd, mut zrem) = (redis::cmd("ZADD"), redis::cmd("ZREM"));
                 zadd.arg(&timers_key);
@@ -399,6 +422,8 @@ fn parse_meta(flat: Vec<(String, Vec<u8>)>) -> ShardMeta {
         let int = || text.parse::<i64>().ok();
         if field == "epoch" {
             meta.epoch = int().unwrap_or(0) as u64;
+        } else if field == "seq" {
+            meta.seq = int().unwrap_or(0) as u64;
         } else if field == "clock" {
             meta.clock = int();
         } else if field == "released" {
@@ -417,17 +442,16 @@ fn parse_meta(flat: Vec<(String, Vec<u8>)>) -> ShardMeta {
             meta.population.insert(segment.to_owned(), v);
         }
     }
-    meta.fresh = meta.epoch == 1;
+    meta.fresh = meta.positions.is_empty();
     meta
 }
-
-/// Keys per command in a write.
-const WRITE_CHUNK: usize = 500;
 
 /// The shard record's fields a write sets: positions, merge progress,
 /// clock, population.
 fn meta_fields(w: &ShardWrite) -> Vec<(String, String)> {
-    let mut meta: Vec<(String, String)> = Vec::new();
+    // The new sequence; the writes check the stored one is `seq` (or already
+    // `seq + 1`: the same write sent again after an unanswered call).
+    let mut meta: Vec<(String, String)> = vec![("seq".into(), (w.seq + 1).to_string())];
     for (topic, p) in &w.positions {
         meta.push((format!("pos:{topic}"), p.to_string()));
     }
@@ -446,6 +470,14 @@ fn meta_fields(w: &ShardWrite) -> Vec<(String, String)> {
     meta
 }
 
+/// Whether a record at write sequence `stored` takes a write made at `seq`:
+/// it is at `seq`, or at `seq + 1` when the same write was applied but its
+/// answer lost and it is sent again (a write sets absolute values only).
+fn seq_follows(stored: Option<String>, seq: u64) -> bool {
+    let stored = stored.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    stored == seq || stored == seq + 1
+}
+
 fn refused(reply: &[Value]) -> Option<Written> {
     let code = match reply.first() {
         Some(Value::Int(c)) => *c,
@@ -459,6 +491,7 @@ fn refused(reply: &[Value]) -> Option<Written> {
     match code {
         0 => Some(Written::Lost),
         1 => Some(Written::Fenced(text(reply.get(1)).parse().unwrap_or(0))),
+        4 => Some(Written::Diverged(text(reply.get(1)).parse().unwrap_or(0))),
         2 => Some(Written::Backwards(
             text(reply.get(1)).trim_start_matches("pos:").to_owned(),
         )),
@@ -480,7 +513,7 @@ impl Store for RedisStore {
         keys: &[&LeadKey],
     ) -> Result<Result<Vec<Option<Vec<u8>>>, Written>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(1000) {
+        for chunk in keys.chunks(self.batch) {
             let mut inv = self.load.prepare_invoke();
             inv.key(self.shard_key(shard, "meta"));
             for k in chunk {
@@ -642,10 +675,22 @@ mod tests {
         ]);
         assert_eq!(m.epoch, 3);
         assert!(!m.fresh);
+        // Taken twice after a flush, never written: still fresh.
+        assert!(parse_meta(vec![("epoch".into(), b"2".to_vec())]).fresh);
         assert_eq!(m.positions["events.web"], 42);
         assert_eq!(m.population["hot"], 7);
         assert_eq!(refused(&[Value::Int(3)]), None);
         assert_eq!(refused(&[Value::Int(0)]), Some(Written::Lost));
+        assert_eq!(
+            refused(&[Value::Int(4), Value::BulkString(b"2".to_vec())]),
+            Some(Written::Diverged(2))
+        );
+        assert!(seq_follows(None, 0) && seq_follows(Some("3".into()), 3));
+        assert!(
+            seq_follows(Some("4".into()), 3),
+            "the same write sent again"
+        );
+        assert!(!seq_follows(Some("2".into()), 3) && !seq_follows(Some("5".into()), 3));
         assert_eq!(
             refused(&[Value::Int(1), Value::BulkString(b"5".to_vec())]),
             Some(Written::Fenced(5))

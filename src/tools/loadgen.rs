@@ -47,7 +47,8 @@ pub struct LoadgenArgs {
     /// How long to run (latency mode).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// The service's metrics URL (drain mode), host:port/path over plain HTTP.
+    /// The service's metrics URL (drain mode), http://host:port/path; the
+    /// members of one group as a comma-separated list (their counts are summed).
     #[arg(long, default_value = "http://127.0.0.1:8080/metrics")]
     pub metrics_url: String,
     /// Random seed of the synthetic stream.
@@ -181,10 +182,25 @@ struct Scrape {
     unwritten: u64,
 }
 
+/// Every instance's scrape, summed (`--metrics-url` may list several,
+/// comma-separated: the members of one group).
+async fn scrape_all(urls: &str) -> anyhow::Result<Scrape> {
+    let mut sum = Scrape {
+        handled: 0,
+        unwritten: 0,
+    };
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let one = scrape(url).await?;
+        sum.handled += one.handled;
+        sum.unwritten += one.unwritten;
+    }
+    Ok(sum)
+}
+
 async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
     // Counts are the service's own since it started: start it just before this.
     let wait = Instant::now() + Duration::from_secs(15);
-    while let Err(error) = scrape(&args.metrics_url).await {
+    while let Err(error) = scrape_all(&args.metrics_url).await {
         if Instant::now() > wait {
             return Err(error).context("scraping the service");
         }
@@ -194,7 +210,7 @@ async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
     let mut first: Option<(Instant, u64)> = None;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let Scrape { handled, unwritten } = scrape(&args.metrics_url).await?;
+        let Scrape { handled, unwritten } = scrape_all(&args.metrics_url).await?;
         let now = Instant::now();
         if first.is_none() && handled > 0 {
             first = Some((now, handled));

@@ -56,8 +56,6 @@ pub struct SynthEvent {
     pub key: String,
     /// JSON payload.
     pub payload: String,
-    /// Event time.
-    pub at: Millis,
 }
 
 /// The generator.
@@ -102,11 +100,6 @@ impl Synth {
             seq: 0,
             prefix: format!("s{seed}"),
         }
-    }
-
-    /// The current event time.
-    pub fn clock(&self) -> Millis {
-        self.clock
     }
 
     /// Sets the event time of the next event (e.g. to wall time).
@@ -171,7 +164,6 @@ impl Synth {
             source,
             key,
             payload,
-            at: self.clock,
         }
     }
 

@@ -56,13 +56,20 @@ fn tansu_binary() -> PathBuf {
     }
 }
 
-/// A Redis server for one test.
+/// A Redis server for one test, or a Redis Cluster (see [`Redis::start_cluster`]).
 pub struct Redis {
     child: Child,
     pub port: u16,
+    /// `redis://` URL; for a cluster, every node's, comma-separated.
     pub url: String,
     dir: Option<tempfile::TempDir>,
+    /// A cluster's nodes other than the first (`child`, `port`).
+    others: Vec<(Child, u16)>,
 }
+
+/// The cluster node settings of the tests: a failed primary is replaced by
+/// its replica after about two seconds.
+const CLUSTER_NODE_TIMEOUT_MS: &str = "2000";
 
 impl Redis {
     pub fn start() -> Redis {
@@ -111,6 +118,251 @@ impl Redis {
             port,
             url: format!("redis://127.0.0.1:{port}/0"),
             dir,
+            others: Vec::new(),
+        }
+    }
+
+    /// A Redis Cluster of three primaries on loopback, each with one replica
+    /// when `replicas`, created with `redis-cli --cluster create`; returns
+    /// once every node reports `cluster_state:ok`.
+    pub fn start_cluster(replicas: bool) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let count = if replicas { 6 } else { 3 };
+        let mut nodes: Vec<(Child, u16)> = Vec::new();
+        for _ in 0..count {
+            let port = free_port();
+            let port_s = port.to_string();
+            let conf = format!("nodes-{port}.conf");
+            let mut child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port_s,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    CLUSTER_NODE_TIMEOUT_MS,
+                    "--dir",
+                ])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (run scripts/test.sh, which installs it)");
+            wait_for_port(port, "redis-server (cluster node)", &mut child);
+            nodes.push((child, port));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|(_, p)| format!("127.0.0.1:{p}"))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create").args(&addrs);
+        if replicas {
+            create.args(["--cluster-replicas", "1"]);
+        }
+        let out = create
+            .arg("--cluster-yes")
+            .output()
+            .expect("redis-cli on PATH (package redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = addrs
+            .iter()
+            .map(|a| format!("redis://{a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = nodes.into_iter();
+        let (child, port) = nodes.next().unwrap();
+        let redis = Redis {
+            child,
+            port,
+            url,
+            dir: Some(dir),
+            others: nodes.collect(),
+        };
+        redis.wait_cluster_ok(Duration::from_secs(30));
+        redis
+    }
+
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.others.is_empty()
+    }
+
+    /// Ports of every node still running.
+    pub fn node_ports(&self) -> Vec<u16> {
+        std::iter::once(self.port)
+            .chain(self.others.iter().map(|(_, p)| *p))
+            .filter(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+            .collect()
+    }
+
+    /// A connection to one node.
+    pub fn node_conn(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .unwrap()
+    }
+
+    /// Ports of the running primaries (every server, when not a cluster).
+    pub fn primaries(&self) -> Vec<u16> {
+        self.node_ports()
+            .into_iter()
+            .filter(|p| {
+                let role: Vec<redis::Value> = redis::cmd("ROLE")
+                    .query(&mut self.node_conn(*p))
+                    .unwrap_or_default();
+                matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
+            })
+            .collect()
+    }
+
+    /// Waits until every running node reports `cluster_state:ok`.
+    pub fn wait_cluster_ok(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let ok = self.node_ports().iter().all(|p| {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query::<String>(&mut self.node_conn(*p))
+                    .is_ok_and(|i| i.contains("cluster_state:ok"))
+            });
+            if ok {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "cluster not ok");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The hash slot of a key, and the port of the primary serving it.
+    pub fn slot_owner(&self, key: &str) -> (u16, u16) {
+        let mut conn = self.node_conn(self.node_ports()[0]);
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .unwrap();
+        let slots: Vec<(u16, u16, Vec<redis::Value>)> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<redis::Value>>(&mut conn)
+            .unwrap()
+            .into_iter()
+            .map(|range| match range {
+                redis::Value::Array(parts) => {
+                    let int = |v: &redis::Value| match v {
+                        redis::Value::Int(i) => *i as u16,
+                        _ => 0,
+                    };
+                    let primary = match &parts[2] {
+                        redis::Value::Array(p) => p.clone(),
+                        _ => Vec::new(),
+                    };
+                    (int(&parts[0]), int(&parts[1]), primary)
+                }
+                _ => panic!("CLUSTER SLOTS: {range:?}"),
+            })
+            .collect();
+        let (_, _, primary) = slots
+            .iter()
+            .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+            .expect("slot served");
+        let port = match &primary[1] {
+            redis::Value::Int(p) => *p as u16,
+            v => panic!("port {v:?}"),
+        };
+        (slot, port)
+    }
+
+    /// A node's cluster id.
+    pub fn node_id(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.node_conn(port))
+            .unwrap()
+    }
+
+    /// Moves one hash slot to another primary while clients use it, the way
+    /// `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE of its
+    /// keys in small batches (clients get ASK meanwhile), then SETSLOT NODE on
+    /// every primary.
+    pub fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let (mut src, mut dst) = (self.node_conn(from), self.node_conn(to));
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&from_id)
+            .query(&mut dst)
+            .unwrap();
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&to_id)
+            .query(&mut src)
+            .unwrap();
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(20)
+                .query(&mut src)
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut src)
+                .unwrap();
+            // Slowly, so that writers meet the slot half-moved.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for port in self.primaries() {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&to_id)
+                .query(&mut self.node_conn(port))
+                .unwrap();
+        }
+        self.wait_cluster_ok(Duration::from_secs(30));
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill_node(&mut self, port: u16) {
+        if port == self.port {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        }
+        for (child, p) in &mut self.others {
+            if *p == port {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 
@@ -121,19 +373,32 @@ impl Redis {
         *self = Self::spawn(self.port, dir);
     }
 
+    /// Connections to every primary (the one server, when not a cluster).
+    fn primary_conns(&self) -> Vec<redis::Connection> {
+        if self.is_cluster() {
+            self.primaries()
+                .into_iter()
+                .map(|p| self.node_conn(p))
+                .collect()
+        } else {
+            vec![self.conn()]
+        }
+    }
+
     /// Every lead and visitor state under `prefix`, by key (`{pN}:l:<id>`).
     pub fn leads(&self, prefix: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
-        let mut conn = self.conn();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}{{p*}}:[la]:*"))
-            .query(&mut conn)
-            .unwrap();
-        keys.into_iter()
-            .map(|k| {
+        let mut out = std::collections::BTreeMap::new();
+        for mut conn in self.primary_conns() {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}{{p*}}:[la]:*"))
+                .query(&mut conn)
+                .unwrap();
+            for k in keys {
                 let v: Vec<u8> = redis::cmd("GET").arg(&k).query(&mut conn).unwrap();
-                (k[prefix.len()..].to_owned(), v)
-            })
-            .collect()
+                out.insert(k[prefix.len()..].to_owned(), v);
+            }
+        }
+        out
     }
 
     /// The state of one lead, wherever its shard is.
@@ -147,12 +412,23 @@ impl Redis {
 
     /// Stored positions: `topic/partition` -> next offset.
     pub fn positions(&self, prefix: &str) -> std::collections::BTreeMap<String, i64> {
-        let mut conn = self.conn();
+        let mut out = std::collections::BTreeMap::new();
+        for mut conn in self.primary_conns() {
+            self.positions_on(&mut conn, prefix, &mut out);
+        }
+        out
+    }
+
+    fn positions_on(
+        &self,
+        conn: &mut redis::Connection,
+        prefix: &str,
+        out: &mut std::collections::BTreeMap<String, i64>,
+    ) {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{prefix}{{p*}}:meta"))
-            .query(&mut conn)
+            .query(conn)
             .unwrap();
-        let mut out = std::collections::BTreeMap::new();
         for k in keys {
             let shard: String = k[prefix.len() + 2..]
                 .split('}')
@@ -160,14 +436,13 @@ impl Redis {
                 .unwrap_or("")
                 .to_owned();
             let fields: std::collections::HashMap<String, String> =
-                redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
+                redis::cmd("HGETALL").arg(&k).query(conn).unwrap();
             for (f, v) in fields {
                 if let Some(topic) = f.strip_prefix("pos:") {
                     out.insert(format!("{topic}/{shard}"), v.parse().unwrap());
                 }
             }
         }
-        out
     }
 
     pub fn conn(&self) -> redis::Connection {
@@ -180,6 +455,10 @@ impl Redis {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for (child, _) in &mut self.others {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -519,6 +798,9 @@ impl Service {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        if redis.is_cluster() {
+            env.insert("LEADSCORE__REDIS__MODE".into(), "cluster".into());
+        }
         if let Some((user, password)) = &broker.sasl {
             for side in ["CONSUMER", "PRODUCER"] {
                 for (k, v) in [
