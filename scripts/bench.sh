@@ -29,6 +29,7 @@ for run in $(seq "$RUNS"); do
   awk -v r="$r" -v s="$s" -v n="$run" 'BEGIN { printf "run %d: service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, s, r, s / r }'
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+echo "each run: service ${service[*]} events/s; do-nothing reader ${reader[*]} events/s"
 ms=$(median "${service[@]}") mr=$(median "${reader[@]}")
 awk -v s="$ms" -v r="$mr" -v n="$RUNS" -v e="$EVENTS" -v l="$LEADS" -v p="$PARTITIONS" -v c="$(nproc)" 'BEGIN {
   printf "median of %d runs (%d events, %d leads, %d partitions, %d cores): service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, e, l, p, c, s, r, s / r }'

@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# Memory per lead held: starts a tansu broker and a Redis on spare loopback
-# ports, prefills the input topics, drains them with the service once with
-# the explain log on (16) and once off (0), and prints the growth of the
-# service's resident memory per lead in memory. The growth includes
-# librdkafka's fetch buffers and allocator slack, so it overstates the state.
-#   EVENTS=1000000 LEADS=100000 scripts/memory.sh
+# Bounded memory: streams EVENTS synthetic events over LEADS leads (most of
+# them distinct: the synthetic stream picks leads at random) through the
+# service with `state.max_leads_in_memory = LIMIT`, and samples the service's
+# resident memory (VmRSS) every 5 s while it drains. Twice: with the explain
+# log and the dedup ring off (0), then on (16 each). For each run prints the
+# RSS samples, the leads held at the end and their bytes as the cache counts
+# them (state + key + slot overhead), the mean stored state size, the lead
+# states Redis holds and Redis memory per state.
+#   EVENTS=8000000 LEADS=5000000 LIMIT=200000 scripts/memory.sh
+# Starts a tansu broker and a Redis on spare loopback ports (bench-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+EVENTS=${EVENTS:-8000000} LEADS=${LEADS:-5000000} LIMIT=${LIMIT:-200000}
 source scripts/bench-env.sh
 
-$BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions 4
-for W in 16 0; do
-redis-cli -p "$RPORT" flushall >/dev/null
-LEADSCORE__STATE__EXPLAIN_WINDOW=$W LEADSCORE__KAFKA__GROUP_ID="mem-$RANDOM" $BIN run >"$WORK/service.log" 2>&1 &
-svc=$!
-sleep 0.3; a=$(awk '/VmRSS/{print $2}' /proc/$svc/status)
-$BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" >/dev/null
-sleep 2
-b=$(awk '/VmRSS/{print $2}' /proc/$svc/status)
-n=$(curl -s "http://127.0.0.1:$HPORT/metrics" | awk '/^leadscore_leads_in_memory/{print $2}')
-echo "explain_window=$W: RSS $a kB -> $b kB with $n leads = $(( (b-a)*1024/n )) bytes per lead"
-kill -TERM "$svc"; wait "$svc" || true
+metric() { curl -s "http://127.0.0.1:$HPORT/metrics" | awk -v m="$1" '$1 == m { s += $2 } END { printf "%.0f", s }'; }
+$BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions "$PARTITIONS" >/dev/null
+for W in 0 16; do
+  redis-cli -p "$RPORT" flushall >/dev/null
+  LEADSCORE__STATE__EXPLAIN_WINDOW=$W LEADSCORE__STATE__DEDUP_WINDOW=$W \
+    LEADSCORE__STATE__MAX_LEADS_IN_MEMORY=$LIMIT LEADSCORE__KAFKA__GROUP_ID="mem-$W-$RANDOM" \
+    $BIN run >"$WORK/service.log" 2>&1 &
+  svc=$!
+  samples=()
+  ( while kill -0 "$svc" 2>/dev/null; do awk '/VmRSS/{printf "%d ", $2 / 1024}' /proc/$svc/status 2>/dev/null; sleep 5; done ) >"$WORK/rss" &
+  sampler=$!
+  $BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | grep -oE '= [0-9]+ events/s'
+  held=$(metric leadscore_leads_in_memory) bytes=$(metric leadscore_lead_cache_bytes)
+  evicted=$(metric leadscore_lead_cache_evictions_total)
+  rss=$(awk '/VmRSS/{print int($2 / 1024)}' /proc/$svc/status)
+  kill -TERM "$svc"; wait "$svc" || true
+  kill "$sampler" 2>/dev/null || true
+  states=$(redis-cli -p "$RPORT" eval "return #redis.call('keys', '*:l:*')" 0)
+  mean=$(redis-cli -p "$RPORT" eval "local ks = redis.call('keys', '*:l:*'); local n, s = 0, 0; for i = 1, #ks, 97 do s = s + redis.call('strlen', ks[i]); n = n + 1 end; return math.floor(s / math.max(n, 1))" 0)
+  used=$(redis-cli -p "$RPORT" info memory | awk -F: '/^used_memory:/{print $2}' | tr -d '\r')
+  echo "explain_window = dedup_window = $W, state.max_leads_in_memory = $LIMIT:"
+  echo "  RSS every 5 s (MiB): $(cat "$WORK/rss")-> $rss at the end"
+  echo "  held at the end: $held leads, $bytes bytes = $(( bytes / (held > 0 ? held : 1) )) bytes per lead held; $evicted evictions"
+  echo "  stored state (mean of a sample): $mean bytes; Redis holds $states lead states, used_memory $used bytes = $(( used / (states > 0 ? states : 1) )) bytes per state"
 done

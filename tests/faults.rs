@@ -35,6 +35,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// broker needs no such pause).
 const SESSION_LAPSE: Duration = Duration::from_millis(6_500);
 
+/// For tests whose feed pauses for seconds (an outage): inputs wait longer
+/// before they count as idle.
+const SLOW_FEED: (&str, &str) = ("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "20000");
+
 /// Settings of every service in these tests: inputs stay active between the
 /// feeder's chunks (so the merge never gives up waiting on a live input),
 /// and nothing expires (so final states are worth comparing).
@@ -290,7 +294,11 @@ fn redis_down_for_20_seconds_pauses_commits_and_recovers_exactly() {
     let items = workload();
     let (first, rest) = items.split_at(items.len() / 3);
     broker.produce_msgs(&names, first);
-    let service = Service::start(&broker, &redis, &names, &env(&[]));
+    // The rest is produced only after the outage starts, seconds after the
+    // service read the first part dry: an idle timeout shorter than that
+    // gap would declare the CRM input idle and make its next sync late
+    // (exactness holds while no input goes idle before the stream ends).
+    let service = Service::start(&broker, &redis, &names, &env(&[SLOW_FEED]));
     let deadline = Instant::now() + Duration::from_secs(120);
     while broker.committed_inputs(&names, PARTITIONS) < first.len() as i64 / 2 {
         assert!(
@@ -470,7 +478,7 @@ fn on_a_redis_cluster_a_primary_killed_fails_over_to_its_replica_and_ends_exact(
     let broker = Broker::start();
     let mut redis = Redis::start_cluster(true);
     let names = setup(&broker);
-    let mut service = Service::start(&broker, &redis, &names, &env(&[]));
+    let mut service = Service::start(&broker, &redis, &names, &env(&[SLOW_FEED]));
     let mut restarts = 0;
     feed_while(&broker, &names, 1_000, Duration::from_millis(700), || {
         wait_committed_at_least(&broker, &names, 8_000, &service);
@@ -478,9 +486,12 @@ fn on_a_redis_cluster_a_primary_killed_fails_over_to_its_replica_and_ends_exact(
         redis.kill_node(victim);
         // Its replica is promoted once the others give up on it (node
         // timeout 2 s); meanwhile writes to its slots fail and are retried.
-        std::thread::sleep(Duration::from_secs(1));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while redis.primaries().len() < 3 {
+            assert!(Instant::now() < deadline, "no replica took over");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         redis.wait_cluster_ok(Duration::from_secs(60));
-        assert_eq!(redis.primaries().len(), 3, "a replica took over");
     });
     // Like Kubernetes, restart the service if it exits: a promoted replica
     // that missed acknowledged writes makes it exit (the shard's write

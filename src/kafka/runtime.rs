@@ -227,13 +227,32 @@ impl Runtime {
 
     /// Makes a shard's cache visible to lookups.
     pub fn register_cache(&self, shard: ShardId, cache: Arc<Mutex<LeadCache>>) {
-        self.caches.write().insert(shard, cache);
+        let mut caches = self.caches.write();
+        caches.insert(shard, cache);
+        self.share_limit(&caches);
     }
 
     /// Hides a shard's cache (given up).
     pub fn unregister_cache(&self, shard: ShardId) {
-        self.caches.write().remove(&shard);
+        let mut caches = self.caches.write();
+        caches.remove(&shard);
+        self.share_limit(&caches);
+        drop(caches);
         self.board.lock().remove(&shard);
+    }
+
+    /// `state.max_leads_in_memory` and `state.max_memory_mb` hold for the
+    /// instance: each shard it owns gets an equal part.
+    fn share_limit(&self, caches: &HashMap<ShardId, Arc<Mutex<LeadCache>>>) {
+        let whole = self.shard_config.cache;
+        let n = caches.len().max(1);
+        let part = crate::shard::cache::Limit {
+            leads: whole.leads.div_ceil(n),
+            bytes: whole.bytes.div_ceil(n),
+        };
+        for cache in caches.values() {
+            cache.lock().set_limit(part);
+        }
     }
 
     /// Whether an input partition has nothing left to fetch, as far as the

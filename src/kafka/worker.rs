@@ -343,8 +343,13 @@ impl Worker {
                     }
                 }
                 if read > 0 {
-                    o.last_message[input] = now;
                     busy = true;
+                }
+                // Quiet time starts once the input has nothing new *and*
+                // nothing pending: an input whose last events still wait in
+                // the merge is not idle (its next ones may be on their way).
+                if read > 0 || o.shard.queued_in(input) > 0 {
+                    o.last_message[input] = now;
                 }
                 let idle = idle_after.is_zero()
                     || (read == 0

@@ -345,6 +345,12 @@ impl LeadCache {
         }
     }
 
+    /// Changes the limit (the instance's shards changed); the next eviction
+    /// applies it.
+    pub fn set_limit(&mut self, limit: Limit) {
+        self.limit = limit;
+    }
+
     /// Whether the cache holds more than its limit.
     pub fn over_limit(&self) -> bool {
         self.len > self.limit.leads || self.bytes > self.limit.bytes
