@@ -6,12 +6,17 @@
 # log and the dedup ring off (0), then on (16 each). For each run prints the
 # RSS samples, the leads held at the end and their bytes as the cache counts
 # them (state + key + slot overhead), the mean stored state size, the lead
-# states Redis holds and Redis memory per state.
+# states Redis holds and Redis memory per state; then restarts the service
+# over that Redis and times start -> /readyz 200.
+# librdkafka prefetches up to queued.max.messages.kbytes per partition (64 MB
+# by default, so up to 1 GB over 16 input partitions); the runs set it to
+# QUEUE_KB (8 MB) so that resident memory shows leadscore's own.
 #   EVENTS=8000000 LEADS=5000000 LIMIT=200000 scripts/memory.sh
 # Starts a tansu broker and a Redis on spare loopback ports (bench-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EVENTS=${EVENTS:-8000000} LEADS=${LEADS:-5000000} LIMIT=${LIMIT:-200000}
+EVENTS=${EVENTS:-8000000} LEADS=${LEADS:-5000000} LIMIT=${LIMIT:-200000} QUEUE_KB=${QUEUE_KB:-8192}
+export LEADSCORE__KAFKA__CONSUMER__QUEUED_MAX_MESSAGES_KBYTES=$QUEUE_KB
 source scripts/bench-env.sh
 
 metric() { curl -s "http://127.0.0.1:$HPORT/metrics" | awk -v m="$1" '$1 == m { s += $2 } END { printf "%.0f", s }'; }
@@ -39,3 +44,12 @@ for W in 0 16; do
   echo "  held at the end: $held leads, $bytes bytes = $(( bytes / (held > 0 ? held : 1) )) bytes per lead held; $evicted evictions"
   echo "  stored state (mean of a sample): $mean bytes; Redis holds $states lead states, used_memory $used bytes = $(( used / (states > 0 ? states : 1) )) bytes per state"
 done
+# Restart to ready over the states left in Redis (same group: positions and
+# committed offsets exist, as after a deploy).
+t0=$(date +%s%N)
+LEADSCORE__KAFKA__GROUP_ID="restart-$RANDOM" $BIN run >"$WORK/restart.log" 2>&1 &
+svc=$!
+until curl -sf "http://127.0.0.1:$HPORT/readyz" >/dev/null; do sleep 0.05; done
+t1=$(date +%s%N)
+echo "restart: start -> /readyz 200 in $(( (t1 - t0) / 1000000 )) ms with $states lead states in Redis"
+kill -TERM "$svc"; wait "$svc" || true

@@ -418,6 +418,51 @@ fn group_of_three(redis: fn() -> Redis) {
     assert_same(&redis, &broker, &names);
 }
 
+/// An upgrade without downtime: each member of a group of three is
+/// replaced in turn (SIGTERM, then a new one joins) while events flow; the
+/// group uses cooperative rebalancing, so the others keep their shards.
+#[test]
+fn a_rolling_restart_of_a_group_of_three_under_load_ends_exact() {
+    let _serial = serial();
+    reference();
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = setup(&broker);
+    let mut positions = Positions::new();
+    let group = feed_while(&broker, &names, 2_000, Duration::from_millis(500), || {
+        let mut group: Vec<Service> = (0..3)
+            .map(|_| Service::start(&broker, &redis, &names, &env(&[])))
+            .collect();
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(2000));
+            positions.sample(&redis, &names.prefix);
+            let old = group.remove(0);
+            assert!(
+                old.terminate().success(),
+                "a member leaving cleanly exits 0"
+            );
+            group.push(Service::start(&broker, &redis, &names, &env(&[])));
+            positions.sample(&redis, &names.prefix);
+        }
+        group
+    });
+    wait_committed(
+        &broker,
+        &names,
+        workload().len(),
+        Duration::from_secs(300),
+        &group[0],
+    );
+    for member in &group {
+        member.wait_settled(Duration::from_secs(60));
+    }
+    positions.sample(&redis, &names.prefix);
+    for member in group {
+        assert!(member.terminate().success());
+    }
+    assert_same(&redis, &broker, &names);
+}
+
 /// The key of a shard's record, whose hash slot holds all of the shard.
 fn shard_record(names: &Names, shard: i32) -> String {
     format!("{}{{p{shard}}}:meta", names.prefix)

@@ -389,6 +389,36 @@ fn a_member_reads_states_written_under_rules_it_started_without() {
 }
 
 #[test]
+fn a_shard_clock_never_passes_the_wall_clock_plus_the_tolerance() {
+    // The decoder's contract would dead-letter this event; were one to get
+    // through (a producer clock far ahead), the shard clock is capped.
+    let config = ShardConfig {
+        future_tolerance_ms: 60_000,
+        ..ShardConfig::default()
+    };
+    let mut h = Harness::new(engine(), config);
+    let far = crate::event::wall_clock_ms() + 10 * 365 * 24 * 3_600_000;
+    h.produce(
+        0,
+        json(
+            "1",
+            Some("x"),
+            None,
+            far,
+            "form_submit",
+            serde_json::json!({}),
+        ),
+    );
+    h.finish();
+    assert!(h.shard.clock() > NEVER, "the event was applied");
+    assert!(
+        h.shard.clock() <= crate::event::wall_clock_ms() + 60_000,
+        "clock {} is past the wall clock plus the tolerance",
+        h.shard.clock()
+    );
+}
+
+#[test]
 fn a_quiet_shard_still_decays_with_the_wall_clock() {
     let mut h = Harness::new(engine(), ShardConfig::default());
     let now = crate::event::wall_clock_ms();
