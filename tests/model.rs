@@ -307,3 +307,79 @@ fn a_hot_lead_in_a_partition_that_goes_quiet_decays_in_real_time() {
     );
     assert!(service.terminate().success());
 }
+
+/// Engagement is counted by the lead's segment at that moment and its
+/// first-touch source (configured names, others as `other`), so each rate
+/// is one PromQL division.
+#[test]
+fn engagement_is_counted_by_segment_and_first_touch_source() {
+    let (broker, _redis, names, service) = setup();
+    let now = leadscore::event::wall_clock_ms() - 600_000;
+    let at = |ms: i64| leadscore::event::format_rfc3339(now + ms);
+    send(
+        &broker,
+        &names.web,
+        "fb",
+        &[event(
+            "w1",
+            "fb",
+            &at(0),
+            "page_view",
+            &[("utm_source", "facebook")],
+        )],
+    );
+    send(
+        &broker,
+        &names.web,
+        "mystery",
+        &[event(
+            "w2",
+            "mystery",
+            &at(1_000),
+            "page_view",
+            &[("utm_source", "carrier-pigeon")],
+        )],
+    );
+    send(
+        &broker,
+        &names.email,
+        "fb",
+        &[
+            event("e1", "fb", &at(60_000), "open", &[]),
+            event("e2", "fb", &at(61_000), "click", &[]),
+        ],
+    );
+    send(
+        &broker,
+        &names.email,
+        "mystery",
+        &[event("e3", "mystery", &at(62_000), "open", &[])],
+    );
+    service.wait_consumed(5, WAIT);
+    service.wait_settled(WAIT);
+    let (_, metrics) = service.get("/metrics").unwrap();
+    let count = |needles: &[&str]| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("leadscore_engagement_events_total{"))
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        count(&["event=\"open\"", "source=\"facebook\"", "segment=\"cold\""]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&["event=\"click\"", "source=\"facebook\""]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&["event=\"open\"", "source=\"other\""]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(count(&["event=\"open\""]), 2.0, "{metrics}");
+}
