@@ -44,8 +44,8 @@ for W in 0 16; do
   echo "  held at the end: $held leads, $bytes bytes = $(( bytes / (held > 0 ? held : 1) )) bytes per lead held; $evicted evictions"
   echo "  stored state (mean of a sample): $mean bytes; Redis holds $states lead states, used_memory $used bytes = $(( used / (states > 0 ? states : 1) )) bytes per state"
 done
-# Restart to ready over the states left in Redis (same group: positions and
-# committed offsets exist, as after a deploy).
+# Restart to ready over the states left in Redis (a new group: the shard
+# records in Redis decide where it resumes, as after a deploy).
 t0=$(date +%s%N)
 LEADSCORE__KAFKA__GROUP_ID="restart-$RANDOM" $BIN run >"$WORK/restart.log" 2>&1 &
 svc=$!

@@ -259,15 +259,7 @@ fn graceful_shutdown(redis: fn() -> Redis) {
     // broker's record batches rather than at their edges.
     let small = env(&[("LEADSCORE__KAFKA__BATCH_MAX_MESSAGES", "300")]);
     let service = Service::start(&broker, &redis, &names, &small);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while broker.committed_inputs(&names, PARTITIONS) < 2_000 {
-        assert!(
-            Instant::now() < deadline,
-            "no progress; log:\n{}",
-            service.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_committed(&broker, &names, 2_000, Duration::from_secs(60), &service);
     let started = Instant::now();
     assert!(service.terminate().success(), "exit 0 on SIGTERM");
     assert!(
@@ -299,15 +291,13 @@ fn redis_down_for_20_seconds_pauses_commits_and_recovers_exactly() {
     // gap would declare the CRM input idle and make its next sync late
     // (exactness holds while no input goes idle before the stream ends).
     let service = Service::start(&broker, &redis, &names, &env(&[SLOW_FEED]));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while broker.committed_inputs(&names, PARTITIONS) < first.len() as i64 / 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no progress; log:\n{}",
-            service.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_committed(
+        &broker,
+        &names,
+        first.len() / 2,
+        Duration::from_secs(120),
+        &service,
+    );
     redis.stop();
     broker.produce_msgs(&names, rest);
     let outage = Instant::now();
@@ -468,18 +458,6 @@ fn shard_record(names: &Names, shard: i32) -> String {
     format!("{}{{p{shard}}}:meta", names.prefix)
 }
 
-fn wait_committed_at_least(broker: &Broker, names: &Names, n: i64, service: &Service) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while broker.committed_inputs(names, PARTITIONS) < n {
-        assert!(
-            Instant::now() < deadline,
-            "no progress; log:\n{}",
-            service.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn on_a_redis_cluster_a_shard_slot_moved_mid_stream_ends_exact() {
     let _serial = serial();
@@ -490,7 +468,7 @@ fn on_a_redis_cluster_a_shard_slot_moved_mid_stream_ends_exact() {
     let mut positions = Positions::new();
     let service = feed_while(&broker, &names, 2_000, Duration::from_millis(500), || {
         let service = Service::start(&broker, &redis, &names, &env(&[]));
-        wait_committed_at_least(&broker, &names, 6_000, &service);
+        wait_committed(&broker, &names, 6_000, Duration::from_secs(120), &service);
         positions.sample(&redis, &names.prefix);
         let record = shard_record(&names, 0);
         let (slot, from) = redis.slot_owner(&record);
@@ -526,7 +504,7 @@ fn on_a_redis_cluster_a_primary_killed_fails_over_to_its_replica_and_ends_exact(
     let mut service = Service::start(&broker, &redis, &names, &env(&[SLOW_FEED]));
     let mut restarts = 0;
     feed_while(&broker, &names, 1_000, Duration::from_millis(700), || {
-        wait_committed_at_least(&broker, &names, 8_000, &service);
+        wait_committed(&broker, &names, 8_000, Duration::from_secs(120), &service);
         let (_, victim) = redis.slot_owner(&shard_record(&names, 0));
         redis.kill_node(victim);
         // Its replica is promoted once the others give up on it (node

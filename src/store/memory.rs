@@ -149,8 +149,7 @@ impl Store for MemoryStore {
                 continue;
             }
             let meta = data.meta.as_mut().expect("fenced above");
-            // `seq + 1`: the same write sent again after an unanswered call.
-            if meta.seq != w.seq && meta.seq != w.seq + 1 {
+            if !super::takes_write(meta.seq, w.seq) {
                 out.push(Written::Diverged(meta.seq));
                 continue;
             }

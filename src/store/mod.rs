@@ -97,6 +97,14 @@ pub struct ShardWrite {
     pub population: Vec<(String, i64)>,
 }
 
+/// Whether a record at write sequence `stored` takes a write made at `seq`:
+/// it is at `seq`, or already at `seq + 1` when the same write was applied
+/// but its answer lost and it is sent again (a write sets absolute values
+/// only). The Redis Cluster script checks the same rule in Lua.
+pub(crate) fn takes_write(stored: u64, seq: u64) -> bool {
+    stored == seq || stored == seq + 1
+}
+
 /// The result of one shard's write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {

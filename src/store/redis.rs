@@ -284,16 +284,17 @@ impl RedisStore {
                 get.arg(f);
             }
             let stored: Vec<Option<String>> = get.query(c)?;
+            let stored_seq: u64 = stored
+                .get(1)
+                .and_then(|s| s.as_deref()?.parse().ok())
+                .unwrap_or(0);
             let refusal = match stored.first().cloned().flatten() {
                 None => Some(Written::Lost),
                 Some(e) if e != w.epoch.to_string() => {
                     Some(Written::Fenced(e.parse().unwrap_or(0)))
                 }
-                Some(_) if !seq_follows(stored.get(1).cloned().flatten(), w.seq) => {
-                    let stored_seq = stored.get(1).cloned().flatten();
-                    Some(Written::Diverged(
-                        stored_seq.and_then(|s| s.parse().ok()).unwrap_or(0),
-                    ))
+                Some(_) if !super::takes_write(stored_seq, w.seq) => {
+                    Some(Written::Diverged(stored_seq))
                 }
                 Some(_) => positions
                     .iter()
@@ -468,14 +469,6 @@ fn meta_fields(w: &ShardWrite) -> Vec<(String, String)> {
         meta.push((format!("pop:{segment}"), n.to_string()));
     }
     meta
-}
-
-/// Whether a record at write sequence `stored` takes a write made at `seq`:
-/// it is at `seq`, or at `seq + 1` when the same write was applied but its
-/// answer lost and it is sent again (a write sets absolute values only).
-fn seq_follows(stored: Option<String>, seq: u64) -> bool {
-    let stored = stored.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    stored == seq || stored == seq + 1
 }
 
 fn refused(reply: &[Value]) -> Option<Written> {
@@ -685,12 +678,9 @@ mod tests {
             refused(&[Value::Int(4), Value::BulkString(b"2".to_vec())]),
             Some(Written::Diverged(2))
         );
-        assert!(seq_follows(None, 0) && seq_follows(Some("3".into()), 3));
-        assert!(
-            seq_follows(Some("4".into()), 3),
-            "the same write sent again"
-        );
-        assert!(!seq_follows(Some("2".into()), 3) && !seq_follows(Some("5".into()), 3));
+        assert!(super::super::takes_write(0, 0) && super::super::takes_write(3, 3));
+        assert!(super::super::takes_write(4, 3), "the same write sent again");
+        assert!(!super::super::takes_write(2, 3) && !super::super::takes_write(5, 3));
         assert_eq!(
             refused(&[Value::Int(1), Value::BulkString(b"5".to_vec())]),
             Some(Written::Fenced(5))

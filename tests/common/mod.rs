@@ -414,35 +414,9 @@ impl Redis {
     pub fn positions(&self, prefix: &str) -> std::collections::BTreeMap<String, i64> {
         let mut out = std::collections::BTreeMap::new();
         for mut conn in self.primary_conns() {
-            self.positions_on(&mut conn, prefix, &mut out);
+            positions_on(&mut conn, prefix, &mut out);
         }
         out
-    }
-
-    fn positions_on(
-        &self,
-        conn: &mut redis::Connection,
-        prefix: &str,
-        out: &mut std::collections::BTreeMap<String, i64>,
-    ) {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}{{p*}}:meta"))
-            .query(conn)
-            .unwrap();
-        for k in keys {
-            let shard: String = k[prefix.len() + 2..]
-                .split('}')
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            let fields: std::collections::HashMap<String, String> =
-                redis::cmd("HGETALL").arg(&k).query(conn).unwrap();
-            for (f, v) in fields {
-                if let Some(topic) = f.strip_prefix("pos:") {
-                    out.insert(format!("{topic}/{shard}"), v.parse().unwrap());
-                }
-            }
-        }
     }
 
     pub fn conn(&self) -> redis::Connection {
@@ -465,6 +439,32 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Stored positions on one server, added to `out` (`topic/partition` -> next offset).
+fn positions_on(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    out: &mut std::collections::BTreeMap<String, i64>,
+) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}{{p*}}:meta"))
+        .query(conn)
+        .unwrap();
+    for k in keys {
+        let shard: String = k[prefix.len() + 2..]
+            .split('}')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        let fields: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&k).query(conn).unwrap();
+        for (f, v) in fields {
+            if let Some(topic) = f.strip_prefix("pos:") {
+                out.insert(format!("{topic}/{shard}"), v.parse().unwrap());
+            }
+        }
     }
 }
 
