@@ -22,7 +22,10 @@ STORAGE=${STORAGE:-memory://tansu/}
 pids+=($!)
 redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
 pids+=($!)
-sleep 1
+# Wait until both accept connections (tansu may take a few seconds to start).
+listening() { python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$1" 2>/dev/null; }
+for _ in $(seq 300); do listening "$KPORT" && listening "$RPORT" && break; sleep 0.1; done
+listening "$KPORT" || { cat "$WORK/broker.log"; echo "the broker did not start" >&2; exit 1; }
 
 export LEADSCORE__KAFKA__BROKERS="127.0.0.1:$KPORT"
 export LEADSCORE__REDIS__URL="redis://127.0.0.1:$RPORT/0"

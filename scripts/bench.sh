@@ -11,13 +11,19 @@
 # Prints each run and the medians with the service/ceiling ratio.
 #   EVENTS=2000000 LEADS=200000 RUNS=5 PARTITIONS=4 scripts/bench.sh
 # STORAGE=sqlite://tansu.db puts the broker on tansu's sqlite engine (slower).
+# BEFORE_BIN=path/to/leadscore adds, in each run, another build of the
+# service (e.g. an earlier commit's) draining the same backlog the same way:
+# a before/after comparison in one run. PREFILL_BIN=path/to/leadscore
+# prefills with that build's synthetic stream instead (the first version
+# panics on the current stream's anonymous visitors, so a comparison with it
+# drains its own stream).
 # Extra LEADSCORE__… variables in the environment reach the service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-env.sh
 
-$BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions "$PARTITIONS"
-reader=() service=()
+"${PREFILL_BIN:-$BIN}" loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions "$PARTITIONS"
+reader=() service=() before=()
 for run in $(seq "$RUNS"); do
   r=$($BIN loadgen --mode read --brokers "127.0.0.1:$KPORT" --events "$EVENTS" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
   redis-cli -p "$RPORT" flushall >/dev/null
@@ -27,9 +33,21 @@ for run in $(seq "$RUNS"); do
   kill -TERM "$svc"; wait "$svc" || true
   reader+=("$r") service+=("$s")
   awk -v r="$r" -v s="$s" -v n="$run" 'BEGIN { printf "run %d: service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, s, r, s / r }'
+  if [ -n "${BEFORE_BIN:-}" ]; then
+    redis-cli -p "$RPORT" flushall >/dev/null
+    LEADSCORE__KAFKA__GROUP_ID="before-$run-$RANDOM" "$BEFORE_BIN" run >"$WORK/before.log" 2>&1 &
+    svc=$!
+    b=$($BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
+    kill -TERM "$svc"; wait "$svc" || true
+    before+=("$b")
+    echo "run $run: $BEFORE_BIN $b events/s"
+  fi
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 echo "each run: service ${service[*]} events/s; do-nothing reader ${reader[*]} events/s"
 ms=$(median "${service[@]}") mr=$(median "${reader[@]}")
 awk -v s="$ms" -v r="$mr" -v n="$RUNS" -v e="$EVENTS" -v l="$LEADS" -v p="$PARTITIONS" -v c="$(nproc)" 'BEGIN {
   printf "median of %d runs (%d events, %d leads, %d partitions, %d cores): service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, e, l, p, c, s, r, s / r }'
+if [ -n "${BEFORE_BIN:-}" ]; then
+  echo "each run: $BEFORE_BIN ${before[*]} events/s; median $(median "${before[@]}") events/s"
+fi

@@ -2,13 +2,22 @@
 //!
 //! * `--mode prefill` produces `--events` synthetic events to the input topics
 //!   (creating them if needed) as fast as the broker takes them;
+//! * `--mode prefill-state` writes `--leads` lead states (one event each,
+//!   with their decay timers and segment counts) straight into the Redis the
+//!   `LEADSCORE__` environment names, spread over `--partitions` shards, with
+//!   every input's position at 0 (or where it was): a large state to restart over;
 //! * `--mode drain` watches the service's `/metrics` until it has consumed
 //!   `--events` more events and reports the sustained rate (start the service
 //!   after a prefill to measure end-to-end throughput from a backlog);
 //! * `--mode latency` produces at `--rate` with event time = wall time and
 //!   consumes the segment-change topic, reporting produce → change-consumed
-//!   latency percentiles.
+//!   latency percentiles. With `--broker mock` it brings its own broker
+//!   (librdkafka's in-process mock cluster) and runs the service in the same
+//!   process against it, with state in the Redis the `LEADSCORE__`
+//!   environment names: the figures are then leadscore's, not a test broker's.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -16,10 +25,17 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use leadscore::event::parse_rfc3339;
+use rdkafka::mocking::MockCluster;
+use tokio_util::sync::CancellationToken;
+
+use leadscore::engine::{Engine, Kind, Segment};
+use leadscore::event::{parse_rfc3339, wall_clock_ms};
 use leadscore::metrics::sum_counter;
 use leadscore::output::SegmentChangeOut;
-use leadscore::settings::TopicSettings;
+use leadscore::settings::{Loaded, Settings, TopicSettings};
+use leadscore::shard::cache::LeadKey;
+use leadscore::store::redis::RedisStore;
+use leadscore::store::{ShardWrite, Store as _, Written};
 
 use super::synth::Synth;
 
@@ -44,9 +60,23 @@ pub struct LoadgenArgs {
     /// Events per second (latency mode).
     #[arg(long, default_value_t = 20_000)]
     pub rate: u64,
-    /// How long to run (latency mode).
+    /// How long to measure (latency mode), after the warm-up.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Latency mode: how long to produce at `--rate` before measuring (group
+    /// join, first loads, connection set-up are not what is measured).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Latency mode: `external` measures the service and broker at
+    /// `--brokers`; `mock` starts librdkafka's in-process mock cluster and the
+    /// service in this process (settings from the `LEADSCORE__` environment,
+    /// e.g. `LEADSCORE__REDIS__URL`; brokers and group are its own).
+    #[arg(long, value_enum, default_value = "external")]
+    pub broker: Broker,
+    /// Latency mode: the load generator's producer `linger.ms` (how long an
+    /// event may wait to be batched before it is sent; part of the figure).
+    #[arg(long, default_value_t = 5)]
+    pub linger_ms: u32,
     /// The service's metrics URL (drain mode), http://host:port/path; the
     /// members of one group as a comma-separated list (their counts are summed).
     #[arg(long, default_value = "http://127.0.0.1:8080/metrics")]
@@ -61,6 +91,8 @@ pub struct LoadgenArgs {
 pub enum Mode {
     /// Produce a backlog.
     Prefill,
+    /// Write lead states into Redis as the service would have left them.
+    PrefillState,
     /// Measure how fast the service consumes it.
     Drain,
     /// Measure end-to-end latency at a fixed rate.
@@ -68,6 +100,15 @@ pub enum Mode {
     /// Read `--events` input events with a consumer that does nothing else:
     /// the ceiling the service is compared with.
     Read,
+}
+
+/// Where the latency mode's broker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Broker {
+    /// The broker at `--brokers`, with the service already running on it.
+    External,
+    /// librdkafka's in-process mock cluster, with the service in this process.
+    Mock,
 }
 
 /// Runs the load generator.
@@ -80,10 +121,56 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             leadscore::kafka::create_topics(&args.brokers, &all, args.partitions).await?;
             tokio::task::spawn_blocking(move || prefill(&args, &topics)).await?
         }
+        Mode::PrefillState => tokio::task::spawn_blocking(move || prefill_state(&args)).await?,
         Mode::Drain => drain(&args).await,
         Mode::Read => tokio::task::spawn_blocking(move || read(&args, &topics)).await?,
+        Mode::Latency if args.broker == Broker::Mock => latency_on_mock(args, topics).await,
         Mode::Latency => tokio::task::spawn_blocking(move || latency(&args, &topics)).await?,
     }
+}
+
+/// The consumers' `fetch.wait.max.ms` against the mock broker.
+const MOCK_FETCH_WAIT_MS: &str = "5";
+
+/// The latency mode with its own broker: librdkafka's mock cluster in this
+/// process (its fetches answer at once whatever the topic size), the topics
+/// created on it, and the service run in this process against it.
+async fn latency_on_mock(mut args: LoadgenArgs, topics: TopicSettings) -> anyhow::Result<()> {
+    let cluster = MockCluster::new(1).context("starting the in-process broker")?;
+    for t in topics
+        .inputs()
+        .iter()
+        .map(|(_, t)| *t)
+        .chain(topics.outputs())
+    {
+        cluster.create_topic(t, args.partitions, 1)?;
+    }
+    let mut loaded = Settings::load(None, std::env::vars())?;
+    // The mock broker answers a fetch that finds no data only after the
+    // whole fetch.wait.max.ms, even if data arrives meanwhile (a real broker
+    // answers at once; see rdkafka_mock_handlers.c): keep that wait at 1 ms
+    // so that it does not stand for broker latency.
+    loaded
+        .settings
+        .kafka
+        .consumer
+        .insert("fetch.wait.max.ms".into(), MOCK_FETCH_WAIT_MS.into());
+    loaded.settings.kafka.brokers = cluster.bootstrap_servers();
+    loaded.settings.kafka.group_id = format!("leadscore-latency-{}", wall_clock_ms());
+    let cancel = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let service = tokio::spawn(leadscore::service::run(loaded, cancel.clone(), move |r| {
+        let _ = tx.send(r);
+    }));
+    if rx.await.is_err() {
+        service.await??;
+        anyhow::bail!("the service stopped before it was ready");
+    }
+    args.brokers = cluster.bootstrap_servers();
+    let measured = tokio::task::spawn_blocking(move || latency(&args, &topics)).await?;
+    cancel.cancel();
+    service.await??;
+    measured
 }
 
 fn producer(
@@ -144,6 +231,109 @@ fn prefill(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         bytes / args.events.max(1),
         secs,
         args.events as f64 / secs
+    );
+    Ok(())
+}
+
+/// Writes `--leads` leads' states into the store: each lead's first
+/// synthetic event applied by the engine, stored with its decay timer, the
+/// shard's segment counts, clock and positions (0 on every input unless
+/// already stored; every write carries them, unchanged), through
+/// the store's own fenced writes. Event times spread over the last 30 days.
+fn prefill_state(args: &LoadgenArgs) -> anyhow::Result<()> {
+    const BATCH: usize = 2_000;
+    let Loaded { settings, rules } = Settings::load(None, std::env::vars())?;
+    let store = RedisStore::connect(&settings.redis)?;
+    let engine = Engine::new(rules, leadscore::service::engine_config(&settings));
+    store.register_layout(engine.layout())?;
+    let decoders = leadscore::service::decoders(&settings, &engine, None);
+    let (inputs, sources) = leadscore::service::inputs(&settings);
+    let shards = args.partitions.max(1);
+    let mut writes = (0..shards)
+        .map(|shard| {
+            let meta = store.take_shard(shard)?;
+            // Positions never move backwards: keep any already stored.
+            let positions = inputs
+                .iter()
+                .map(|t| {
+                    (
+                        t.to_string(),
+                        meta.positions.get(&**t).copied().unwrap_or(0),
+                    )
+                })
+                .collect();
+            Ok(ShardWrite {
+                shard,
+                epoch: meta.epoch,
+                seq: meta.seq,
+                positions,
+                ..ShardWrite::default()
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut population: Vec<HashMap<String, i64>> = vec![HashMap::new(); shards as usize];
+    let now = wall_clock_ms();
+    let span = 30 * 86_400_000;
+    let step = (span / args.leads.max(1) as i64).max(1);
+    let mut synth = Synth::new(args.leads, args.seed, now - span, step);
+    let (mut buf, mut decisions) = (Vec::new(), Vec::new());
+    let flush = |w: &mut ShardWrite| -> anyhow::Result<()> {
+        match store.write(std::slice::from_ref(w))?.as_slice() {
+            [Written::Ok] => {
+                w.seq += 1;
+                w.leads.clear();
+                Ok(())
+            }
+            other => anyhow::bail!("shard {} refused the write: {other:?}", w.shard),
+        }
+    };
+    let started = Instant::now();
+    for i in 0..args.leads {
+        let e = synth.event_of(i);
+        let input = sources
+            .iter()
+            .position(|s| *s == e.source)
+            .context("no input topic for a synthetic event")?;
+        let event = decoders[input].decode(Some(e.payload.as_bytes()), None)?;
+        let (key, kind) = match (&event.lead_id, &event.anonymous_id) {
+            (Some(id), _) => (LeadKey::lead(id), Kind::Lead),
+            (None, Some(anon)) => (LeadKey::visitor(anon), Kind::Visitor),
+            (None, None) => anyhow::bail!("a synthetic event without an id"),
+        };
+        let mut state = engine.new_state(kind.clone());
+        decisions.clear();
+        engine.apply(&mut state, &event, &mut decisions);
+        let w = &mut writes[i % shards as usize];
+        if kind == Kind::Lead {
+            *population[w.shard as usize]
+                .entry(Segment::of(&state).name(engine.rules()).to_owned())
+                .or_default() += 1;
+        }
+        buf.clear();
+        engine.encode(&state, &mut buf);
+        w.leads.push((
+            key,
+            Arc::from(buf.as_slice()),
+            engine.next_transition(&state),
+        ));
+        w.clock = Some(event.occurred_at);
+        if w.leads.len() >= BATCH {
+            flush(w)?;
+        }
+    }
+    for w in &mut writes {
+        w.seen = w
+            .clock
+            .map(|c| inputs.iter().map(|t| (t.to_string(), c)).collect())
+            .unwrap_or_default();
+        w.released = w.clock;
+        w.population = population[w.shard as usize].drain().collect();
+        flush(w)?;
+    }
+    println!(
+        "prefill-state: {} leads over {shards} shards written in {:.1} s",
+        args.leads,
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }
@@ -236,11 +426,14 @@ async fn drain(args: &LoadgenArgs) -> anyhow::Result<()> {
 fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
+        .set("group.id", format!("leadscore-loadgen-{}", wall_clock_ms()))
         .set(
-            "group.id",
-            format!("leadscore-loadgen-{}", leadscore::event::wall_clock_ms()),
+            "fetch.wait.max.ms",
+            match args.broker {
+                Broker::Mock => MOCK_FETCH_WAIT_MS,
+                Broker::External => "5",
+            },
         )
-        .set("fetch.wait.max.ms", "5")
         .set("enable.auto.commit", "false")
         .create()?;
     let meta = consumer.fetch_metadata(Some(&topics.segment_changes), Duration::from_secs(10))?;
@@ -251,23 +444,26 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
         }
     }
     consumer.assign(&tpl)?;
-    let p = producer(&args.brokers, 5)?;
-    let started_ms = leadscore::event::wall_clock_ms();
-    let mut synth = Synth::new(args.leads, args.seed, started_ms, 0);
+    let p = producer(&args.brokers, args.linger_ms)?;
+    let mut synth = Synth::new(args.leads, args.seed, wall_clock_ms(), 0);
     let started = Instant::now();
-    let mut sent = 0u64;
-    let mut latencies: Vec<i64> = Vec::new();
-    let stop_at = started + args.duration;
+    // Only changes caused by events produced after the warm-up count.
+    let measured_from = wall_clock_ms() + args.warmup.as_millis() as i64;
+    let stop_at = started + args.warmup + args.duration;
     let drain_until = stop_at + Duration::from_secs(3);
+    let (mut sent, mut measured_sent) = (0u64, 0u64);
+    let mut latencies: Vec<i64> = Vec::new();
     while Instant::now() < drain_until {
         let now = Instant::now();
         if now < stop_at {
             let due = (now.duration_since(started).as_secs_f64() * args.rate as f64) as u64;
             while sent < due {
-                synth.set_clock(leadscore::event::wall_clock_ms());
+                let at = wall_clock_ms();
+                synth.set_clock(at);
                 let e = synth.next_event();
                 send(&p, &topic_of(topics, e.source), &e.key, &e.payload);
                 sent += 1;
+                measured_sent += u64::from(at >= measured_from);
             }
         }
         while let Some(m) = consumer.poll(Duration::from_millis(1)) {
@@ -276,13 +472,14 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
                 serde_json::from_slice::<SegmentChangeOut>(m.payload().unwrap_or_default())
                 && c.reason == "event"
                 && let Ok(at) = parse_rfc3339(&c.occurred_at)
-                // Only changes caused by this run's events (not a backlog's).
-                && at >= started_ms
+                && at >= measured_from
             {
-                latencies.push(leadscore::event::wall_clock_ms() - at);
+                latencies.push(wall_clock_ms() - at);
             }
         }
     }
+    // Leave the assignment before the client goes (its queue closes cleanly).
+    consumer.unassign()?;
     latencies.sort_unstable();
     let pct = |q: f64| {
         latencies
@@ -291,16 +488,21 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
             .unwrap_or(-1)
     };
     println!(
-        "latency: {} events at {} events/s for {}; {} segment changes; produce -> change consumed: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
-        sent,
+        "latency: {} events at {} events/s for {} after a {} warm-up; {} segment changes; produce -> change consumed: p50 {} ms, p90 {} ms, p99 {} ms, p99.9 {} ms, max {} ms",
+        measured_sent,
         args.rate,
         humantime::format_duration(args.duration),
+        humantime::format_duration(args.warmup),
         latencies.len(),
         pct(0.5),
         pct(0.9),
         pct(0.99),
+        pct(0.999),
         latencies.last().copied().unwrap_or(-1)
     );
+    if latencies.is_empty() {
+        anyhow::bail!("no segment change came back: is the service consuming?");
+    }
     Ok(())
 }
 

@@ -115,6 +115,11 @@ impl Synth {
     /// The next event.
     pub fn next_event(&mut self) -> SynthEvent {
         let i = self.rng.random_range(0..self.leads.len());
+        self.event_of(i)
+    }
+
+    /// The next event of lead number `i`.
+    pub fn event_of(&mut self, i: usize) -> SynthEvent {
         let (persona, step) = self.leads[i];
         self.leads[i].1 = step + 1;
         self.clock += self.step_ms;
