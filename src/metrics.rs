@@ -459,8 +459,9 @@ impl Metrics {
     }
 }
 
-/// The sum of a counter's samples in a Prometheus text exposition.
-pub fn sum_counter(text: &str, name: &str) -> u64 {
+/// The sum of a metric's samples (every label set of a counter or a gauge)
+/// in a Prometheus text exposition.
+pub fn sum_samples(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -496,6 +497,6 @@ mod tests {
             text.contains("process_resident_memory_bytes"),
             "process metrics"
         );
-        assert_eq!(sum_counter(&text, "leadscore_handoffs_total"), 1);
+        assert_eq!(sum_samples(&text, "leadscore_handoffs_total"), 1);
     }
 }

@@ -420,13 +420,12 @@ impl Worker {
         match e {
             ShardError::Fenced { outcome, .. } => match self.policy.on_refused(&outcome) {
                 Action::GiveUp => {
-                    self.rt.metrics.shards_fenced.inc();
                     warn!(
                         shard = id,
                         ?outcome,
                         "Another member owns this shard now; dropping what it holds."
                     );
-                    self.remove(id, "fenced");
+                    self.fenced(id);
                 }
                 Action::Fatal(msg) => self.rt.fail(msg),
                 Action::Retry(_) => {}
@@ -546,13 +545,12 @@ impl Worker {
                         }
                         refused => match self.policy.on_refused(&refused) {
                             Action::GiveUp => {
-                                self.rt.metrics.shards_fenced.inc();
                                 warn!(
                                     shard = w.shard,
                                     ?refused,
                                     "Write refused: another member owns this shard now; dropping what it holds."
                                 );
-                                self.remove(w.shard, "fenced");
+                                self.fenced(w.shard);
                             }
                             Action::Fatal(msg) => self.rt.fail(format!("shard {}: {msg}", w.shard)),
                             Action::Retry(_) => {}
@@ -637,6 +635,16 @@ impl Worker {
         for id in ids {
             self.remove(*id, "revoked");
         }
+    }
+
+    /// Another member took the shard: drop it, and have the consumer leave
+    /// and rejoin the group, which still counts this member as the owner of
+    /// its partitions (else the group could hand them back to this member
+    /// as "already owned", and nobody would read them).
+    fn fenced(&mut self, id: ShardId) {
+        self.rt.metrics.shards_fenced.inc();
+        self.remove(id, "fenced");
+        self.rt.request_rejoin();
     }
 
     fn remove(&mut self, id: ShardId, why: &str) {

@@ -15,7 +15,7 @@ use rdkafka::{ClientConfig, Message};
 use tokio_util::sync::CancellationToken;
 
 use leadscore::engine::Rules;
-use leadscore::metrics::sum_counter;
+use leadscore::metrics::sum_samples;
 use leadscore::output::{HandoffOut, SegmentChangeOut};
 use leadscore::settings::{Backend, Loaded, Settings};
 
@@ -301,9 +301,9 @@ fn watch(
 }
 
 fn consumed(m: &leadscore::metrics::Metrics) -> u64 {
-    sum_counter(&m.render(), "leadscore_events_consumed_total")
+    sum_samples(&m.render(), "leadscore_events_consumed_total")
 }
 
 fn dead(m: &leadscore::metrics::Metrics) -> u64 {
-    sum_counter(&m.render(), "leadscore_dead_lettered_total")
+    sum_samples(&m.render(), "leadscore_dead_lettered_total")
 }

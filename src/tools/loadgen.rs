@@ -28,9 +28,10 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
+use leadscore::engine::identity::{self, Route};
 use leadscore::engine::{Engine, Kind, Segment};
 use leadscore::event::{parse_rfc3339, wall_clock_ms};
-use leadscore::metrics::sum_counter;
+use leadscore::metrics::sum_samples;
 use leadscore::output::SegmentChangeOut;
 use leadscore::settings::{Loaded, Settings, TopicSettings};
 use leadscore::shard::cache::LeadKey;
@@ -129,11 +130,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The consumers' `fetch.wait.max.ms` against the mock broker.
-const MOCK_FETCH_WAIT_MS: &str = "5";
+/// The latency mode's consumers' `fetch.wait.max.ms` (the service's too,
+/// with the mock broker).
+const FETCH_WAIT_MS: &str = "5";
 
 /// The latency mode with its own broker: librdkafka's mock cluster in this
-/// process (its fetches answer at once whatever the topic size), the topics
+/// process (unlike tansu's, its fetches do not slow as topics grow), the topics
 /// created on it, and the service run in this process against it.
 async fn latency_on_mock(mut args: LoadgenArgs, topics: TopicSettings) -> anyhow::Result<()> {
     let cluster = MockCluster::new(1).context("starting the in-process broker")?;
@@ -148,13 +150,14 @@ async fn latency_on_mock(mut args: LoadgenArgs, topics: TopicSettings) -> anyhow
     let mut loaded = Settings::load(None, std::env::vars())?;
     // The mock broker answers a fetch that finds no data only after the
     // whole fetch.wait.max.ms, even if data arrives meanwhile (a real broker
-    // answers at once; see rdkafka_mock_handlers.c): keep that wait at 1 ms
-    // so that it does not stand for broker latency.
+    // answers at once; see rdkafka_mock_handlers.c), so librdkafka's 500 ms
+    // default would stand in the figures. 1 ms floods the mock's one thread
+    // with fetches at 20,000 events/s; 5 ms does not.
     loaded
         .settings
         .kafka
         .consumer
-        .insert("fetch.wait.max.ms".into(), MOCK_FETCH_WAIT_MS.into());
+        .insert("fetch.wait.max.ms".into(), FETCH_WAIT_MS.into());
     loaded.settings.kafka.brokers = cluster.bootstrap_servers();
     loaded.settings.kafka.group_id = format!("leadscore-latency-{}", wall_clock_ms());
     let cancel = CancellationToken::new();
@@ -295,10 +298,11 @@ fn prefill_state(args: &LoadgenArgs) -> anyhow::Result<()> {
             .position(|s| *s == e.source)
             .context("no input topic for a synthetic event")?;
         let event = decoders[input].decode(Some(e.payload.as_bytes()), None)?;
-        let (key, kind) = match (&event.lead_id, &event.anonymous_id) {
-            (Some(id), _) => (LeadKey::lead(id), Kind::Lead),
-            (None, Some(anon)) => (LeadKey::visitor(anon), Kind::Visitor),
-            (None, None) => anyhow::bail!("a synthetic event without an id"),
+        // A lead's first event: no visitor is stored yet.
+        let (key, kind) = match identity::route(&event, None) {
+            Route::Lead { id, .. } => (LeadKey::lead(id), Kind::Lead),
+            Route::Visitor { anon } => (LeadKey::visitor(anon), Kind::Visitor),
+            Route::Aliased { .. } => anyhow::bail!("an alias without a stored visitor"),
         };
         let mut state = engine.new_state(kind.clone());
         decisions.clear();
@@ -352,17 +356,12 @@ async fn scrape(url: &str) -> anyhow::Result<Scrape> {
         .await?;
     let mut body = String::new();
     stream.read_to_string(&mut body).await?;
-    let pending = |name: &str| {
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
     Ok(Scrape {
-        handled: sum_counter(&body, "leadscore_events_consumed_total")
-            + sum_counter(&body, "leadscore_dead_lettered_total")
-            + sum_counter(&body, "leadscore_duplicates_skipped_total"),
-        unwritten: pending("leadscore_dirty_leads") + pending("leadscore_merge_buffered_events"),
+        handled: sum_samples(&body, "leadscore_events_consumed_total")
+            + sum_samples(&body, "leadscore_dead_lettered_total")
+            + sum_samples(&body, "leadscore_duplicates_skipped_total"),
+        unwritten: sum_samples(&body, "leadscore_dirty_leads")
+            + sum_samples(&body, "leadscore_merge_buffered_events"),
     })
 }
 
@@ -427,13 +426,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("leadscore-loadgen-{}", wall_clock_ms()))
-        .set(
-            "fetch.wait.max.ms",
-            match args.broker {
-                Broker::Mock => MOCK_FETCH_WAIT_MS,
-                Broker::External => "5",
-            },
-        )
+        .set("fetch.wait.max.ms", FETCH_WAIT_MS)
         .set("enable.auto.commit", "false")
         .create()?;
     let meta = consumer.fetch_metadata(Some(&topics.segment_changes), Duration::from_secs(10))?;

@@ -885,7 +885,7 @@ impl Service {
     /// The sum of a counter's samples in /metrics.
     pub fn counter(&self, name: &str) -> u64 {
         let (_, body) = self.get("/metrics").expect("metrics");
-        leadscore::metrics::sum_counter(&body, name)
+        leadscore::metrics::sum_samples(&body, name)
     }
 
     /// Waits until `events_consumed + dead_lettered + duplicates` reaches `n`.

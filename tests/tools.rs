@@ -1,0 +1,104 @@
+//! The load generator's modes that the benchmark scripts rely on
+//! (`scripts/restart.sh`, `scripts/latency.sh`), against a real Redis.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use common::Redis;
+use leadscore::engine::{Engine, EngineConfig, Rules};
+
+fn loadgen(args: &[&str], redis: &Redis) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+        .arg("loadgen")
+        .args(args)
+        .env("LEADSCORE__REDIS__URL", &redis.url)
+        .env("LEADSCORE__HTTP__LISTEN", "127.0.0.1:0")
+        .env("LEADSCORE__LOG__LEVEL", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn prefill_state_writes_states_timers_and_positions_the_service_reads() {
+    let redis = Redis::start();
+    let (ok, stdout, stderr) = loadgen(
+        &[
+            "--mode",
+            "prefill-state",
+            "--leads",
+            "2000",
+            "--partitions",
+            "4",
+        ],
+        &redis,
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let states = redis.leads("leadscore:");
+    assert_eq!(states.len(), 2000, "one state per lead or visitor");
+    assert!(
+        states.keys().any(|k| k.contains(":a:")) && states.keys().any(|k| k.contains(":l:")),
+        "identified leads and anonymous visitors"
+    );
+    // Every state reads under the default rules (the layout was recorded).
+    let engine = Engine::new(Arc::new(Rules::default_rules()), EngineConfig::default());
+    for (key, blob) in &states {
+        let state = engine.decode(blob).unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert!(!state.is_new(), "{key} holds its first event");
+    }
+    let mut conn = redis.conn();
+    let mut timers = 0;
+    for shard in 0..4 {
+        let n: usize = redis::cmd("ZCARD")
+            .arg(format!("leadscore:{{p{shard}}}:timers"))
+            .query(&mut conn)
+            .unwrap();
+        assert!(n > 0, "shard {shard} has decay timers");
+        timers += n;
+    }
+    assert!(timers <= 2000);
+    // Every input starts at 0 on every shard, so a service started on empty
+    // topics resumes there (not "state lost": positions are stored).
+    let positions = redis.positions("leadscore:");
+    assert_eq!(positions.len(), 16, "{positions:?}");
+    assert!(positions.values().all(|p| *p == 0), "{positions:?}");
+}
+
+#[test]
+fn the_latency_mode_measures_the_service_on_the_in_process_broker() {
+    let redis = Redis::start();
+    let (ok, stdout, stderr) = loadgen(
+        &[
+            "--mode",
+            "latency",
+            "--broker",
+            "mock",
+            "--rate",
+            "2000",
+            "--warmup",
+            "2s",
+            "--duration",
+            "3s",
+            "--leads",
+            "2000",
+            "--partitions",
+            "2",
+        ],
+        &redis,
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("latency:"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("p99.9"), "{line}");
+    assert!(!line.contains(" 0 segment changes"), "{line}");
+    // The service kept its state in that Redis.
+    assert!(!redis.leads("leadscore:").is_empty());
+}
