@@ -1,7 +1,7 @@
-# Sourced by bench.sh and memory.sh: installs what is missing, builds the
+# Sourced by bench.sh, memory.sh, latency.sh, restart.sh and scale.sh: installs what is missing, builds the
 # release binary, starts a tansu broker and a Redis on spare loopback ports
 # (stopped on exit) and points the service at them. Sets BIN, KPORT, RPORT,
-# HPORT, WORK, EVENTS, LEADS, RUNS, RATE, PARTITIONS.
+# HPORT, WORK, EVENTS, LEADS, RUNS, RATE, PARTITIONS; defines median and port.
 EVENTS=${EVENTS:-2000000} LEADS=${LEADS:-200000} RUNS=${RUNS:-5} RATE=${RATE:-20000} PARTITIONS=${PARTITIONS:-4}
 TANSU="${TANSU_BIN:-$HOME/.cargo/bin/tansu}"
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
@@ -9,6 +9,7 @@ command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y
 cargo build --release --locked -q
 BIN=target/release/leadscore
 
+median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 KPORT=$(port) RPORT=$(port) HPORT=$(port)
 WORK=$(mktemp -d)

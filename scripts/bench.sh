@@ -23,27 +23,27 @@ cd "$(dirname "$0")/.."
 source scripts/bench-env.sh
 
 "${PREFILL_BIN:-$BIN}" loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions "$PARTITIONS"
+# Drains the backlog with build $1 in a fresh group over an empty Redis;
+# prints its rate.
+drain_rate() {
+  redis-cli -p "$RPORT" flushall >/dev/null
+  LEADSCORE__KAFKA__GROUP_ID="$2-$RANDOM" "$1" run >"$WORK/service.log" 2>&1 &
+  local svc=$!
+  $BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+'
+  kill -TERM "$svc"; wait "$svc" || true
+}
 reader=() service=() before=()
 for run in $(seq "$RUNS"); do
   r=$($BIN loadgen --mode read --brokers "127.0.0.1:$KPORT" --events "$EVENTS" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
-  redis-cli -p "$RPORT" flushall >/dev/null
-  LEADSCORE__KAFKA__GROUP_ID="bench-$run-$RANDOM" $BIN run >"$WORK/service.log" 2>&1 &
-  svc=$!
-  s=$($BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
-  kill -TERM "$svc"; wait "$svc" || true
+  s=$(drain_rate "$BIN" "bench-$run")
   reader+=("$r") service+=("$s")
   awk -v r="$r" -v s="$s" -v n="$run" 'BEGIN { printf "run %d: service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, s, r, s / r }'
   if [ -n "${BEFORE_BIN:-}" ]; then
-    redis-cli -p "$RPORT" flushall >/dev/null
-    LEADSCORE__KAFKA__GROUP_ID="before-$run-$RANDOM" "$BEFORE_BIN" run >"$WORK/before.log" 2>&1 &
-    svc=$!
-    b=$($BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
-    kill -TERM "$svc"; wait "$svc" || true
+    b=$(drain_rate "$BEFORE_BIN" "before-$run")
     before+=("$b")
     echo "run $run: $BEFORE_BIN $b events/s"
   fi
 done
-median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 echo "each run: service ${service[*]} events/s; do-nothing reader ${reader[*]} events/s"
 ms=$(median "${service[@]}") mr=$(median "${reader[@]}")
 awk -v s="$ms" -v r="$mr" -v n="$RUNS" -v e="$EVENTS" -v l="$LEADS" -v p="$PARTITIONS" -v c="$(nproc)" 'BEGIN {

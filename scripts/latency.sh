@@ -19,7 +19,6 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-20s} RUNS=${RUNS:-3}
 source scripts/bench-env.sh
 export LEADSCORE__LOG__LEVEL=error
-median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 # Runs "$@" RUNS times, printing each result and the medians under label $1.
 measure() {
   local label=$1; shift
@@ -27,13 +26,17 @@ measure() {
   for run in $(seq "$RUNS"); do
     [ "${KEEP_REDIS:-}" ] || redis-cli -p "$RPORT" flushall >/dev/null
     local line
-    line=$("$@" | grep '^latency:')
+    if ! line=$("$@" | grep '^latency:'); then
+      echo "  $label, run $run: no segment change came back within the run (the broker or the service fell behind)"
+      continue
+    fi
     echo "  $label, run $run: ${line#latency: }"
     p50+=("$(grep -oE 'p50 [0-9-]+' <<<"$line" | cut -d' ' -f2)")
     p99+=("$(grep -oE 'p99 [0-9-]+' <<<"$line" | cut -d' ' -f2)")
     p999+=("$(grep -oE 'p99.9 [0-9-]+' <<<"$line" | cut -d' ' -f2)")
   done
-  echo "$label: median of $RUNS runs at $RATE events/s: p50 $(median "${p50[@]}") ms, p99 $(median "${p99[@]}") ms, p99.9 $(median "${p999[@]}") ms"
+  [ ${#p50[@]} -gt 0 ] || { echo "$label: no run gave a result"; return; }
+  echo "$label: median of ${#p50[@]} runs at $RATE events/s: p50 $(median "${p50[@]}") ms, p99 $(median "${p99[@]}") ms, p99.9 $(median "${p999[@]}") ms"
 }
 latency=($BIN loadgen --mode latency --rate "$RATE" --duration "$DURATION" --leads "$LEADS" --partitions "$PARTITIONS")
 
@@ -42,7 +45,10 @@ LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS=0 LEADSCORE__KAFKA__PRODUCER__LINGER_MS=1
   measure "mock broker, idle_timeout_ms = 0, producer linger.ms = 1" "${latency[@]}" --broker mock
 
 # tansu: topics created by an empty prefill, the service in its own process,
-# started once (a new group would first re-read the earlier runs' events).
+# started once (a new group would first re-read the earlier runs' events),
+# over an empty Redis (the mock runs left shard records whose positions are
+# offsets in the mock's topics of the same names).
+redis-cli -p "$RPORT" flushall >/dev/null
 $BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events 0 --partitions "$PARTITIONS" >/dev/null
 LEADSCORE__KAFKA__GROUP_ID="latency-$RANDOM" $BIN run >"$WORK/service.log" 2>&1 &
 svc=$!

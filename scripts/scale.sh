@@ -16,7 +16,6 @@ EVENTS=${EVENTS:-1000000} LEADS=${LEADS:-100000} PARTITIONS=${PARTITIONS:-12} RU
 source scripts/bench-env.sh
 
 $BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions "$PARTITIONS"
-median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 summary=()
 for n in 1 2 3; do
   reader=() service=()
