@@ -375,8 +375,10 @@ impl Default for HttpSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
-    /// Longest a drain (on shutdown or partition revoke) may take; keep it
-    /// below the consumer's `session.timeout.ms` (45 s by default).
+    /// Longest a drain (on shutdown or partition revoke) may take: below the
+    /// consumer's `session.timeout.ms` (45 s by default) and at most half its
+    /// `max.poll.interval.ms` (300 s by default), since a revocation drains
+    /// inside the rebalance callback.
     pub drain_timeout_ms: u64,
 }
 
@@ -712,6 +714,20 @@ impl Settings {
                 "shutdown.drain_timeout_ms: must be above 0 and below the consumer session.timeout.ms ({session})"
             ));
         }
+        // A revocation drains inside the rebalance callback: a drain that
+        // outlasts the poll interval gets the member dropped from the group.
+        let poll = k
+            .consumer
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(300_000);
+        if self.shutdown.drain_timeout_ms.saturating_mul(2) > poll {
+            p.push(format!(
+                "shutdown.drain_timeout_ms ({}): must be at most half the consumer max.poll.interval.ms ({poll}); \
+                 a revocation waits up to the drain timeout inside the rebalance callback",
+                self.shutdown.drain_timeout_ms
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p.push(format!(
                 "log.level: {:?} is not a valid filter",
@@ -957,6 +973,28 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_drain_must_fit_in_half_the_poll_interval() {
+        let err = Settings::load(
+            None,
+            env(&[("LEADSCORE__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "8000")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("shutdown.drain_timeout_ms (20000): must be at most half the consumer max.poll.interval.ms (8000)"),
+            "{err}"
+        );
+        Settings::load(
+            None,
+            env(&[
+                ("LEADSCORE__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "8000"),
+                ("LEADSCORE__SHUTDOWN__DRAIN_TIMEOUT_MS", "4000"),
+            ]),
+        )
+        .unwrap();
     }
 
     #[test]

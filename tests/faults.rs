@@ -590,15 +590,21 @@ fn a_paused_member_that_resumes_cannot_overwrite_its_successor() {
 /// Redis unavailable for longer than `max.poll.interval.ms`, with two members:
 /// both hold their input, nothing is committed, and both carry on exactly.
 ///
-/// Ignored: on this machine it now fails in 3 runs of 4 (it passed in earlier
-/// full runs and CI). A member assigned shards while Redis is down retries
-/// taking them inside the rebalance callback for up to
-/// `shutdown.drain_timeout_ms` (20 s), past this test's 8 s poll interval,
-/// so the group drops it; after the rejoins that follow, tansu's group was
-/// seen to leave two partitions assigned to nobody (both members log empty
-/// assignments every ~9 s). README "Known limitations" says so.
+/// Ignored: it failed in 3 runs of 4 on this machine while the rebalance
+/// callback retried taking each new shard for up to the drain timeout (past
+/// this test's 8 s poll interval, so the group dropped the member and tansu
+/// then left partitions assigned to nobody). The callback's retries are now
+/// bounded by the drain timeout in all, itself at most half the poll
+/// interval, after which the member stops with an error: this test's
+/// expectation (both members ride the outage out) is not what the service
+/// does. Taking shards in the worker instead (assign at the committed
+/// offsets, seek once taken) made this test pass, but a companion scenario
+/// (a member leaving during the outage) then failed in each of five runs on
+/// this broker: four times the group never reassigned the leaver's shards,
+/// once the final state was wrong for a cause not found. So that change was
+/// not kept. README "Known limitations" says so.
 #[test]
-#[ignore = "fails on this machine: a member blocked in the rebalance callback past max.poll.interval.ms is dropped and the group leaves partitions unassigned (README known limitations)"]
+#[ignore = "a member assigned shards while Redis is down stops with an error after the drain timeout instead of riding the outage out (README known limitations)"]
 fn a_redis_outage_longer_than_the_poll_interval_with_two_members_recovers_exactly() {
     let _serial = serial();
     reference();
@@ -608,7 +614,10 @@ fn a_redis_outage_longer_than_the_poll_interval_with_two_members_recovers_exactl
     let items = workload();
     let (first, rest) = items.split_at(items.len() / 3);
     broker.produce_msgs(&names, first);
-    let poll = env(&[("LEADSCORE__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "8000")]);
+    let poll = env(&[
+        ("LEADSCORE__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "8000"),
+        ("LEADSCORE__SHUTDOWN__DRAIN_TIMEOUT_MS", "4000"),
+    ]);
     let a = Service::start(&broker, &redis, &names, &poll);
     let b = Service::start(&broker, &redis, &names, &poll);
     std::thread::sleep(Duration::from_secs(2));

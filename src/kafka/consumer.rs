@@ -104,8 +104,11 @@ impl GroupContext {
         let mut tpl = TopicPartitionList::with_capacity(shards.len() * self.rt.inputs.len());
         let mut resume = Vec::new();
         let mut policy = Policy::default();
+        // One deadline for the whole callback (settings keep the drain
+        // timeout within half of max.poll.interval.ms): past it the member
+        // stops with an error rather than being dropped by the group.
+        let deadline = Instant::now() + self.drain_timeout;
         for &p in shards {
-            let deadline = Instant::now() + self.drain_timeout;
             let meta = loop {
                 match self.store.take_shard(p) {
                     Ok(m) => {
