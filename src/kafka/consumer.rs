@@ -460,18 +460,6 @@ pub fn run(
             crate::event::wall_clock_ms(),
             std::sync::atomic::Ordering::SeqCst,
         );
-        if rt.take_rejoin() {
-            // A fenced shard's partitions are still ours as far as the group
-            // knows: leave (the revocation writes what the other shards hold)
-            // and join again, so the group can reassign them.
-            warn!("Rejoining the group after a shard was fenced.");
-            consumer.unsubscribe();
-            let until = Instant::now() + drain_timeout + Duration::from_secs(2);
-            while Instant::now() < until && !rt.caches.read().is_empty() {
-                let _ = consumer.poll(Duration::from_millis(50));
-            }
-            consumer.subscribe(&[anchor])?;
-        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 // Queues are split before assignment; forward a stray anyway.

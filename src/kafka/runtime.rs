@@ -110,7 +110,6 @@ pub struct Runtime {
     /// partition), from librdkafka statistics.
     pub lag: Mutex<HashMap<(String, i32), i64>>,
     partitions: AtomicI32,
-    rejoin: AtomicBool,
     fatal: Mutex<Option<String>>,
     cancel: CancellationToken,
 }
@@ -154,7 +153,6 @@ impl Runtime {
             caches: RwLock::new(HashMap::new()),
             lag: Mutex::new(HashMap::new()),
             partitions: AtomicI32::new(0),
-            rejoin: AtomicBool::new(false),
             fatal: Mutex::new(None),
             cancel,
         }
@@ -181,18 +179,6 @@ impl Runtime {
     /// The fatal error, if any.
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().clone()
-    }
-
-    /// Asks the consumer to leave the group and join again: a shard was
-    /// fenced while the group still counts this member as its owner, so its
-    /// partitions must be handed back for the group to reassign them.
-    pub fn request_rejoin(&self) {
-        self.rejoin.store(true, Ordering::SeqCst);
-    }
-
-    /// Takes a pending rejoin request.
-    pub fn take_rejoin(&self) -> bool {
-        self.rejoin.swap(false, Ordering::SeqCst)
     }
 
     /// The input topics' partition count (0 until the topics were checked).

@@ -637,14 +637,14 @@ impl Worker {
         }
     }
 
-    /// Another member took the shard: drop it, and have the consumer leave
-    /// and rejoin the group, which still counts this member as the owner of
-    /// its partitions (else the group could hand them back to this member
-    /// as "already owned", and nobody would read them).
+    /// Another member took the shard: drop what it holds. The group moved
+    /// the partitions already (that is how the other member got them), and
+    /// librdkafka learns of it at its next heartbeat or rebalance. Leaving
+    /// and rejoining here was tried: under a rolling restart it kept the
+    /// group rebalancing with partitions assigned to nobody.
     fn fenced(&mut self, id: ShardId) {
         self.rt.metrics.shards_fenced.inc();
         self.remove(id, "fenced");
-        self.rt.request_rejoin();
     }
 
     fn remove(&mut self, id: ShardId, why: &str) {
