@@ -29,12 +29,12 @@ drain_rate() {
   redis-cli -p "$RPORT" flushall >/dev/null
   LEADSCORE__KAFKA__GROUP_ID="$2-$RANDOM" "$1" run >"$WORK/service.log" 2>&1 &
   local svc=$!
-  $BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+'
+  $BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | tee >(cat >&2) | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+'
   kill -TERM "$svc"; wait "$svc" || true
 }
 reader=() service=() before=()
 for run in $(seq "$RUNS"); do
-  r=$($BIN loadgen --mode read --brokers "127.0.0.1:$KPORT" --events "$EVENTS" | tee /dev/stderr | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
+  r=$($BIN loadgen --mode read --brokers "127.0.0.1:$KPORT" --events "$EVENTS" | tee >(cat >&2) | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+')
   s=$(drain_rate "$BIN" "bench-$run")
   reader+=("$r") service+=("$s")
   awk -v r="$r" -v s="$s" -v n="$run" 'BEGIN { printf "run %d: service %.0f events/s, do-nothing reader %.0f events/s, ratio %.2f\n", n, s, r, s / r }'

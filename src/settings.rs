@@ -704,11 +704,14 @@ impl Settings {
                 self.http.listen
             ));
         }
-        let session = k
-            .consumer
-            .get("session.timeout.ms")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(45_000);
+        // A consumer timeout as set, else librdkafka's default.
+        let consumer_ms = |name: &str, default: u64| {
+            k.consumer
+                .get(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(default)
+        };
+        let session = consumer_ms("session.timeout.ms", 45_000);
         if self.shutdown.drain_timeout_ms == 0 || self.shutdown.drain_timeout_ms >= session {
             p.push(format!(
                 "shutdown.drain_timeout_ms: must be above 0 and below the consumer session.timeout.ms ({session})"
@@ -716,11 +719,7 @@ impl Settings {
         }
         // A revocation drains inside the rebalance callback: a drain that
         // outlasts the poll interval gets the member dropped from the group.
-        let poll = k
-            .consumer
-            .get("max.poll.interval.ms")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(300_000);
+        let poll = consumer_ms("max.poll.interval.ms", 300_000);
         if self.shutdown.drain_timeout_ms.saturating_mul(2) > poll {
             p.push(format!(
                 "shutdown.drain_timeout_ms ({}): must be at most half the consumer max.poll.interval.ms ({poll}); \

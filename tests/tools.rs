@@ -5,14 +5,20 @@ mod common;
 
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
-use common::Redis;
+use common::{Broker, Names, Redis, Service};
 use leadscore::engine::{Engine, EngineConfig, Rules};
 
 fn loadgen(args: &[&str], redis: &Redis) -> (bool, String, String) {
+    loadgen_with(args, redis, &[])
+}
+
+fn loadgen_with(args: &[&str], redis: &Redis, env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_leadscore"))
         .arg("loadgen")
         .args(args)
+        .envs(env.iter().copied())
         .env("LEADSCORE__REDIS__URL", &redis.url)
         .env("LEADSCORE__HTTP__LISTEN", "127.0.0.1:0")
         .env("LEADSCORE__LOG__LEVEL", "error")
@@ -26,7 +32,7 @@ fn loadgen(args: &[&str], redis: &Redis) -> (bool, String, String) {
 }
 
 #[test]
-fn prefill_state_writes_states_timers_and_positions_the_service_reads() {
+fn prefill_state_writes_states_timers_and_positions() {
     let redis = Redis::start();
     let (ok, stdout, stderr) = loadgen(
         &[
@@ -68,6 +74,73 @@ fn prefill_state_writes_states_timers_and_positions_the_service_reads() {
     let positions = redis.positions("leadscore:");
     assert_eq!(positions.len(), 16, "{positions:?}");
     assert!(positions.values().all(|p| *p == 0), "{positions:?}");
+}
+
+/// What `scripts/restart.sh` relies on: a service started over prefilled
+/// state (and empty topics) is ready, and scores a lead's next event on top
+/// of the prefilled state rather than from nothing.
+#[test]
+fn a_service_started_over_prefilled_state_scores_on_top_of_it() {
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = Names::new();
+    broker.create_topics(&names.all(), 4);
+    let env = [
+        ("LEADSCORE__REDIS__KEY_PREFIX", names.prefix.as_str()),
+        ("LEADSCORE__KAFKA__TOPICS__WEB", names.web.as_str()),
+        ("LEADSCORE__KAFKA__TOPICS__ADPIXEL", names.adpixel.as_str()),
+        ("LEADSCORE__KAFKA__TOPICS__EMAIL", names.email.as_str()),
+        ("LEADSCORE__KAFKA__TOPICS__CRM", names.crm.as_str()),
+    ];
+    let args = [
+        "--mode",
+        "prefill-state",
+        "--leads",
+        "400",
+        "--partitions",
+        "4",
+    ];
+    let (ok, stdout, stderr) = loadgen_with(&args, &redis, &env);
+    assert!(ok, "{stdout}{stderr}");
+    // An identified lead of shard 0 whose prefilled event counted for a rule.
+    let engine = Engine::new(Arc::new(Rules::default_rules()), EngineConfig::default());
+    let counted = |blob: &[u8]| -> u32 {
+        engine
+            .decode(blob)
+            .unwrap()
+            .rules
+            .iter()
+            .map(|r| r.count)
+            .sum()
+    };
+    let (key, before) = redis
+        .leads(&names.prefix)
+        .into_iter()
+        .find(|(k, v)| k.starts_with("{p0}:l:") && counted(v) > 0)
+        .expect("a counted lead on shard 0");
+    let id = key.trim_start_matches("{p0}:l:").to_owned();
+    let service = Service::start(&broker, &redis, &names, &[]);
+    let event = serde_json::json!({
+        "event_id": "after-restart",
+        "lead_id": id,
+        "occurred_at": leadscore::event::format_rfc3339(leadscore::event::wall_clock_ms()),
+        "type": "form_submit",
+    });
+    broker.produce_msgs(
+        &names,
+        &[(0, 0, id.clone(), event.to_string().into_bytes())],
+    );
+    service.wait_consumed(1, Duration::from_secs(60));
+    service.wait_settled(Duration::from_secs(60));
+    let after = redis
+        .lead(&names.prefix, &id)
+        .expect("the lead is still stored");
+    assert_eq!(
+        counted(&after),
+        counted(&before) + 1,
+        "the new event is counted on top of the prefilled one"
+    );
+    assert!(service.terminate().success());
 }
 
 #[test]
