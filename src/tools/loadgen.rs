@@ -130,9 +130,17 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The latency mode's consumers' `fetch.wait.max.ms` (the service's too,
-/// with the mock broker).
+/// The service's `fetch.wait.max.ms` with the mock broker.
 const FETCH_WAIT_MS: &str = "5";
+
+/// The latency mode's own consumer's `fetch.wait.max.ms`. It reads only the
+/// segment-change topic; a mock broker with nothing new for it waits out the
+/// whole wait, which would be the harness's time, not leadscore's.
+const MEASURE_FETCH_WAIT_MS: &str = "1";
+
+/// How long the latency mode goes on producing after its window (changes of
+/// the window's last events come back within it; the idle timeout is 1 s).
+const TAIL: Duration = Duration::from_secs(3);
 
 /// The latency mode with its own broker: librdkafka's mock cluster in this
 /// process (unlike tansu's, its fetches do not slow as topics grow), the topics
@@ -426,7 +434,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("leadscore-loadgen-{}", wall_clock_ms()))
-        .set("fetch.wait.max.ms", FETCH_WAIT_MS)
+        .set("fetch.wait.max.ms", MEASURE_FETCH_WAIT_MS)
         .set("enable.auto.commit", "false")
         .create()?;
     let meta = consumer.fetch_metadata(Some(&topics.segment_changes), Duration::from_secs(10))?;
@@ -440,24 +448,25 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     let p = producer(&args.brokers, args.linger_ms)?;
     let mut synth = Synth::new(args.leads, args.seed, wall_clock_ms(), 0);
     let started = Instant::now();
-    // Only changes caused by events produced after the warm-up count.
+    // Only changes caused by events produced in the window after the warm-up
+    // count. The stream goes on for a tail after the window, as a live one
+    // would: an event's change waits for the other inputs to show a later
+    // time, and at the end of a stream that is the idle timeout, not leadscore.
     let measured_from = wall_clock_ms() + args.warmup.as_millis() as i64;
-    let stop_at = started + args.warmup + args.duration;
-    let drain_until = stop_at + Duration::from_secs(3);
+    let measured_until = measured_from + args.duration.as_millis() as i64;
+    let stop_at = started + args.warmup + args.duration + TAIL;
     let (mut sent, mut measured_sent) = (0u64, 0u64);
     let mut latencies: Vec<i64> = Vec::new();
-    while Instant::now() < drain_until {
+    while Instant::now() < stop_at {
         let now = Instant::now();
-        if now < stop_at {
-            let due = (now.duration_since(started).as_secs_f64() * args.rate as f64) as u64;
-            while sent < due {
-                let at = wall_clock_ms();
-                synth.set_clock(at);
-                let e = synth.next_event();
-                send(&p, &topic_of(topics, e.source), &e.key, &e.payload);
-                sent += 1;
-                measured_sent += u64::from(at >= measured_from);
-            }
+        let due = (now.duration_since(started).as_secs_f64() * args.rate as f64) as u64;
+        while sent < due {
+            let at = wall_clock_ms();
+            synth.set_clock(at);
+            let e = synth.next_event();
+            send(&p, &topic_of(topics, e.source), &e.key, &e.payload);
+            sent += 1;
+            measured_sent += u64::from((measured_from..measured_until).contains(&at));
         }
         while let Some(m) = consumer.poll(Duration::from_millis(1)) {
             let m = m?;
@@ -465,7 +474,7 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
                 serde_json::from_slice::<SegmentChangeOut>(m.payload().unwrap_or_default())
                 && c.reason == "event"
                 && let Ok(at) = parse_rfc3339(&c.occurred_at)
-                && at >= measured_from
+                && (measured_from..measured_until).contains(&at)
             {
                 latencies.push(wall_clock_ms() - at);
             }
