@@ -338,7 +338,7 @@ impl<'a> Event<'a> {
             .map(|(_, v)| v.as_ref())
             .or_else(|| {
                 (key == "channel")
-                    .then(|| self.channel.as_deref())
+                    .then_some(self.channel.as_deref())
                     .flatten()
             })
     }

@@ -74,7 +74,8 @@ pub fn engine_config(s: &Settings) -> EngineConfig {
         dedup_window: s.state.dedup_window,
         explain_window: s.state.explain_window,
         history_window: 8,
-        retention_ms: (!s.state.retention.is_zero()).then(|| s.state.retention.as_millis() as i64),
+        retention_ms: (!s.state.retention.is_zero())
+            .then_some(s.state.retention.as_millis() as i64),
         expire_below: s.state.expire_below,
     }
 }

@@ -493,6 +493,21 @@ impl LeadState {
         }
     }
 
+    /// The lead a stored alias points to, read from the header alone (no
+    /// state is unpacked); `None` for a lead, a visitor or bytes that do not decode.
+    pub fn alias_target(bytes: &[u8]) -> Option<&str> {
+        let mut r = Reader { bytes, pos: 0 };
+        if r.u8().ok()? != FORMAT_VERSION {
+            return None;
+        }
+        r.u32().ok()?;
+        if r.u8().ok()? != 2 {
+            return None;
+        }
+        let n = r.len(1).ok()?;
+        std::str::from_utf8(r.take(n).ok()?).ok()
+    }
+
     /// Decodes the binary form into `self` (reusing its allocations).
     /// Returns the layout it was written under.
     pub fn decode_into(&mut self, bytes: &[u8]) -> Result<u32, StateError> {
@@ -713,8 +728,8 @@ struct Reader<'a> {
     pos: usize,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], StateError> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
         let end = self.pos.checked_add(n).ok_or(StateError::Corrupt)?;
         let slice = self.bytes.get(self.pos..end).ok_or(StateError::Corrupt)?;
         self.pos = end;
@@ -866,6 +881,14 @@ mod tests {
         alias.encode(1, &mut buf);
         back.decode_into(&buf).unwrap();
         assert_eq!(back.kind, Kind::Alias("lead-9".into()));
+        let mut bytes = Vec::new();
+        alias.encode(1, &mut bytes);
+        assert_eq!(LeadState::alias_target(&bytes), Some("lead-9"));
+        let mut lead = Vec::new();
+        LeadState::new(Kind::Visitor).encode(1, &mut lead);
+        assert_eq!(LeadState::alias_target(&lead), None);
+        // Cut inside the target's name.
+        assert_eq!(LeadState::alias_target(&bytes[..9]), None);
     }
 
     #[test]

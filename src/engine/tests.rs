@@ -345,7 +345,7 @@ fn hysteresis_prevents_flapping() {
     assert!(e.scores_at(&s, down).total < 20.0 - 1e-6);
     let mid = T0 + (down - T0) / 2;
     let total = e.scores_at(&s, mid).total;
-    assert!(total < 25.0 && total >= 20.0, "{total}");
+    assert!((20.0..25.0).contains(&total), "{total}");
     e.advance(&mut s, mid, &mut out);
     assert_eq!(
         Segment::of(&s),

@@ -29,11 +29,19 @@ impl LeadKey {
         LeadKey(Self::join("a:", anonymous_id))
     }
 
+    /// `kind` and `id` in one allocation (a `String` turned into an `Arc<str>`
+    /// would be a second one): the key is written into a buffer kept per
+    /// thread, then copied once into its shared allocation.
     fn join(kind: &str, id: &str) -> std::sync::Arc<str> {
-        let mut s = String::with_capacity(kind.len() + id.len());
-        s.push_str(kind);
-        s.push_str(id);
-        s.into()
+        thread_local! {
+            static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        BUF.with_borrow_mut(|b| {
+            b.clear();
+            b.push_str(kind);
+            b.push_str(id);
+            std::sync::Arc::from(b.as_str())
+        })
     }
 
     /// A key as stored (`l:…` or `a:…`), if well formed.

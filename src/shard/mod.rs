@@ -39,6 +39,49 @@ use timers::Timers;
 /// A set of keys (fast hashing; its order is never observed).
 type KeySet = std::collections::HashSet<LeadKey, foldhash::fast::RandomState>;
 
+/// A tally of a step's counts (fast hashing; drained into the metrics).
+pub type Tally<K> = hashbrown::HashMap<K, u64>;
+
+/// A segment change's labels: (from, to, reason).
+pub type ChangeLabels = (String, String, &'static str);
+
+/// An engagement event's labels: (event, channel, segment, source).
+pub type EngagementLabels = (&'static str, String, String, String);
+
+/// Labels looked up by reference: a tally allocates its owned key only the
+/// first time a batch sees it. Hashes as the owned tuple does (a `String`
+/// hashes as its `str`), field by field.
+#[derive(Hash)]
+struct Borrowed<T>(T);
+
+impl hashbrown::Equivalent<ChangeLabels> for Borrowed<(&str, &str, &'static str)> {
+    fn equivalent(&self, k: &ChangeLabels) -> bool {
+        let (from, to, reason) = self.0;
+        k.0 == from && k.1 == to && k.2 == reason
+    }
+}
+
+impl hashbrown::Equivalent<EngagementLabels> for Borrowed<(&'static str, &str, &str, &str)> {
+    fn equivalent(&self, k: &EngagementLabels) -> bool {
+        let (event, channel, segment, source) = self.0;
+        k.0 == event && k.1 == channel && k.2 == segment && k.3 == source
+    }
+}
+
+/// Adds one to `labels`' count, making the owned key only if it is new.
+fn count<K, Q>(tally: &mut Tally<K>, labels: Q, owned: impl FnOnce(Q) -> K)
+where
+    K: std::hash::Hash + Eq,
+    Q: std::hash::Hash + hashbrown::Equivalent<K>,
+{
+    match tally.get_mut(&labels) {
+        Some(n) => *n += 1,
+        None => {
+            tally.insert(owned(labels), 1);
+        }
+    }
+}
+
 /// One input message as the consumer hands it over.
 #[derive(Debug, Clone, Copy)]
 pub struct InMessage<'a> {
@@ -136,21 +179,21 @@ impl Default for ShardConfig {
 #[derive(Debug, Default)]
 pub struct StepStats {
     /// Events scored, by (input, type).
-    pub consumed: HashMap<(usize, EventType), u64>,
+    pub consumed: Tally<(usize, EventType)>,
     /// Dead letters, by (input, error kind).
-    pub dead: HashMap<(usize, &'static str), u64>,
+    pub dead: Tally<(usize, &'static str)>,
     /// Duplicates skipped, by input.
-    pub duplicates: HashMap<usize, u64>,
+    pub duplicates: Tally<usize>,
     /// Events applied after the merge had moved past them, by input.
-    pub late: HashMap<usize, u64>,
+    pub late: Tally<usize>,
     /// Redelivered offsets skipped.
     pub skipped: u64,
     /// Segment changes published: (from, to, reason).
-    pub changes: HashMap<(String, String, &'static str), u64>,
+    pub changes: Tally<ChangeLabels>,
     /// Hand-offs published.
     pub handoffs: u64,
     /// Engagement events: (event, channel, segment, source).
-    pub engagement: HashMap<(&'static str, String, String, String), u64>,
+    pub engagement: Tally<EngagementLabels>,
     /// Cache hits and misses.
     pub hits: u64,
     /// Leads loaded from (or looked for in) the store.
@@ -540,8 +583,7 @@ impl Shard {
                     && e.lead_id.is_none()
                     && let Some(anon) = e.anonymous_id.as_deref()
                     && let Some(entry) = cache.get(&LeadKey::visitor(anon))
-                    && self.other.decode_into(&entry.blob).is_ok()
-                    && let Kind::Alias(lead) = &self.other.kind
+                    && let Some(lead) = LeadState::alias_target(&entry.blob)
                 {
                     let k = LeadKey::lead(lead);
                     if !cache.contains(&k) {
@@ -752,10 +794,7 @@ impl Shard {
     }
 
     fn count_segment(&mut self, rules: &crate::engine::Rules, segment: Segment, delta: i64) {
-        *self
-            .population
-            .entry(segment.name(rules).to_owned())
-            .or_default() += delta;
+        add_population(&mut self.population, segment.name(rules), delta);
         self.population_dirty = true;
     }
 
@@ -921,23 +960,15 @@ impl Shard {
         for d in &self.decisions {
             match d {
                 Decision::Change(c) => {
-                    *ctx.stats
-                        .changes
-                        .entry((
-                            c.from.name(&rules).to_owned(),
-                            c.to.name(&rules).to_owned(),
-                            c.reason.as_str(),
-                        ))
-                        .or_default() += 1;
+                    let (from, to) = (c.from.name(&rules), c.to.name(&rules));
+                    count(
+                        &mut ctx.stats.changes,
+                        Borrowed((from, to, c.reason.as_str())),
+                        |Borrowed((from, to, reason))| (from.to_owned(), to.to_owned(), reason),
+                    );
                     if c.from != c.to {
-                        *self
-                            .population
-                            .entry(c.from.name(&rules).to_owned())
-                            .or_default() -= 1;
-                        *self
-                            .population
-                            .entry(c.to.name(&rules).to_owned())
-                            .or_default() += 1;
+                        add_population(&mut self.population, from, -1);
+                        add_population(&mut self.population, to, 1);
                         self.population_dirty = true;
                     }
                 }
@@ -1043,6 +1074,16 @@ enum Which {
 
 /// Counts an engagement event by the lead's segment at that moment, its
 /// channel and its first-touch source.
+/// Adds `delta` to a segment's population (allocating its name only once).
+fn add_population(population: &mut HashMap<String, i64>, segment: &str, delta: i64) {
+    match population.get_mut(segment) {
+        Some(n) => *n += delta,
+        None => {
+            population.insert(segment.to_owned(), delta);
+        }
+    }
+}
+
 fn record_engagement(
     ctx: &mut Ctx<'_>,
     rules: &crate::engine::Rules,
@@ -1066,17 +1107,22 @@ fn record_engagement(
         Source::Email => e
             .channel
             .as_deref()
-            .unwrap_or_else(|| rules.channels[0].as_str())
-            .to_owned(),
-        Source::Web => "web".to_owned(),
-        Source::Adpixel => "ads".to_owned(),
-        Source::Crm => "crm".to_owned(),
+            .unwrap_or_else(|| rules.channels[0].as_str()),
+        Source::Web => "web",
+        Source::Adpixel => "ads",
+        Source::Crm => "crm",
     };
-    let source = rules
-        .source_label(s.first_touch.as_ref().map(|f| f.source.as_str()))
-        .to_owned();
-    *ctx.stats
-        .engagement
-        .entry((event, channel, segment.name(rules).to_owned(), source))
-        .or_default() += 1;
+    let source = rules.source_label(s.first_touch.as_ref().map(|f| f.source.as_str()));
+    count(
+        &mut ctx.stats.engagement,
+        Borrowed((event, channel, segment.name(rules), source)),
+        |Borrowed((event, channel, segment, source))| {
+            (
+                event,
+                channel.to_owned(),
+                segment.to_owned(),
+                source.to_owned(),
+            )
+        },
+    );
 }
