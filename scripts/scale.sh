@@ -13,6 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS=${EVENTS:-1000000} LEADS=${LEADS:-100000} PARTITIONS=${PARTITIONS:-12} RUNS=${RUNS:-3}
+# Two or three members move partitions between them while they join, and
+# the new owner resumes from the committed position: that needs tansu's
+# sqlite engine (its memory engine cannot serve a fetch that starts inside a
+# stored batch; on memory:// the two-member drain never saw 6,219 of 1 M events).
+STORAGE=${STORAGE:-sqlite://scale.db}
 source scripts/bench-env.sh
 
 $BIN loadgen --mode prefill --brokers "127.0.0.1:$KPORT" --events "$EVENTS" --leads "$LEADS" --partitions "$PARTITIONS"

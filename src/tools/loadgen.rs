@@ -509,15 +509,18 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
 }
 
 fn read(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    // The service's own consumer properties (defaults, then LEADSCORE__
+    // variables, as `leadscore run` reads them), in a group of its own, so
+    // that the two differ only in the work done per event.
+    let settings = Settings::load(None, std::env::vars())
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .settings;
+    let consumer: BaseConsumer = leadscore::kafka::consumer_config(&settings.kafka)
         .set("bootstrap.servers", &args.brokers)
         .set(
             "group.id",
             format!("leadscore-read-{}", leadscore::event::wall_clock_ms()),
         )
-        .set("fetch.wait.max.ms", "5")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
         .create()?;
     let inputs: Vec<&str> = topics.inputs().iter().map(|(_, t)| *t).collect();
     consumer.subscribe(&inputs)?;
