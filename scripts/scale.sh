@@ -8,7 +8,7 @@
 # in a fresh group and times the drain summed over their metrics.
 #   EVENTS=1000000 LEADS=100000 PARTITIONS=12 RUNS=3 scripts/scale.sh
 # On a machine whose cores the broker and Redis share with the instances
-# (the 2-core reference machine), the curve is flat: more instances split
+# (the 2-core reference machine), the curve is flat or falls: more instances split
 # the same CPU. See docs/operations.md#sizing for what does scale.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -296,8 +296,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
 }
 
 fn decode_json(source: Source, bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    // One UTF-8 check over the whole payload is cheaper than serde_json's
+    // check of each of its twenty-odd strings (`from_slice`).
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DecodeError::Json(format!("the payload is not UTF-8: {e}")))?;
     let raw: RawEvent<'_> =
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
     let event_id = raw.event_id.ok_or(ContractError::MissingEventId)?.0;
     let occurred_at = raw
         .occurred_at
@@ -482,6 +486,12 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{input}: {err}");
         }
+        let latin1 = b"{\"event_id\":\"caf\xe9\",\"lead_id\":\"l\"}";
+        let err = d.decode(Some(latin1), None).unwrap_err().to_string();
+        assert!(
+            err.contains("invalid JSON") && err.contains("not UTF-8"),
+            "{err}"
+        );
         assert_eq!(d.decode(None, None), Err(DecodeError::Empty));
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
         assert!(matches!(

@@ -250,14 +250,20 @@ impl LeadState {
 
     /// Resets to a fresh state of `kind`, keeping allocated capacity.
     pub fn reset(&mut self, kind: Kind) {
-        let mut fresh = LeadState::new(kind);
-        std::mem::swap(&mut fresh.windows, &mut self.windows);
-        std::mem::swap(&mut fresh.rules, &mut self.rules);
-        std::mem::swap(&mut fresh.recent, &mut self.recent);
-        fresh.windows.clear();
-        fresh.rules.clear();
-        fresh.recent.clear();
-        *self = fresh;
+        fn emptied<T>(mut v: Vec<T>) -> Vec<T> {
+            v.clear();
+            v
+        }
+        let kept = std::mem::replace(self, LeadState::new(kind));
+        self.windows = emptied(kept.windows);
+        self.rules = emptied(kept.rules);
+        self.fit = emptied(kept.fit);
+        self.channels = emptied(kept.channels);
+        self.deliveries = emptied(kept.deliveries);
+        self.linked = emptied(kept.linked);
+        self.recent = emptied(kept.recent);
+        self.log = emptied(kept.log);
+        self.history = emptied(kept.history);
     }
 
     /// Whether no event was ever applied.
@@ -523,6 +529,10 @@ impl LeadState {
             2 => Kind::Alias(r.string()?),
             _ => return Err(StateError::Corrupt),
         };
+        // Strings (the first touch's, the explain log's event ids) are read
+        // into the previous lead's buffers rather than newly allocated ones.
+        let spare = self.first_touch.take();
+        let mut log = std::mem::take(&mut self.log);
         self.reset(kind);
         let base = r.ivar()?;
         self.as_of = base;
@@ -629,8 +639,11 @@ impl LeadState {
         if flags & HAS_FIRST_TOUCH != 0 {
             let at = r.time(base)?;
             let tie = r.u32()?;
-            let source = r.string()?;
-            let campaign = r.string()?;
+            let (mut source, mut campaign) = spare
+                .map(|f| (f.source, f.campaign.unwrap_or_default()))
+                .unwrap_or_default();
+            r.string_into(&mut source)?;
+            r.string_into(&mut campaign)?;
             self.first_touch = Some(FirstTouch {
                 at,
                 tie,
@@ -651,23 +664,28 @@ impl LeadState {
             let f = r.u64()?;
             self.recent.push((t, f));
         }
-        if flags & HAS_LOG != 0 {
-            let n = r.len(12)?;
-            for _ in 0..n {
-                let rule = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
-                let event_id = r.string()?;
-                let at = r.time(base)?;
-                let points = r.f64()?;
-                let capped = r.u8()? != 0;
-                self.log.push(Contribution {
-                    rule,
-                    event_id,
-                    at,
-                    points,
-                    capped,
-                });
+        let n = if flags & HAS_LOG != 0 { r.len(12)? } else { 0 };
+        log.truncate(n);
+        for i in 0..n {
+            let rule = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+            let mut event_id = log
+                .get_mut(i)
+                .map(|c| std::mem::take(&mut c.event_id))
+                .unwrap_or_default();
+            r.string_into(&mut event_id)?;
+            let entry = Contribution {
+                rule,
+                event_id,
+                at: r.time(base)?,
+                points: r.f64()?,
+                capped: r.u8()? != 0,
+            };
+            match log.get_mut(i) {
+                Some(slot) => *slot = entry,
+                None => log.push(entry),
             }
         }
+        self.log = log;
         if flags & HAS_HISTORY != 0 {
             let n = r.len(4)?;
             for _ in 0..n {
@@ -778,11 +796,17 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
     fn string(&mut self) -> Result<String, StateError> {
+        let mut s = String::new();
+        self.string_into(&mut s)?;
+        Ok(s)
+    }
+    /// Reads a string into `into`, replacing what it held.
+    fn string_into(&mut self, into: &mut String) -> Result<(), StateError> {
         let n = self.len(1)?;
         let b = self.take(n)?;
-        std::str::from_utf8(b)
-            .map(str::to_owned)
-            .map_err(|_| StateError::Corrupt)
+        into.clear();
+        into.push_str(std::str::from_utf8(b).map_err(|_| StateError::Corrupt)?);
+        Ok(())
     }
     fn finish(&self, layout: u32) -> Result<u32, StateError> {
         if self.pos == self.bytes.len() {
@@ -889,6 +913,31 @@ mod tests {
         assert_eq!(LeadState::alias_target(&lead), None);
         // Cut inside the target's name.
         assert_eq!(LeadState::alias_target(&bytes[..9]), None);
+    }
+
+    #[test]
+    fn decoding_over_another_lead_reuses_buffers_and_leaves_nothing_of_it() {
+        // One state decoded into a holder of a longer log and another first
+        // touch, then one with fewer of both, then one with none.
+        let mut longer = sample();
+        for i in 2..6 {
+            longer.log.push(Contribution {
+                event_id: format!("ev-{i}-with-a-longer-id"),
+                ..longer.log[0].clone()
+            });
+        }
+        let mut shorter = sample();
+        shorter.first_touch.as_mut().unwrap().campaign = None;
+        let mut bare = sample();
+        bare.log.clear();
+        bare.first_touch = None;
+        let mut held = LeadState::new(Kind::Lead);
+        for s in [&longer, &sample(), &shorter, &bare, &longer] {
+            let mut buf = Vec::new();
+            s.encode(1, &mut buf);
+            held.decode_into(&buf).unwrap();
+            assert_eq!(&held, s);
+        }
     }
 
     #[test]
