@@ -2,6 +2,10 @@
 //! anonymous visitors who identify, all four sources):
 //!
 //! - `decode`: JSON and Avro payloads to validated events;
+//! - `engine`: the scoring engine alone, on one thread: events decoded up
+//!   front and each lead's state held unpacked, so what is timed is what
+//!   the engine does per event (apply it, and say when time alone will next
+//!   change the lead);
 //! - `shard`: one shard doing everything the service does per event except
 //!   Kafka and Redis I/O: decode, event-time merge, lead cache, engine,
 //!   timers, output encoding, and a state write (to the in-memory store)
@@ -18,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use leadscore::decode::{Contract, Decoder, Format, encode_avro, input_schema};
-use leadscore::engine::{Engine, EngineConfig, Rules};
+use leadscore::engine::{Engine, EngineConfig, Kind, LeadState, Rules};
+use leadscore::event::Event;
 use leadscore::event::Source;
 use leadscore::output::Encoder;
 use leadscore::shard::{Ctx, InMessage, Shard, ShardConfig, StepStats};
@@ -178,6 +183,52 @@ fn bench_decode(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_engine(c: &mut Criterion) {
+    let engine = engine();
+    let fixture = fixture(7);
+    let decoders = decoders(&engine, Format::Json);
+    let events: Vec<Event<'static>> = fixture
+        .events
+        .iter()
+        .filter_map(|(input, payload)| decoders[*input].decode(Some(payload), None).ok())
+        .map(Event::into_owned)
+        .collect();
+    // Each event's state: its lead's, or its visitor's when anonymous.
+    let mut ids = std::collections::HashMap::new();
+    let mut kinds = Vec::new();
+    let owners: Vec<usize> = events
+        .iter()
+        .map(|e| {
+            let (id, kind) = match (e.lead_id.as_deref(), e.anonymous_id.as_deref()) {
+                (Some(l), _) => (format!("l:{l}"), Kind::Lead),
+                (None, Some(a)) => (format!("a:{a}"), Kind::Visitor),
+                (None, None) => unreachable!("decoded events have an identity"),
+            };
+            *ids.entry(id).or_insert_with(|| {
+                kinds.push(kind);
+                kinds.len() - 1
+            })
+        })
+        .collect();
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("apply", |b| {
+        b.iter(|| {
+            let mut states: Vec<LeadState> = kinds.iter().cloned().map(LeadState::new).collect();
+            let mut decisions = Vec::new();
+            let mut published = 0;
+            for (e, n) in events.iter().zip(&owners) {
+                decisions.clear();
+                black_box(engine.apply(&mut states[*n], e, &mut decisions));
+                black_box(engine.next_transition(&states[*n]));
+                published += decisions.len();
+            }
+            published
+        })
+    });
+    g.finish();
+}
+
 fn bench_shard(c: &mut Criterion) {
     let engine = engine();
     let fixture = fixture(7);
@@ -222,5 +273,11 @@ fn bench_shards(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_shard, bench_shards);
+criterion_group!(
+    benches,
+    bench_decode,
+    bench_engine,
+    bench_shard,
+    bench_shards
+);
 criterion_main!(benches);

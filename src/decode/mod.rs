@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::{ContractError, Event, EventType, Source, parse_rfc3339, truncate};
 use crate::registry::{self, Registry};
 
+mod scan;
+
 /// Largest accepted payload, in bytes. Bigger messages are dead-lettered unread.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
@@ -237,10 +239,10 @@ impl Decoder {
 /// The Avro schema of an input family, as shipped in `schemas/`.
 pub fn input_schema(source: Source) -> Schema {
     let text = match source {
-        Source::Web => include_str!("../schemas/events.web.avsc"),
-        Source::Adpixel => include_str!("../schemas/events.adpixel.avsc"),
-        Source::Email => include_str!("../schemas/events.email.avsc"),
-        Source::Crm => include_str!("../schemas/events.crm.avsc"),
+        Source::Web => include_str!("../../schemas/events.web.avsc"),
+        Source::Adpixel => include_str!("../../schemas/events.adpixel.avsc"),
+        Source::Email => include_str!("../../schemas/events.email.avsc"),
+        Source::Crm => include_str!("../../schemas/events.crm.avsc"),
     };
     Schema::parse_str(text).expect("shipped input schemas parse (checked by tests)")
 }
@@ -268,6 +270,12 @@ struct Attributes<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
 #[derive(Deserialize)]
 struct Str<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'a> Str<'a> {
+    fn borrowed(s: Option<&'a str>) -> Option<Str<'a>> {
+        s.map(|s| Str(Cow::Borrowed(s)))
+    }
+}
 
 impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -300,8 +308,34 @@ fn decode_json(source: Source, bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     // check of each of its twenty-odd strings (`from_slice`).
     let text = std::str::from_utf8(bytes)
         .map_err(|e| DecodeError::Json(format!("the payload is not UTF-8: {e}")))?;
-    let raw: RawEvent<'_> =
-        serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
+    // The usual shape in one pass; serde_json decides everything else.
+    let fields = match scan::scan(text) {
+        Some(f) => {
+            let str = Str::borrowed;
+            RawEvent {
+                event_id: str(f.event_id),
+                lead_id: str(f.lead_id),
+                anonymous_id: str(f.anonymous_id),
+                occurred_at: str(f.occurred_at),
+                kind: str(f.kind),
+                channel: str(f.channel),
+                attributes: f.attributes.map(|a| {
+                    Attributes(
+                        a.into_iter()
+                            .map(|(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v)))
+                            .collect(),
+                    )
+                }),
+            }
+        }
+        None => serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?,
+    };
+    event_of(source, fields)
+}
+
+/// The event of a JSON payload's fields, checked against the contract's
+/// required fields and vocabulary.
+fn event_of(source: Source, raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
     let event_id = raw.event_id.ok_or(ContractError::MissingEventId)?.0;
     let occurred_at = raw
         .occurred_at
@@ -526,6 +560,136 @@ mod tests {
                     .decode(Some(truncated), None)
                     .is_err()
             );
+        }
+    }
+
+    /// What serde_json alone makes of a payload (the path before the scanner).
+    fn via_serde(source: Source, text: &str) -> Result<Event<'_>, DecodeError> {
+        let raw: RawEvent<'_> =
+            serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
+        event_of(source, raw)
+    }
+
+    /// JSON text near the contract's shape: the required fields (usually
+    /// valid, sometimes not) in any order, plus known, unknown and repeated
+    /// keys; strings with quotes, escapes, control and non-ASCII characters;
+    /// nulls, numbers, nested values and stray whitespace.
+    fn near_json() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        fn quoted(v: &[&'static str]) -> BoxedStrategy<String> {
+            prop::sample::select(v.to_vec())
+                .prop_map(|t| format!("\"{t}\""))
+                .boxed()
+        }
+        let odd = [
+            "",
+            "caf\u{e9} \u{1f600}",
+            r#"a\"b"#,
+            r"\u0041",
+            r"tab\there",
+            "raw\ttab",
+            "new\nline",
+        ];
+        let with = |good: &[&'static str]| {
+            let mut all = good.to_vec();
+            all.extend(odd);
+            prop_oneof![
+                12 => quoted(good),
+                1 => quoted(&all),
+                1 => prop::sample::select(vec!["null", "12", "true", r#"["a"]"#]).prop_map(str::to_owned),
+            ]
+        };
+        let attrs = prop::collection::vec(
+            (
+                quoted(&["url", "stage", "kind", "utm_source"]),
+                with(&["https://x.io/pricing", "hard", "customer", "google"]),
+            ),
+            0..3,
+        )
+        .prop_map(|kv| {
+            let body: Vec<String> = kv.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            format!("{{{}}}", body.join(","))
+        });
+        let required = (
+            with(&["e-1", "0f8c6a1e-77"]),
+            with(&["crm-00042", "l"]),
+            with(&["cookie-7f3a"]),
+            with(&[
+                "2026-11-22T10:00:00Z",
+                "2026-11-22T10:00:00.5+07:00",
+                "1970-01-01T00:00:00Z",
+                "soon",
+            ]),
+            with(&["page_view", "open", "click", "identify", "profile_updated"]),
+            with(&["sms", "email", "fax"]),
+        );
+        let extra = prop::collection::vec(
+            (
+                prop::sample::select(vec!["event_id", "lead_id", "type", "attributes", "extra"]),
+                prop_oneof![with(&["x"]), attrs.clone()],
+            ),
+            0..2,
+        );
+        let space = prop::sample::select(vec!["", " ", "\n ", "\t"]);
+        (
+            required,
+            attrs,
+            extra,
+            proptest::bool::weighted(0.3),
+            space,
+            any::<prop::sample::Index>(),
+        )
+            .prop_map(
+                |((id, lead, anon, at, kind, channel), attrs, extra, more, sp, cut)| {
+                    let mut fields: Vec<(String, String)> = [
+                        ("event_id", id),
+                        ("lead_id", lead),
+                        ("anonymous_id", anon),
+                        ("occurred_at", at),
+                        ("type", kind),
+                        ("channel", channel),
+                        ("attributes", attrs),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                    // Drop one field now and then, and rotate the order.
+                    if more {
+                        fields.remove(cut.index(fields.len()));
+                    }
+                    let n = fields.len();
+                    fields.rotate_left(cut.index(n));
+                    fields.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
+                    let body: Vec<String> = fields
+                        .iter()
+                        .map(|(k, v)| format!("{sp}\"{k}\"{sp}:{sp}{v}"))
+                        .collect();
+                    format!("{{{}}}{sp}", body.join(","))
+                },
+            )
+    }
+
+    #[test]
+    fn the_usual_payloads_take_the_fast_path() {
+        assert!(scan::scan(GOOD).is_some());
+        let email = r#"{"event_id":"9a1f","lead_id":"crm-7","occurred_at":"2026-11-22T10:00:00.123Z","type":"open","channel":"sms","attributes":{"campaign":"spring","utm_source":"google"}}"#;
+        assert!(scan::scan(email).is_some());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The fast path answers only where serde_json gives the same event
+        /// (and so the same error, since the contract checks follow both).
+        #[test]
+        fn the_fast_path_agrees_with_serde(text in near_json()) {
+            if scan::scan(&text).is_some() {
+                for source in Source::ALL {
+                    let fast = decode_json(source, text.as_bytes());
+                    let slow = via_serde(source, &text);
+                    proptest::prop_assert_eq!(fast, slow, "{}", text);
+                }
+            }
         }
     }
 
