@@ -1472,16 +1472,17 @@ fn remember_contribution(log: &mut Vec<Contribution>, c: Contribution, fp: u64, 
     if capacity == 0 || log.iter().any(|x| x.event_id == c.event_id) {
         return;
     }
-    let key = |x: &Contribution, f: u64| (x.at, f);
-    let new_key = key(&c, fp);
+    // Ordered by (event time, fingerprint of the id); an entry's fingerprint
+    // is computed only when its time ties with the new one's.
+    let before_new =
+        |x: &Contribution| x.at < c.at || (x.at == c.at && fingerprint(&x.event_id) < fp);
     if log.len() >= capacity {
-        let oldest = key(&log[0], fingerprint(&log[0].event_id));
-        if new_key <= oldest {
+        if !before_new(&log[0]) {
             return;
         }
         log.remove(0);
     }
-    let i = log.partition_point(|x| key(x, fingerprint(&x.event_id)) < new_key);
+    let i = log.partition_point(before_new);
     log.insert(i, c);
 }
 

@@ -233,7 +233,12 @@ impl LeadCache {
         let e = self.slab[i as usize]
             .as_mut()
             .expect("indexed entries exist");
-        if *e.blob != *blob {
+        if e.blob.len() == blob.len()
+            && let Some(held) = Arc::get_mut(&mut e.blob)
+        {
+            // Not shared with a write in flight: overwrite in place.
+            held.copy_from_slice(blob);
+        } else if *e.blob != *blob {
             self.bytes = self.bytes - e.blob.len() + blob.len();
             e.blob = blob.into();
         }
