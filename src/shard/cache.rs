@@ -12,6 +12,7 @@ use std::sync::Arc;
 use hashbrown::HashTable;
 
 use crate::event::Millis;
+use crate::store::{LeadWrite, TimerWrite};
 
 /// The key of a lead or visitor within a shard: `l:<lead id>` or `a:<anonymous id>`.
 /// Shared, not copied, by the cache, the timers and the writes.
@@ -81,11 +82,50 @@ pub struct Entry {
     pub blob: Arc<[u8]>,
     /// Its next timer.
     pub timer: Option<Millis>,
+    /// The timer the store holds for it (see [`TimerWrite`]).
+    stored: Stored,
     /// Changed since it was last written.
     pub dirty: bool,
     /// Taken by a write that has not finished (never evicted meanwhile).
     writing: bool,
     referenced: bool,
+}
+
+/// What the store holds as a lead's timer, as far as this member knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// This instant (or none).
+    Known(Option<Millis>),
+    /// Unknown: a write of it failed, so the next one stores the exact timer.
+    Unknown,
+}
+
+impl Stored {
+    /// What a write of a lead whose next timer is `timer` does to the
+    /// stored one, when the shard's clock is at `clock`. The stored timer is
+    /// kept when it still lies ahead and no later than the lead's next
+    /// transition: it fires no later than needed, and a lead it fires early
+    /// has nothing due (see [`TimerWrite`]).
+    fn write(self, timer: Option<Millis>, clock: Millis) -> TimerWrite {
+        match (self, timer) {
+            (Stored::Known(s), t) if s == t => TimerWrite::Keep,
+            (Stored::Known(Some(s)), t) if s > clock && t.is_none_or(|t| t >= s) => {
+                TimerWrite::Keep
+            }
+            (_, Some(t)) => TimerWrite::Set(t),
+            (_, None) => TimerWrite::Clear,
+        }
+    }
+
+    /// After a write that did `op`, and ended `ok` or not.
+    fn after(self, op: TimerWrite, ok: bool) -> Stored {
+        match (ok, op) {
+            (false, _) => Stored::Unknown,
+            (true, TimerWrite::Set(t)) => Stored::Known(Some(t)),
+            (true, TimerWrite::Clear) => Stored::Known(None),
+            (true, TimerWrite::Keep) => self,
+        }
+    }
 }
 
 /// How much the cache may hold.
@@ -198,9 +238,10 @@ impl LeadCache {
         self.slab[i].as_ref().map(|e| e.blob.clone())
     }
 
-    /// Sets a lead's state and timer, marking it dirty (inserted if absent).
+    /// Sets a lead's state and timer, marking it dirty (inserted if absent,
+    /// as a lead the store holds no timer for).
     pub fn put(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
-        self.put_with(key, blob, timer, true);
+        self.put_with(key, blob, timer, true, None);
     }
 
     /// Where a key is held: a slot valid until the key is removed or evicted.
@@ -225,7 +266,7 @@ impl LeadCache {
     pub fn put_at(&mut self, slot: Option<u32>, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
         match slot.filter(|s| self.entry_at(*s, key).is_some()) {
             Some(i) => self.update(i, blob, timer, true),
-            None => self.put_with(key, blob, timer, true),
+            None => self.put_with(key, blob, timer, true, None),
         }
     }
 
@@ -250,12 +291,33 @@ impl LeadCache {
         }
     }
 
-    /// Inserts a lead just loaded from the store (clean).
-    pub fn put_clean(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
-        self.put_with(key, blob, timer, false);
+    /// Inserts a lead just loaded from the store, with the timer the store
+    /// holds for it (`stored`); `dirty` if it must be written again (it was
+    /// remapped to these rules).
+    pub fn put_loaded(
+        &mut self,
+        key: &LeadKey,
+        blob: &[u8],
+        timer: Option<Millis>,
+        stored: Option<Millis>,
+        dirty: bool,
+    ) {
+        self.put_with(key, blob, timer, dirty, stored);
     }
 
-    fn put_with(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>, dirty: bool) {
+    /// [`LeadCache::put_loaded`] of a clean lead whose stored timer is `timer`.
+    pub fn put_clean(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
+        self.put_with(key, blob, timer, false, timer);
+    }
+
+    fn put_with(
+        &mut self,
+        key: &LeadKey,
+        blob: &[u8],
+        timer: Option<Millis>,
+        dirty: bool,
+        stored: Option<Millis>,
+    ) {
         match self.find(key) {
             Some(i) => self.update(i, blob, timer, dirty),
             None => {
@@ -263,6 +325,7 @@ impl LeadCache {
                     key: key.clone(),
                     blob: blob.into(),
                     timer,
+                    stored: Stored::Known(stored),
                     dirty,
                     writing: false,
                     referenced: true,
@@ -305,10 +368,10 @@ impl LeadCache {
         Some(e)
     }
 
-    /// Takes the dirty leads for a write: (key, state, timer). They count as
-    /// clean but are kept in memory until [`LeadCache::written`] says how the
-    /// write ended.
-    pub fn take_dirty(&mut self) -> (Vec<(LeadKey, Arc<[u8]>, Option<Millis>)>, Vec<u32>) {
+    /// Takes the dirty leads for a write, the shard's clock at `clock`. They
+    /// count as clean but are kept in memory until [`LeadCache::written`]
+    /// says how the write ended.
+    pub fn take_dirty(&mut self, clock: Millis) -> (Vec<LeadWrite>, Vec<u32>) {
         let mut out = Vec::with_capacity(self.dirty.len());
         let mut slots = Vec::with_capacity(self.dirty.len());
         for i in std::mem::take(&mut self.dirty) {
@@ -317,17 +380,21 @@ impl LeadCache {
             {
                 e.dirty = false;
                 e.writing = true;
-                out.push((e.key.clone(), e.blob.clone(), e.timer));
+                out.push(LeadWrite {
+                    key: e.key.clone(),
+                    state: e.blob.clone(),
+                    timer: e.stored.write(e.timer, clock),
+                });
                 slots.push(i);
             }
         }
         (out, slots)
     }
 
-    /// A write of `keys` (taken from `slots`) finished: on failure they are
+    /// A write of `leads` (taken from `slots`) finished: on failure they are
     /// dirty again.
-    pub fn written(&mut self, keys: &[LeadKey], slots: &[u32], ok: bool) {
-        for (n, key) in keys.iter().enumerate() {
+    pub fn written(&mut self, leads: &[(LeadKey, TimerWrite)], slots: &[u32], ok: bool) {
+        for (n, (key, op)) in leads.iter().enumerate() {
             let slot = slots
                 .get(n)
                 .copied()
@@ -337,6 +404,7 @@ impl LeadCache {
                 && let Some(e) = self.slab[i as usize].as_mut()
             {
                 e.writing = false;
+                e.stored = e.stored.after(*op, ok);
                 if !ok && !e.dirty {
                     e.dirty = true;
                     self.dirty.push(i);
@@ -370,7 +438,11 @@ impl LeadCache {
     }
 
     /// Evicts clean leads in CLOCK order until within the limit (or nothing
-    /// clean is left). Returns the evicted keys with their timers.
+    /// clean is left). Returns the evicted keys with the timers the store
+    /// holds for them: their timers leave memory with them, and the shard
+    /// finds them again in the store's pages. A lead whose next timer the
+    /// store does not hold yet is written first, and may go at a later
+    /// eviction.
     pub fn evict(&mut self) -> Vec<(LeadKey, Option<Millis>)> {
         let mut out = Vec::new();
         if !self.over_limit() || self.slab.is_empty() {
@@ -391,9 +463,19 @@ impl LeadCache {
                 e.referenced = false;
                 continue;
             }
+            let stored = match (e.stored, e.timer) {
+                (Stored::Known(s), None) => s,
+                (Stored::Known(Some(s)), Some(t)) if s <= t => Some(s),
+                _ => {
+                    e.stored = Stored::Unknown;
+                    e.dirty = true;
+                    self.dirty.push(self.hand as u32);
+                    continue;
+                }
+            };
             let key = e.key.clone();
             if let Some(e) = self.remove(&key) {
-                out.push((e.key, e.timer));
+                out.push((e.key, stored));
             }
         }
         out
@@ -419,14 +501,61 @@ mod tests {
             Some((&b"xyz"[..], Some(5)))
         );
         assert_eq!(c.dirty_len(), 1);
-        let (taken, _) = c.take_dirty();
+        let (taken, _) = c.take_dirty(0);
         assert_eq!(taken.len(), 1);
-        assert_eq!(c.take_dirty().0.len(), 0);
+        assert_eq!(c.take_dirty(0).0.len(), 0);
         c.mark_dirty([a.clone()]);
-        assert_eq!(c.take_dirty().0.len(), 1);
+        assert_eq!(c.take_dirty(0).0.len(), 1);
         assert!(c.remove(&a).is_some());
         assert!(c.is_empty() && c.bytes() == 0);
         assert!(LeadKey::visitor("c").as_str() == "a:c" && !LeadKey::visitor("c").is_lead());
+    }
+
+    #[test]
+    fn a_write_keeps_a_stored_timer_that_is_ahead_and_no_later_than_the_next() {
+        use TimerWrite::*;
+        let clock = 100;
+        for (stored, timer, want) in [
+            (Stored::Known(Some(500)), Some(500), Keep),
+            (Stored::Known(Some(500)), Some(900), Keep),
+            (Stored::Known(Some(500)), None, Keep),
+            (Stored::Known(Some(500)), Some(400), Set(400)),
+            (Stored::Known(Some(90)), Some(900), Set(900)),
+            (Stored::Known(Some(90)), None, Clear),
+            (Stored::Known(None), None, Keep),
+            (Stored::Known(None), Some(900), Set(900)),
+            (Stored::Unknown, Some(900), Set(900)),
+            (Stored::Unknown, None, Clear),
+        ] {
+            assert_eq!(stored.write(timer, clock), want, "{stored:?} {timer:?}");
+        }
+        assert_eq!(
+            Stored::Known(Some(5)).after(Set(7), true),
+            Stored::Known(Some(7))
+        );
+        assert_eq!(
+            Stored::Known(Some(5)).after(Keep, true),
+            Stored::Known(Some(5))
+        );
+        assert_eq!(Stored::Known(Some(5)).after(Set(7), false), Stored::Unknown);
+    }
+
+    #[test]
+    fn a_lead_whose_timer_the_store_lacks_is_written_before_it_is_evicted() {
+        let mut c = LeadCache::new(Limit {
+            leads: 0,
+            bytes: usize::MAX,
+        });
+        let a = LeadKey::lead("a");
+        c.put_loaded(&a, b"s", Some(50), None, false);
+        assert!(
+            c.evict().is_empty(),
+            "not evicted: the store has no timer for it"
+        );
+        let (w, slots) = c.take_dirty(0);
+        assert_eq!(w[0].timer, TimerWrite::Set(50));
+        c.written(&[(a.clone(), w[0].timer)], &slots, true);
+        assert_eq!(c.evict(), vec![(a, Some(50))]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::engine::{Applied, Decision, Engine, Kind, LeadState, Segment};
 use crate::event::{Event, EventType, Millis, Source};
 use crate::output::Encoder;
 use crate::sink::{DeadLetter, Sink, SinkError};
-use crate::store::{ShardId, ShardMeta, ShardWrite, Store, StoreError, Written};
+use crate::store::{ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written};
 use cache::{LeadCache, LeadKey, Limit};
 use merge::{Merge, Released};
 use timers::Timers;
@@ -225,7 +225,8 @@ pub struct Ctx<'a> {
 /// What a pending write carries that must be restored if it fails.
 #[derive(Debug, Default)]
 pub struct Pending {
-    keys: Vec<LeadKey>,
+    /// The leads written and what the write did to their stored timers.
+    leads: Vec<(LeadKey, TimerWrite)>,
     slots: Vec<u32>,
     deletes: Vec<LeadKey>,
 }
@@ -374,6 +375,12 @@ impl Shard {
     /// Timers in memory.
     pub fn timers_pending(&self) -> usize {
         self.timers.len()
+    }
+
+    /// A lead's timer in memory, and how far the store's timers are paged in.
+    #[cfg(test)]
+    fn timer_in_memory(&self, key: &LeadKey) -> (Option<Millis>, Option<Millis>) {
+        (self.timers.get(key), self.timers.window())
     }
 
     /// Leads per segment in this shard (all of them, not only those in memory).
@@ -618,27 +625,28 @@ impl Shard {
         if loaded
             .iter()
             .flatten()
-            .any(|b| LeadState::stored_layout(b).is_ok_and(|h| !ctx.engine.knows_layout(h)))
+            .any(|l| LeadState::stored_layout(&l.state).is_ok_and(|h| !ctx.engine.knows_layout(h)))
         {
             ctx.engine.learn_layouts(ctx.store.layouts()?);
         }
         let mut cache = self.cache.lock();
-        for (key, bytes) in keys.iter().zip(loaded) {
-            let Some(bytes) = bytes else {
+        for (key, found) in keys.iter().zip(loaded) {
+            let Some(found) = found else {
                 self.absent.insert(key.clone());
                 continue;
             };
             // A state written under other rules is remapped as it decodes and
             // counts as changed, so the next write stores it under these rules.
-            match ctx.engine.decode_into(&bytes, &mut self.state) {
+            match ctx.engine.decode_into(&found.state, &mut self.state) {
                 Ok(remapped) => {
                     let timer = ctx.engine.next_transition(&self.state);
-                    if remapped {
+                    let blob = if remapped {
                         ctx.engine.encode(&self.state, &mut self.buf);
-                        cache.put(key, &self.buf, timer);
+                        &self.buf[..]
                     } else {
-                        cache.put_clean(key, &bytes, timer);
-                    }
+                        &found.state[..]
+                    };
+                    cache.put_loaded(key, blob, timer, found.timer, remapped);
                     self.timers.set(key, timer);
                 }
                 Err(error) => {
@@ -984,8 +992,8 @@ impl Shard {
     fn evict(&mut self, stats: &mut StepStats) {
         let evicted = self.cache.lock().evict();
         stats.evicted += evicted.len() as u64;
-        for (key, timer) in evicted {
-            self.timers.evicted(&key, timer);
+        for (key, stored) in evicted {
+            self.timers.evicted(&key, stored);
         }
     }
 
@@ -997,13 +1005,13 @@ impl Shard {
     /// Takes everything changed since the last write, with the positions,
     /// clock and merge progress it covers.
     pub fn prepare_write(&mut self) -> (ShardWrite, Pending) {
-        let (leads, slots) = self.cache.lock().take_dirty();
+        let (leads, slots) = self.cache.lock().take_dirty(self.clock);
         let mut deletes = std::mem::take(&mut self.deletes);
-        for (k, _, _) in &leads {
-            deletes.remove(k);
+        for lead in &leads {
+            deletes.remove(&lead.key);
         }
         let deletes: Vec<LeadKey> = deletes.into_iter().collect();
-        let keys = leads.iter().map(|(k, _, _)| k.clone()).collect();
+        let written = leads.iter().map(|l| (l.key.clone(), l.timer)).collect();
         let write = ShardWrite {
             shard: self.id,
             epoch: self.epoch,
@@ -1035,7 +1043,7 @@ impl Shard {
         (
             write,
             Pending {
-                keys,
+                leads: written,
                 slots,
                 deletes,
             },
@@ -1048,7 +1056,7 @@ impl Shard {
             self.seq += 1;
         }
         let mut cache = self.cache.lock();
-        cache.written(&pending.keys, &pending.slots, ok);
+        cache.written(&pending.leads, &pending.slots, ok);
         if !ok {
             for d in pending.deletes {
                 if !cache.contains(&d) {

@@ -136,7 +136,36 @@ impl Harness {
         let (w, pending) = self.shard.prepare_write();
         let out = self.store.write(&[w]).unwrap().remove(0);
         self.shard.write_done(pending, out == Written::Ok);
+        self.check_timers();
         out
+    }
+
+    /// What the stored timers promise (`TimerWrite`): none is later than
+    /// the next transition of the state stored beside it, and a lead that
+    /// left memory without its timer has a stored one that a later page
+    /// brings back.
+    fn check_timers(&self) {
+        let stored = self.store.timers_of(0);
+        let cache = self.shard.cache().lock();
+        for (key, blob) in self.store.leads(0) {
+            let state = self.engine.decode(&blob).unwrap();
+            let Some(next) = self.engine.next_transition(&state) else {
+                continue;
+            };
+            let timer = stored.get(&key).copied();
+            assert!(
+                timer.is_some_and(|t| t <= next),
+                "{key}: stored timer {timer:?}, next transition {next}"
+            );
+            let k = LeadKey::parse(&key).unwrap();
+            let (in_memory, window) = self.shard.timer_in_memory(&k);
+            if !cache.contains(&k) && in_memory.is_none() {
+                assert!(
+                    window.is_none_or(|w| timer.is_some_and(|t| t > w)),
+                    "{key} left memory with its stored timer {timer:?} inside the paged window {window:?}"
+                );
+            }
+        }
     }
 
     /// A graceful restart: write, then a new owner re-reads from the stored positions.
@@ -763,4 +792,73 @@ proptest! {
         prop_assert_eq!(h.state(), reference.0);
         prop_assert_eq!(h.output_ids(), reference.1);
     }
+}
+
+/// Many leads through a small cache: memory holds the timers of the leads
+/// it holds and of one page, not of every lead seen, and every lead still
+/// decays on time (the same outputs and states as with room for all).
+#[test]
+fn timers_in_memory_stay_bounded_and_every_lead_still_decays() {
+    let leads = 3000;
+    let mut events: Vec<Vec<u8>> = (0..leads)
+        .map(|i| {
+            json(
+                &format!("e{i}"),
+                Some(&format!("L{i}")),
+                None,
+                T0 + i * 1000,
+                "booking_abandoned",
+                serde_json::json!({}),
+            )
+        })
+        .collect();
+    // A month later: every lead's decay is due by then.
+    events.push(json(
+        "late",
+        Some("other"),
+        None,
+        T0 + 30 * 86_400_000,
+        "page_view",
+        serde_json::json!({"url": "/menu"}),
+    ));
+    let run = |config: ShardConfig| {
+        let mut h = Harness::new(engine(), config);
+        for e in &events {
+            h.produce(0, e.clone());
+        }
+        for i in 1..4 {
+            h.shard.set_idle(i, true);
+        }
+        let mut most = 0;
+        while h.read[0] < events.len() {
+            h.deliver(0, 100);
+            h.step();
+            h.write();
+            most = most.max(h.shard.timers_pending());
+        }
+        h.finish();
+        (h.state(), h.output_ids(), most)
+    };
+    let roomy = run(ShardConfig::default());
+    let small = ShardConfig {
+        cache: Limit {
+            leads: 50,
+            bytes: usize::MAX,
+        },
+        timer_page: 100,
+        ..ShardConfig::default()
+    };
+    let tight = run(small);
+    assert!(
+        tight.2 <= 400,
+        "{} timers in memory for a cache of 50 and pages of 100",
+        tight.2
+    );
+    let decays = roomy.1.len() - leads as usize;
+    assert!(
+        decays >= leads as usize,
+        "every lead decayed ({decays} changes by time)"
+    );
+    assert_eq!(tight.0, roomy.0);
+    assert_eq!(tight.1, roomy.1);
 }

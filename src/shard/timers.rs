@@ -65,11 +65,18 @@ impl Timers {
         }
     }
 
-    /// A lead left memory (its timer is in the store now): keep its timer only
-    /// if the loaded window covers it, since later pages will bring it back.
-    pub fn evicted(&mut self, key: &LeadKey, at: Option<Millis>) {
-        if at.is_some_and(|t| self.loaded_until.is_none_or(|w| t > w)) {
-            self.set(key, None);
+    /// A lead left memory, and its timer with it: the store holds `stored`
+    /// for it (no later than its next transition). If the window was paged
+    /// past that already, it moves back to just before it, so that a later
+    /// page brings it in again; memory thus holds the timers of the leads in
+    /// the cache and of one window, however many leads pass through.
+    pub fn evicted(&mut self, key: &LeadKey, stored: Option<Millis>) {
+        self.set(key, None);
+        if let (Some(s), Some(w)) = (stored, self.loaded_until)
+            && s <= w
+        {
+            self.loaded_until = Some(s.saturating_sub(1));
+            self.exhausted = false;
         }
     }
 
@@ -157,6 +164,12 @@ impl Timers {
         out
     }
 
+    /// How far the store's timers are paged in: those due at or before this
+    /// are in memory (`None`: no page read yet, so every stored one is ahead).
+    pub fn window(&self) -> Option<Millis> {
+        self.loaded_until
+    }
+
     /// The timer of a lead, if in memory.
     pub fn get(&self, key: &LeadKey) -> Option<Millis> {
         self.by_key.get(key).copied()
@@ -217,15 +230,35 @@ mod tests {
     }
 
     #[test]
-    fn evicted_leads_keep_timers_inside_the_window_only() {
+    fn an_evicted_timer_leaves_memory_and_the_window_moves_back_to_page_it_again() {
         let mut t = Timers::default();
         t.add_page(Millis::MIN, 10, vec![], |_| false);
-        t.set(&k("a"), Some(100));
-        t.evicted(&k("a"), Some(100));
         assert_eq!(
-            t.get(&k("a")),
-            Some(100),
+            t.needs_page(1_000),
+            None,
             "exhausted store: the window is everything"
         );
+        t.set(&k("a"), Some(100));
+        t.evicted(&k("a"), Some(90));
+        assert_eq!(
+            t.get(&k("a")),
+            None,
+            "memory keeps no timer of an evicted lead"
+        );
+        assert_eq!(t.needs_page(88), None);
+        assert_eq!(
+            t.needs_page(89),
+            Some(89),
+            "the stored timer is paged again"
+        );
+        assert!(t.add_page(89, 10, vec![(k("a"), 90)], |_| false));
+        assert_eq!(t.pop_due(95), Some((90, k("a"))));
+        // Stored beyond the window: a later page brings it, nothing moves.
+        let mut t = Timers::default();
+        assert!(t.add_page(Millis::MIN, 1, vec![(k("x"), 50)], |_| false));
+        assert_eq!(t.window(), Some(49));
+        t.set(&k("b"), Some(500));
+        t.evicted(&k("b"), Some(400));
+        assert_eq!((t.window(), t.get(&k("b"))), (Some(49), None));
     }
 }

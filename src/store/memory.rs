@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use parking_lot::Mutex;
 
-use super::{Health, ShardId, ShardMeta, ShardWrite, Store, StoreError, Written};
+use super::{
+    Health, Loaded, ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written,
+};
 use crate::engine::layout::Layout;
 use crate::event::Millis;
 use crate::shard::cache::LeadKey;
@@ -104,7 +106,7 @@ impl Store for MemoryStore {
         shard: ShardId,
         epoch: u64,
         keys: &[&LeadKey],
-    ) -> Result<Result<Vec<Option<Vec<u8>>>, Written>, StoreError> {
+    ) -> Result<Result<Vec<Option<Loaded>>, Written>, StoreError> {
         self.up()?;
         let shards = self.shards.lock();
         let data = shards.get(&shard);
@@ -113,7 +115,13 @@ impl Store for MemoryStore {
         }
         Ok(Ok(keys
             .iter()
-            .map(|k| data.and_then(|d| d.leads.get(*k).cloned()))
+            .map(|k| {
+                let d = data?;
+                Some(Loaded {
+                    state: d.leads.get(*k)?.clone(),
+                    timer: d.timer_of.get(*k).copied(),
+                })
+            })
             .collect()))
     }
 
@@ -177,14 +185,18 @@ impl Store for MemoryStore {
             for (segment, n) in &w.population {
                 meta.population.insert(segment.clone(), *n);
             }
-            for (key, blob, timer) in &w.leads {
-                data.leads.insert(key.clone(), blob.to_vec());
+            for lead in &w.leads {
+                let key = &lead.key;
+                data.leads.insert(key.clone(), lead.state.to_vec());
+                if lead.timer == TimerWrite::Keep {
+                    continue;
+                }
                 if let Some(old) = data.timer_of.remove(key) {
                     data.timers.remove(&(old, key.clone()));
                 }
-                if let Some(t) = timer {
-                    data.timer_of.insert(key.clone(), *t);
-                    data.timers.insert((*t, key.clone()), ());
+                if let TimerWrite::Set(t) = lead.timer {
+                    data.timer_of.insert(key.clone(), t);
+                    data.timers.insert((t, key.clone()), ());
                 }
             }
             for key in &w.deletes {
@@ -257,7 +269,11 @@ mod tests {
         let write = |epoch, pos| ShardWrite {
             shard: 3,
             epoch,
-            leads: vec![(LeadKey::lead("x"), vec![1u8].into(), Some(9))],
+            leads: vec![super::super::LeadWrite {
+                key: LeadKey::lead("x"),
+                state: vec![1u8].into(),
+                timer: TimerWrite::Set(9),
+            }],
             positions: vec![("t".into(), pos)],
             ..ShardWrite::default()
         };

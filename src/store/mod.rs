@@ -81,8 +81,8 @@ pub struct ShardWrite {
     /// A record behind it lost writes that were acknowledged (a failover to a
     /// replica that had not received them, an append-only file cut short).
     pub seq: u64,
-    /// Changed leads: key, state, next timer.
-    pub leads: Vec<(LeadKey, std::sync::Arc<[u8]>, Option<Millis>)>,
+    /// Changed leads.
+    pub leads: Vec<LeadWrite>,
     /// Deleted leads (merged visitors, expired, erased).
     pub deletes: Vec<LeadKey>,
     /// Next offset to read, per input topic.
@@ -95,6 +95,47 @@ pub struct ShardWrite {
     pub released: Option<Millis>,
     /// Changes of the number of leads per segment name.
     pub population: Vec<(String, i64)>,
+}
+
+/// One changed lead of a shard's write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeadWrite {
+    /// Its key.
+    pub key: LeadKey,
+    /// Its state in the compact binary form.
+    pub state: std::sync::Arc<[u8]>,
+    /// What happens to its timer in the store.
+    pub timer: TimerWrite,
+}
+
+/// What a write does to a lead's stored timer.
+///
+/// The stored timers exist for leads that are not in memory: a restart, or
+/// a lead evicted from the cache, finds its next timer there a page at a
+/// time. A stored timer may be *earlier* than the lead's next transition:
+/// it then fires a lead that has nothing due, which only reads it and puts
+/// the right timer in memory. So a write leaves the stored timer alone when
+/// the new one is later and the stored one has not been paged yet (the
+/// usual case: points added push the next decay further out), which spares
+/// Redis a sorted-set update per lead per write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerWrite {
+    /// Stores this instant.
+    Set(Millis),
+    /// Removes the stored timer (time alone will never change the lead).
+    Clear,
+    /// Leaves the stored timer as it is (no later than the lead's next
+    /// transition, and not yet paged).
+    Keep,
+}
+
+/// A lead read from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// Its state in the compact binary form.
+    pub state: Vec<u8>,
+    /// The timer the store holds for it.
+    pub timer: Option<Millis>,
 }
 
 /// Whether a record at write sequence `stored` takes a write made at `seq`:
@@ -135,14 +176,15 @@ pub struct Health {
 pub trait Store: Send + Sync {
     /// Takes a shard: increments and returns its owner epoch with what is stored.
     fn take_shard(&self, shard: ShardId) -> Result<ShardMeta, StoreError>;
-    /// Loads leads of a shard (`None` where absent), checking that `epoch`
-    /// still owns it (else the result is `Err(Written::…)` as `Ok(Err(..))`).
+    /// Loads leads of a shard with their stored timers (`None` where
+    /// absent), checking that `epoch` still owns it (else the result is
+    /// `Err(Written::…)` as `Ok(Err(..))`).
     fn load(
         &self,
         shard: ShardId,
         epoch: u64,
         keys: &[&LeadKey],
-    ) -> Result<Result<Vec<Option<Vec<u8>>>, Written>, StoreError>;
+    ) -> Result<Result<Vec<Option<Loaded>>, Written>, StoreError>;
     /// Up to `limit` timers of a shard due after `after` (exclusive), earliest first.
     fn timers(
         &self,

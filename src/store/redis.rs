@@ -23,7 +23,9 @@ use parking_lot::Mutex;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Client, Connection, ConnectionLike, Script, TlsCertificates, Value};
 
-use super::{Health, ShardId, ShardMeta, ShardWrite, Store, StoreError, Written};
+use super::{
+    Health, Loaded, ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written,
+};
 use crate::engine::layout::Layout;
 use crate::event::Millis;
 use crate::settings::{RedisMode, RedisSettings};
@@ -34,13 +36,16 @@ redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 return redis.call('HGETALL', KEYS[1])
 ";
 
+// KEYS: the shard record, its timers, then the leads; ARGV: the epoch, then
+// the leads' timer members. Replies each lead's state and stored timer.
 const LOAD: &str = r"
 local e = redis.call('HGET', KEYS[1], 'epoch')
 if not e then return {0} end
 if e ~= ARGV[1] then return {1, e} end
 local out = {3}
-for i = 2, #KEYS do
-  out[i] = redis.call('GET', KEYS[i]) or false
+for i = 3, #KEYS do
+  out[#out + 1] = redis.call('GET', KEYS[i]) or false
+  out[#out + 1] = redis.call('ZSCORE', KEYS[2], ARGV[i - 1]) or false
 end
 return out
 ";
@@ -87,9 +92,10 @@ while i < nw do
     local ai = a + 3 * (i + j)
     kv[#kv + 1] = KEYS[k + i + j]
     kv[#kv + 1] = ARGV[ai + 1]
+    -- The timer: '' removes it, 'k' keeps the stored one, a number sets it.
     if ARGV[ai + 2] == '' then
       zrem[#zrem + 1] = ARGV[ai]
-    else
+    elseif ARGV[ai + 2] ~= 'k' then
       zadd[#zadd + 1] = ARGV[ai + 2]
       zadd[#zadd + 1] = ARGV[ai]
     end
@@ -330,17 +336,19 @@ impl RedisStore {
                 zadd.arg(&timers_key);
                 zrem.arg(&timers_key);
                 let (mut adds, mut rems) = (0, 0);
-                for (k, blob, timer) in chunk {
-                    mset.arg(self.lead_key(w.shard, k)).arg(&blob[..]);
-                    match timer {
-                        Some(t) => {
-                            zadd.arg(*t).arg(k.as_str());
+                for lead in chunk {
+                    let k = &lead.key;
+                    mset.arg(self.lead_key(w.shard, k)).arg(&lead.state[..]);
+                    match lead.timer {
+                        TimerWrite::Set(t) => {
+                            zadd.arg(t).arg(k.as_str());
                             adds += 1;
                         }
-                        None => {
+                        TimerWrite::Clear => {
                             zrem.arg(k.as_str());
                             rems += 1;
                         }
+                        TimerWrite::Keep => {}
                     }
                 }
                 tx.add_command(mset).ignore();
@@ -385,8 +393,8 @@ impl RedisStore {
         for d in &w.deletes {
             inv.key(self.lead_key(w.shard, d));
         }
-        for (k, _, _) in &w.leads {
-            inv.key(self.lead_key(w.shard, k));
+        for lead in &w.leads {
+            inv.key(self.lead_key(w.shard, &lead.key));
         }
         inv.arg(w.epoch)
             .arg(w.deletes.len())
@@ -395,10 +403,13 @@ impl RedisStore {
         for d in &w.deletes {
             inv.arg(d.as_str());
         }
-        for (k, blob, timer) in &w.leads {
-            inv.arg(k.as_str())
-                .arg(&blob[..])
-                .arg(timer.map_or_else(String::new, |t| t.to_string()));
+        for lead in &w.leads {
+            let timer = match lead.timer {
+                TimerWrite::Set(t) => t.to_string(),
+                TimerWrite::Clear => String::new(),
+                TimerWrite::Keep => "k".to_owned(),
+            };
+            inv.arg(lead.key.as_str()).arg(&lead.state[..]).arg(timer);
         }
         for (f, v) in meta {
             inv.arg(f).arg(v);
@@ -471,6 +482,17 @@ fn meta_fields(w: &ShardWrite) -> Vec<(String, String)> {
     meta
 }
 
+/// A sorted-set score as Redis replies it (timers are whole milliseconds).
+fn score(v: &Value) -> Option<Millis> {
+    let text = match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?,
+        Value::SimpleString(s) => s.as_str(),
+        Value::Double(d) => return Some(*d as Millis),
+        _ => return None,
+    };
+    text.parse::<f64>().ok().map(|t| t as Millis)
+}
+
 fn refused(reply: &[Value]) -> Option<Written> {
     let code = match reply.first() {
         Some(Value::Int(c)) => *c,
@@ -504,23 +526,29 @@ impl Store for RedisStore {
         shard: ShardId,
         epoch: u64,
         keys: &[&LeadKey],
-    ) -> Result<Result<Vec<Option<Vec<u8>>>, Written>, StoreError> {
+    ) -> Result<Result<Vec<Option<Loaded>>, Written>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.batch) {
             let mut inv = self.load.prepare_invoke();
             inv.key(self.shard_key(shard, "meta"));
+            inv.key(self.shard_key(shard, "timers"));
             for k in chunk {
                 inv.key(self.lead_key(shard, k));
             }
             inv.arg(epoch);
+            for k in chunk {
+                inv.arg(k.as_str());
+            }
             let reply: Vec<Value> = self.with_conn(|c| inv.invoke(c))?;
             if let Some(r) = refused(&reply) {
                 return Ok(Err(r));
             }
             let before = out.len();
-            for v in reply.into_iter().skip(1) {
-                out.push(match v {
-                    Value::BulkString(b) => Some(b),
+            let mut fields = reply.into_iter().skip(1);
+            while let Some(state) = fields.next() {
+                let timer = fields.next().and_then(|t| score(&t));
+                out.push(match state {
+                    Value::BulkString(state) => Some(Loaded { state, timer }),
                     _ => None,
                 });
             }

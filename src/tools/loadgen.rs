@@ -323,11 +323,14 @@ fn prefill_state(args: &LoadgenArgs) -> anyhow::Result<()> {
         }
         buf.clear();
         engine.encode(&state, &mut buf);
-        w.leads.push((
+        w.leads.push(leadscore::store::LeadWrite {
             key,
-            Arc::from(buf.as_slice()),
-            engine.next_transition(&state),
-        ));
+            state: Arc::from(buf.as_slice()),
+            timer: engine.next_transition(&state).map_or(
+                leadscore::store::TimerWrite::Clear,
+                leadscore::store::TimerWrite::Set,
+            ),
+        });
         w.clock = Some(event.occurred_at);
         if w.leads.len() >= BATCH {
             flush(w)?;

@@ -1,0 +1,129 @@
+//! The Redis store against a real Redis and a real Redis Cluster: what a
+//! write does to a lead's stored timer (set, kept, cleared), that a load
+//! returns each lead's state with the timer the store holds for it, and
+//! that a write from an owner that lost the shard changes nothing.
+
+mod common;
+
+use common::{Names, Redis};
+use leadscore::settings::{RedisMode, RedisSettings};
+use leadscore::shard::cache::LeadKey;
+use leadscore::store::redis::RedisStore;
+use leadscore::store::{LeadWrite, ShardWrite, Store, TimerWrite, Written};
+
+fn store(redis: &Redis, prefix: &str) -> RedisStore {
+    RedisStore::connect(&RedisSettings {
+        url: redis.url.clone(),
+        mode: if redis.is_cluster() {
+            RedisMode::Cluster
+        } else {
+            RedisMode::Single
+        },
+        key_prefix: prefix.to_owned(),
+        ..RedisSettings::default()
+    })
+    .unwrap()
+}
+
+fn lead(id: &str, state: &[u8], timer: TimerWrite) -> LeadWrite {
+    LeadWrite {
+        key: LeadKey::lead(id),
+        state: state.into(),
+        timer,
+    }
+}
+
+fn write(store: &RedisStore, epoch: u64, seq: u64, leads: Vec<LeadWrite>) -> Written {
+    store
+        .write(&[ShardWrite {
+            shard: 2,
+            epoch,
+            seq,
+            leads,
+            positions: vec![("t".into(), seq as i64)],
+            ..ShardWrite::default()
+        }])
+        .unwrap()
+        .remove(0)
+}
+
+fn stored_timers_are_set_kept_and_cleared(redis: Redis) {
+    let names = Names::new();
+    let s = store(&redis, &names.prefix);
+    let owner = s.take_shard(2).unwrap();
+    let (a, b, c) = (LeadKey::lead("a"), LeadKey::lead("b"), LeadKey::lead("c"));
+    assert_eq!(
+        write(
+            &s,
+            owner.epoch,
+            0,
+            vec![
+                lead("a", b"A1", TimerWrite::Set(1_000)),
+                lead("b", b"B1", TimerWrite::Set(2_000)),
+            ],
+        ),
+        Written::Ok
+    );
+    // a: new state, stored timer kept; b: cleared; c: new, without a timer.
+    assert_eq!(
+        write(
+            &s,
+            owner.epoch,
+            1,
+            vec![
+                lead("a", b"A2", TimerWrite::Keep),
+                lead("b", b"B2", TimerWrite::Clear),
+                lead("c", b"C1", TimerWrite::Keep),
+            ],
+        ),
+        Written::Ok
+    );
+    let loaded = s
+        .load(2, owner.epoch, &[&a, &b, &c, &LeadKey::lead("none")])
+        .unwrap()
+        .unwrap();
+    let got: Vec<Option<(Vec<u8>, Option<i64>)>> = loaded
+        .into_iter()
+        .map(|l| l.map(|l| (l.state, l.timer)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            Some((b"A2".to_vec(), Some(1_000))),
+            Some((b"B2".to_vec(), None)),
+            Some((b"C1".to_vec(), None)),
+            None,
+        ]
+    );
+    assert_eq!(s.timers(2, i64::MIN, 10).unwrap(), vec![(a.clone(), 1_000)]);
+    // Another member takes the shard: the old owner's write changes nothing.
+    let next = s.take_shard(2).unwrap();
+    assert_eq!(
+        write(
+            &s,
+            owner.epoch,
+            2,
+            vec![lead("a", b"stale", TimerWrite::Set(5))]
+        ),
+        Written::Fenced(next.epoch)
+    );
+    assert_eq!(
+        s.load(2, owner.epoch, &[&a]).unwrap(),
+        Err(Written::Fenced(next.epoch))
+    );
+    let now = s.load(2, next.epoch, &[&a]).unwrap().unwrap();
+    assert_eq!(
+        now[0].as_ref().map(|l| (&l.state[..], l.timer)),
+        Some((&b"A2"[..], Some(1_000)))
+    );
+}
+
+#[test]
+fn on_a_single_server_stored_timers_are_set_kept_and_cleared() {
+    stored_timers_are_set_kept_and_cleared(Redis::start());
+}
+
+#[test]
+fn on_a_redis_cluster_stored_timers_are_set_kept_and_cleared() {
+    stored_timers_are_set_kept_and_cleared(Redis::start_cluster(false));
+}
