@@ -158,6 +158,17 @@ pub struct Record {
     pub at: Millis,
 }
 
+impl Default for Record {
+    fn default() -> Self {
+        Record {
+            kind: OutputKind::SegmentChange,
+            key: String::new(),
+            payload: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
 /// Encodes decisions into records.
 #[derive(Debug, Clone)]
 pub struct Encoder {
@@ -248,11 +259,28 @@ impl Encoder {
 
     /// Encodes one published decision (a change or a hand-off).
     pub fn encode(&self, engine: &Engine, lead: &str, d: &Decision) -> Record {
+        let mut record = Record::default();
+        self.encode_into(engine, lead, d, &mut record);
+        record
+    }
+
+    /// [`Encoder::encode`] into `record`, reusing its buffers.
+    pub fn encode_into(&self, engine: &Engine, lead: &str, d: &Decision, record: &mut Record) {
         let (kind, at) = match d {
             Decision::Change(c) => (OutputKind::SegmentChange, c.at),
             Decision::Handoff(h) => (OutputKind::Handoff, h.at),
             Decision::Expire { at } => (OutputKind::SegmentChange, *at),
         };
+        record.kind = kind;
+        record.at = at;
+        record.key.clear();
+        record.key.push_str(lead);
+        record.payload.clear();
+        if let (Format::Json, Decision::Change(c)) = (self.format, d) {
+            // Segment changes are most of the output: written in place.
+            change_json(engine, lead, c, &mut record.payload);
+            return;
+        }
         let described = Encoder::describe(engine, lead, d);
         let payload = match (self.format, self.registry_ids) {
             (Format::Json, _) => described.to_json(),
@@ -266,12 +294,7 @@ impl Encoder {
             }
             (Format::Avro | Format::AvroRegistry, _) => self.to_avro(&described, d),
         };
-        Record {
-            kind,
-            key: lead.to_owned(),
-            payload,
-            at,
-        }
+        record.payload = payload;
     }
 
     fn to_avro(&self, described: &Described, d: &Decision) -> Vec<u8> {
@@ -352,6 +375,58 @@ impl Encoder {
         };
         apache_avro::to_avro_datum(schema, record)
             .expect("output records match the shipped schemas")
+    }
+}
+
+/// A segment change as JSON, written straight into `out`: the bytes of
+/// [`SegmentChangeOut`] through serde_json (a test holds them equal), without
+/// building its owned strings first.
+fn change_json(engine: &Engine, lead: &str, c: &SegmentChange, out: &mut Vec<u8>) {
+    let rules = &**engine.rules();
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = change_id(&rules.version, lead, c, rules)
+        .hyphenated()
+        .encode_lower(&mut id);
+    let mut json = |key: &str, value: &dyn erased::Value| {
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        value.write(out);
+    };
+    json("event_id", &&*id);
+    json("lead_id", &lead);
+    json("previous_segment", &c.from.name(rules));
+    json("segment", &c.to.name(rules));
+    json("score", &c.scores.total);
+    json("engagement", &c.scores.engagement);
+    json("fit", &c.scores.fit);
+    json("fit_grade", &c.scores.grade.map(|g| g.as_str()));
+    json("reason", &c.reason.as_str());
+    json("trigger_event_id", &c.trigger.as_deref());
+    json("occurred_at", &&*format_rfc3339(c.at));
+    json("rules_version", &rules.version.as_str());
+    json(
+        "opted_out_channels",
+        &c.opted_out
+            .iter()
+            .filter_map(|i| rules.channels.get(usize::from(*i)).map(String::as_str))
+            .collect::<Vec<&str>>(),
+    );
+    out.push(b'}');
+}
+
+/// One JSON value written with serde_json's own formatting (escaping,
+/// shortest round-trip floats, `null` for a non-finite number or `None`).
+mod erased {
+    pub(super) trait Value {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+
+    impl<T: serde::Serialize + ?Sized> Value for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            serde_json::to_writer(out, self).expect("plain values serialize");
+        }
     }
 }
 
@@ -458,6 +533,44 @@ mod tests {
             handoff_id("v1", "lead", &h).to_string(),
             "86e84f7d-157b-5ac5-af3e-95e340d4104a"
         );
+    }
+
+    proptest::proptest! {
+        /// Segment changes written in place are the bytes serde_json gives
+        /// for their published struct.
+        #[test]
+        fn segment_changes_written_in_place_match_serde(
+            lead in "[a-z0-9\"\\\\\u{e9}\u{1}-]{0,12}",
+            trigger in proptest::option::of("[ -~\u{e9}\u{7f}\n]{0,20}"),
+            from in 0u16..9,
+            to in 0u16..9,
+            reason in 0u8..5,
+            scores in proptest::array::uniform3(proptest::num::f64::ANY),
+            grade in proptest::option::of(0u8..4),
+            opted in proptest::collection::vec(0u8..6, 0..3),
+            at in 946_684_800_000i64..4_102_444_800_000,
+        ) {
+            let engine = Engine::new(Arc::new(Rules::default_rules()), EngineConfig::default());
+            let segment = |code: u16| Segment::from_code(if code < 3 { code } else { 997 + code });
+            let c = SegmentChange {
+                from: segment(from),
+                to: segment(to),
+                scores: Scores {
+                    total: scores[0],
+                    engagement: scores[1],
+                    fit: scores[2],
+                    grade: grade.map(|g| [Grade::A, Grade::B, Grade::C, Grade::D][usize::from(g)]),
+                },
+                reason: Reason::from_code(reason),
+                trigger,
+                at,
+                opted_out: opted,
+            };
+            let d = Decision::Change(c);
+            let fast = Encoder::new(Format::Json).encode(&engine, &lead, &d).payload;
+            let slow = Encoder::describe(&engine, &lead, &d).to_json();
+            proptest::prop_assert_eq!(String::from_utf8(fast).unwrap(), String::from_utf8(slow).unwrap());
+        }
     }
 
     #[test]

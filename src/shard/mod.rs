@@ -258,6 +258,8 @@ pub struct Shard {
     state: LeadState,
     other: LeadState,
     buf: Vec<u8>,
+    /// The output being encoded (its buffers reused).
+    record: crate::output::Record,
     /// Keys this round looked for in the store and did not find.
     absent: KeySet,
     /// Keys a round wants from the store (scratch).
@@ -318,6 +320,7 @@ impl Shard {
             state: LeadState::new(Kind::Lead),
             other: LeadState::new(Kind::Lead),
             buf: Vec::new(),
+            record: crate::output::Record::default(),
             absent: KeySet::default(),
             wanted: KeySet::default(),
         }
@@ -983,8 +986,9 @@ impl Shard {
                 Decision::Handoff(_) => ctx.stats.handoffs += 1,
                 Decision::Expire { .. } => continue,
             }
-            let record = ctx.encoder.encode(ctx.engine, lead, d);
-            ctx.sink.send(&record)?;
+            ctx.encoder
+                .encode_into(ctx.engine, lead, d, &mut self.record);
+            ctx.sink.send(&self.record)?;
         }
         Ok(())
     }
