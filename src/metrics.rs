@@ -374,7 +374,7 @@ impl Metrics {
         for outcome in ["ok", "error"] {
             self.commits.with_label_values(&[outcome]);
         }
-        for kind in ["assign", "revoke", "lost", "error"] {
+        for kind in ["assign", "revoke", "lost", "error", "retake"] {
             self.rebalances.with_label_values(&[kind]);
         }
         for op in ["load", "write", "assign", "timers", "http"] {

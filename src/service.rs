@@ -242,7 +242,12 @@ pub async fn run(
     )
     .context("creating the producer")?;
     let drain_timeout = Duration::from_millis(s.shutdown.drain_timeout_ms);
-    let context = GroupContext::new(Arc::clone(&rt), stores.make(), drain_timeout);
+    let context = GroupContext::new(
+        Arc::clone(&rt),
+        stores.make(),
+        drain_timeout,
+        s.kafka.session_timeout(),
+    );
     let consumer: Arc<BaseConsumer<GroupContext>> = Arc::new(
         consumer_config(&s.kafka)
             .create_with_context(context)

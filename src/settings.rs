@@ -65,6 +65,25 @@ pub struct KafkaSettings {
     pub producer: BTreeMap<String, String>,
 }
 
+/// librdkafka's default `session.timeout.ms`.
+const SESSION_TIMEOUT_MS: u64 = 45_000;
+
+impl KafkaSettings {
+    /// A consumer timeout in ms as set in `kafka.consumer`, else `default`
+    /// (librdkafka's).
+    pub fn consumer_ms(&self, name: &str, default: u64) -> u64 {
+        self.consumer
+            .get(name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    }
+
+    /// The consumer's `session.timeout.ms`.
+    pub fn session_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.consumer_ms("session.timeout.ms", SESSION_TIMEOUT_MS))
+    }
+}
+
 impl Default for KafkaSettings {
     fn default() -> Self {
         KafkaSettings {
@@ -704,14 +723,8 @@ impl Settings {
                 self.http.listen
             ));
         }
-        // A consumer timeout as set, else librdkafka's default.
-        let consumer_ms = |name: &str, default: u64| {
-            k.consumer
-                .get(name)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(default)
-        };
-        let session = consumer_ms("session.timeout.ms", 45_000);
+        let consumer_ms = |name: &str, default: u64| k.consumer_ms(name, default);
+        let session = consumer_ms("session.timeout.ms", SESSION_TIMEOUT_MS);
         if self.shutdown.drain_timeout_ms == 0 || self.shutdown.drain_timeout_ms >= session {
             p.push(format!(
                 "shutdown.drain_timeout_ms: must be above 0 and below the consumer session.timeout.ms ({session})"

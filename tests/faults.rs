@@ -444,6 +444,59 @@ fn a_rolling_restart_of_a_group_of_three_under_load_ends_exact() {
     assert_same(&redis, &broker, &names);
 }
 
+/// A shard fenced while the group still assigns it to its member: another
+/// member took it in Redis (here the owner epoch is raised by hand, as a
+/// member that took the shard and then died before the group heard of it
+/// would leave it) and the group never moved it. The member drops the shard
+/// at its next write, takes it again once a session timeout has passed,
+/// resumes from the positions in Redis, and ends exact. Without the
+/// re-take nobody reads the shard again until the member restarts.
+#[test]
+fn a_shard_fenced_while_still_assigned_is_taken_again_and_ends_exact() {
+    let _serial = serial();
+    reference();
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = setup(&broker);
+    // Started as the feed starts (inputs quiet past the idle timeout before
+    // the first event would move the clock to the wall clock), with inputs
+    // that wait out the gaps of a live feed: one service reading it live
+    // ends exact only if no input idles before everything has arrived.
+    let service = feed_while(&broker, &names, 1_000, Duration::from_millis(900), || {
+        let service = Service::start(&broker, &redis, &names, &env(&[SLOW_FEED]));
+        wait_committed(
+            &broker,
+            &names,
+            8_000,
+            Duration::from_secs(120),
+            &[&service],
+        );
+        let _: i64 = redis::cmd("HINCRBY")
+            .arg(shard_record(&names, 1))
+            .arg("epoch")
+            .arg(1)
+            .query(&mut redis.conn())
+            .unwrap();
+        service
+    });
+    wait_done(&broker, &names, Duration::from_secs(180), &[&service]);
+    assert!(
+        service.counter("leadscore_shards_fenced_total") >= 1,
+        "the member was fenced"
+    );
+    let retakes = service
+        .get("/metrics")
+        .unwrap()
+        .1
+        .lines()
+        .find(|l| l.starts_with("leadscore_rebalances_total{kind=\"retake\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(retakes >= 1.0, "the shard was taken again");
+    assert!(service.terminate().success());
+    assert_same(&redis, &broker, &names);
+}
+
 /// The key of a shard's record, whose hash slot holds all of the shard.
 fn shard_record(names: &Names, shard: i32) -> String {
     format!("{}{{p{shard}}}:meta", names.prefix)

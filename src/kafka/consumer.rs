@@ -49,6 +49,16 @@ pub enum ConsumerError {
     Fatal(String),
 }
 
+/// A shard taken in the store, with its split queues and where to resume.
+struct Taken {
+    shard: Shard,
+    queues: Vec<Queue>,
+    /// Per input topic: the stored position, or the group's committed offset.
+    resume: Vec<(Arc<str>, Offset)>,
+}
+
+type Queue = rdkafka::consumer::base_consumer::PartitionQueue<GroupContext>;
+
 /// The consumer's callbacks.
 pub struct GroupContext {
     rt: Arc<Runtime>,
@@ -56,17 +66,28 @@ pub struct GroupContext {
     me: OnceLock<Weak<BaseConsumer<GroupContext>>>,
     workers: OnceLock<Vec<(Sender<Control>, Arc<Wake>)>>,
     drain_timeout: Duration,
+    /// How long after a fence a shard the group still assigns here is taken again.
+    fence_grace: Duration,
 }
 
 impl GroupContext {
-    /// Callbacks over `rt`, taking shards in `store`.
-    pub fn new(rt: Arc<Runtime>, store: Arc<dyn Store>, drain_timeout: Duration) -> Self {
+    /// Callbacks over `rt`, taking shards in `store`. A shard fenced while
+    /// the group still assigns it here is taken again after `fence_grace`
+    /// (the consumer's session timeout: long enough for the group to have
+    /// moved it, had it moved it).
+    pub fn new(
+        rt: Arc<Runtime>,
+        store: Arc<dyn Store>,
+        drain_timeout: Duration,
+        fence_grace: Duration,
+    ) -> Self {
         GroupContext {
             rt,
             store,
             me: OnceLock::new(),
             workers: OnceLock::new(),
             drain_timeout,
+            fence_grace,
         }
     }
 
@@ -97,98 +118,183 @@ impl GroupContext {
     }
 
     fn assign(&self, consumer: &BaseConsumer<Self>, shards: &[ShardId]) {
-        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
-            self.rt.fail("rebalance before the consumer was attached");
-            return;
-        };
         let mut tpl = TopicPartitionList::with_capacity(shards.len() * self.rt.inputs.len());
         let mut resume = Vec::new();
-        let mut policy = Policy::default();
         // One deadline for the whole callback (settings keep the drain
         // timeout within half of max.poll.interval.ms): past it the member
         // stops with an error rather than being dropped by the group.
         let deadline = Instant::now() + self.drain_timeout;
         for &p in shards {
-            let meta = loop {
-                match self.store.take_shard(p) {
-                    Ok(m) => {
-                        self.rt.set_store_up(true);
-                        break m;
-                    }
-                    Err(e) if Instant::now() < deadline && e.retryable() => {
-                        self.rt.set_store_up(false);
-                        self.rt
-                            .metrics
-                            .redis_errors
-                            .with_label_values(&["assign"])
-                            .inc();
-                        warn!(error = %e, shard = p, "Cannot take the shard in the store; retrying.");
-                        std::thread::sleep(policy.backoff());
-                    }
-                    Err(e) => {
-                        // Without its positions the shard cannot be read without double counting.
-                        self.rt
-                            .fail(format!("cannot take shard {p} in the store: {e}"));
-                        return;
-                    }
-                }
-            };
-            if meta.fresh
-                && let Some(committed) = self.committed(consumer, p)
-            {
-                self.rt.fail(format!(
-                    "state lost: Redis has no state for shard {p} (partition {p} of the input topics), but the \
-                     consumer group has committed offsets for it ({committed}). Redis was flushed, or failed \
-                     over to an empty replica, or redis.key_prefix changed. Restore Redis from a backup, or \
-                     reset the group's offsets to the beginning of the input topics to rescore from scratch \
-                     (kafka-consumer-groups --reset-offsets --to-earliest)."
-                ));
-                return;
-            }
-            let shard = Shard::new(
-                p,
-                &meta,
-                Arc::clone(&self.rt.inputs),
-                Arc::clone(&self.rt.sources),
-                self.rt.shard_config,
-            );
-            let mut queues = Vec::with_capacity(self.rt.inputs.len());
-            for (i, t) in self.rt.inputs.iter().enumerate() {
-                let Some(q) = me.split_partition_queue(t, p) else {
-                    self.rt.fail(format!("cannot split the queue of {t}/{p}"));
-                    return;
-                };
-                queues.push(q);
-                let offset = match shard.position(i) {
-                    Some(o) => {
-                        resume.push(format!("{t}/{p}@{o}"));
-                        Offset::Offset(o)
-                    }
-                    None => Offset::Stored,
-                };
-                if let Err(e) = tpl.add_partition_offset(t, p, offset) {
-                    warn!(error = %e, topic = &**t, partition = p, "Cannot set the resume offset.");
-                }
-            }
-            let Some((control, wake)) = self.worker_of(p) else {
-                self.rt.fail("no worker to take the shard");
+            self.rt.forget_fenced(p);
+            let Some(taken) = self.take(consumer, p, deadline) else {
                 return;
             };
-            if control
-                .send(Control::Add {
-                    shard: Box::new(shard),
-                    queues,
-                })
-                .is_err()
-            {
-                self.rt.fail("a worker stopped");
+            for (t, offset) in taken.resume {
+                if let Offset::Offset(o) = offset {
+                    resume.push(format!("{t}/{p}@{o}"));
+                }
+                if let Err(e) = tpl.add_partition_offset(&t, p, offset) {
+                    warn!(error = %e, topic = &*t, partition = p, "Cannot set the resume offset.");
+                }
+            }
+            if !self.hand_over(taken.shard, taken.queues) {
                 return;
             }
-            wake.notify();
         }
         info!(shards = ?shards, ?resume, "Shards assigned; resuming from the stored positions.");
         if let Err(e) = consumer.incremental_assign(&tpl) {
             self.rt.fail(format!("incremental assign failed: {e}"));
+        }
+    }
+
+    /// Takes shard `p` in the store (retrying until `deadline` while it does
+    /// not answer) and splits its partitions' queues off. `None` after a
+    /// fatal error, which it records.
+    fn take(&self, consumer: &BaseConsumer<Self>, p: ShardId, deadline: Instant) -> Option<Taken> {
+        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+            self.rt.fail("rebalance before the consumer was attached");
+            return None;
+        };
+        let mut policy = Policy::default();
+        let meta = loop {
+            match self.store.take_shard(p) {
+                Ok(m) => {
+                    self.rt.set_store_up(true);
+                    break m;
+                }
+                Err(e) if Instant::now() < deadline && e.retryable() => {
+                    self.rt.set_store_up(false);
+                    self.rt
+                        .metrics
+                        .redis_errors
+                        .with_label_values(&["assign"])
+                        .inc();
+                    warn!(error = %e, shard = p, "Cannot take the shard in the store; retrying.");
+                    std::thread::sleep(policy.backoff());
+                }
+                Err(e) => {
+                    // Without its positions the shard cannot be read without double counting.
+                    self.rt
+                        .fail(format!("cannot take shard {p} in the store: {e}"));
+                    return None;
+                }
+            }
+        };
+        if meta.fresh
+            && let Some(committed) = self.committed(consumer, p)
+        {
+            self.rt.fail(format!(
+                "state lost: Redis has no state for shard {p} (partition {p} of the input topics), but the \
+                 consumer group has committed offsets for it ({committed}). Redis was flushed, or failed \
+                 over to an empty replica, or redis.key_prefix changed. Restore Redis from a backup, or \
+                 reset the group's offsets to the beginning of the input topics to rescore from scratch \
+                 (kafka-consumer-groups --reset-offsets --to-earliest)."
+            ));
+            return None;
+        }
+        let shard = Shard::new(
+            p,
+            &meta,
+            Arc::clone(&self.rt.inputs),
+            Arc::clone(&self.rt.sources),
+            self.rt.shard_config,
+        );
+        let mut queues = Vec::with_capacity(self.rt.inputs.len());
+        let mut resume = Vec::with_capacity(self.rt.inputs.len());
+        for (i, t) in self.rt.inputs.iter().enumerate() {
+            let Some(q) = me.split_partition_queue(t, p) else {
+                self.rt.fail(format!("cannot split the queue of {t}/{p}"));
+                return None;
+            };
+            queues.push(q);
+            let offset = shard.position(i).map_or(Offset::Stored, Offset::Offset);
+            resume.push((Arc::clone(t), offset));
+        }
+        Some(Taken {
+            shard,
+            queues,
+            resume,
+        })
+    }
+
+    /// Gives a taken shard to its worker; false after a fatal error.
+    fn hand_over(&self, shard: Shard, queues: Vec<Queue>) -> bool {
+        let Some((control, wake)) = self.worker_of(shard.id()) else {
+            self.rt.fail("no worker to take the shard");
+            return false;
+        };
+        if control
+            .send(Control::Add {
+                shard: Box::new(shard),
+                queues,
+            })
+            .is_err()
+        {
+            self.rt.fail("a worker stopped");
+            return false;
+        }
+        wake.notify();
+        true
+    }
+
+    /// Takes again a shard that a worker dropped because another member
+    /// took it in the store, but whose partitions the group still assigns
+    /// here a session timeout later: otherwise nobody would read them until
+    /// this member restarted (the group counts them as read here). The
+    /// partitions are rewound to the positions in the store, so that
+    /// nothing applied but not yet durable is skipped. If the other member
+    /// does own them too (two groups on one key prefix, or a broker that
+    /// assigned them twice), the two take turns, each fencing the other,
+    /// and scores stay exact.
+    fn retake(&self, consumer: &BaseConsumer<Self>, p: ShardId) {
+        warn!(
+            shard = p,
+            "A shard fenced a session timeout ago is still assigned here; taking it again."
+        );
+        let deadline = Instant::now() + self.drain_timeout;
+        let Some(mut taken) = self.take(consumer, p, deadline) else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::with_capacity(taken.resume.len());
+        for (t, offset) in &taken.resume {
+            // Never stored: read from the start, as a first assignment would
+            // (auto.offset.reset = earliest; nothing was committed for it).
+            let offset = match offset {
+                Offset::Stored => Offset::Beginning,
+                o => *o,
+            };
+            let _ = tpl.add_partition_offset(t, p, offset);
+        }
+        taken.resume.clear();
+        if let Err(e) = consumer.seek_partitions(tpl, Duration::from_secs(10)) {
+            warn!(error = %e, shard = p, "Cannot rewind the shard's partitions; trying again later.");
+            self.rt.report_fenced(p);
+            return;
+        }
+        self.rt
+            .metrics
+            .rebalances
+            .with_label_values(&["retake"])
+            .inc();
+        self.hand_over(taken.shard, taken.queues);
+    }
+
+    /// Shards fenced a session timeout ago that the group still assigns here.
+    fn retake_fenced(&self, consumer: &BaseConsumer<Self>) {
+        let due = self.rt.fenced_for(self.fence_grace);
+        if due.is_empty() {
+            return;
+        }
+        let Some(anchor) = self.rt.inputs.first() else {
+            return;
+        };
+        let assigned = consumer.assignment().unwrap_or_default();
+        for p in due {
+            if assigned.find_partition(anchor, p).is_some()
+                && !self.rt.caches.read().contains_key(&p)
+            {
+                self.retake(consumer, p);
+            }
         }
     }
 
@@ -209,6 +315,9 @@ impl GroupContext {
     }
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, shards: &[ShardId]) {
+        for &p in shards {
+            self.rt.forget_fenced(p);
+        }
         let lost = consumer.assignment_lost() || self.rt.failed();
         let deadline = Instant::now() + self.drain_timeout;
         let mut waits = Vec::new();
@@ -486,6 +595,7 @@ pub fn run(
                 }
                 _ => {}
             }
+            consumer.context().retake_fenced(consumer);
             rt.publish_gauges(&segment_refs);
             rt.metrics.ready.set(i64::from(rt.health.ready()));
             last_gauges = Instant::now();

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
@@ -110,6 +110,8 @@ pub struct Runtime {
     /// partition), from librdkafka statistics.
     pub lag: Mutex<HashMap<(String, i32), i64>>,
     partitions: AtomicI32,
+    /// Shards dropped because another member took them in the store, and since when.
+    fenced: Mutex<HashMap<ShardId, Instant>>,
     fatal: Mutex<Option<String>>,
     cancel: CancellationToken,
 }
@@ -153,6 +155,7 @@ impl Runtime {
             caches: RwLock::new(HashMap::new()),
             lag: Mutex::new(HashMap::new()),
             partitions: AtomicI32::new(0),
+            fenced: Mutex::new(HashMap::new()),
             fatal: Mutex::new(None),
             cancel,
         }
@@ -209,6 +212,31 @@ impl Runtime {
             || self.health.registry_down.load(Ordering::SeqCst) > 0;
         self.metrics.paused.set(i64::from(paused));
         self.metrics.ready.set(i64::from(self.health.ready()));
+    }
+
+    /// Records that a worker dropped a shard because another member took it
+    /// in the store (its partitions may still be assigned here).
+    pub fn report_fenced(&self, shard: ShardId) {
+        self.fenced.lock().insert(shard, Instant::now());
+    }
+
+    /// The group assigned or revoked the shard: whatever fenced it is settled.
+    pub fn forget_fenced(&self, shard: ShardId) {
+        self.fenced.lock().remove(&shard);
+    }
+
+    /// The shards fenced at least `grace` ago, forgotten as they are returned.
+    pub fn fenced_for(&self, grace: Duration) -> Vec<ShardId> {
+        let mut fenced = self.fenced.lock();
+        let due: Vec<ShardId> = fenced
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= grace)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in &due {
+            fenced.remove(s);
+        }
+        due
     }
 
     /// Makes a shard's cache visible to lookups.

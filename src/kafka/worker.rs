@@ -637,14 +637,18 @@ impl Worker {
         }
     }
 
-    /// Another member took the shard: drop what it holds. The group moved
-    /// the partitions already (that is how the other member got them), and
-    /// librdkafka learns of it at its next heartbeat or rebalance. Leaving
-    /// and rejoining here was tried: under a rolling restart it kept the
-    /// group rebalancing with partitions assigned to nobody.
+    /// Another member took the shard: drop what it holds. Usually the group
+    /// moved the partitions already (that is how the other member got them)
+    /// and librdkafka learns of it at its next heartbeat or rebalance; if
+    /// the group still assigns them here after a session timeout, the
+    /// consumer thread takes the shard again (see `GroupContext::retake`).
+    /// Leaving and rejoining the group here was tried: under a rolling
+    /// restart it kept the group rebalancing with partitions assigned to
+    /// nobody.
     fn fenced(&mut self, id: ShardId) {
         self.rt.metrics.shards_fenced.inc();
         self.remove(id, "fenced");
+        self.rt.report_fenced(id);
     }
 
     fn remove(&mut self, id: ShardId, why: &str) {

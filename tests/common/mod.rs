@@ -987,8 +987,14 @@ pub fn assert_same_leads(
             |b| format!("{:#?}", engine.decode(b)),
         )
     };
+    let mut by_shard = std::collections::BTreeMap::<&str, usize>::new();
+    for k in &differing {
+        *by_shard
+            .entry(k.split('}').next().unwrap_or(""))
+            .or_default() += 1;
+    }
     panic!(
-        "{what}: {} of {} leads differ (got {}, want {}); first {first}:\n got: {}\nwant: {}",
+        "{what}: {} of {} leads differ (by shard: {by_shard:?}; got {}, want {}); first {first}:\n got: {}\nwant: {}",
         differing.len(),
         want.len(),
         got.len(),
