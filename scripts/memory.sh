@@ -5,7 +5,8 @@
 # resident memory (VmRSS) every 5 s while it drains. Twice: with the explain
 # log and the dedup ring off (0), then on (16 each). For each run prints the
 # RSS samples, the leads held at the end and their bytes as the cache counts
-# them (state + key + slot overhead), the mean stored state size, the lead
+# them (state + key + slot overhead), the decay timers held in memory, the
+# mean stored state size, the lead
 # states Redis holds and Redis memory per state; then restarts the service
 # over that Redis and times start -> /readyz 200.
 # librdkafka prefetches up to queued.max.messages.kbytes per partition (64 MB
@@ -32,7 +33,7 @@ for W in 0 16; do
   sampler=$!
   $BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | grep -oE '= [0-9]+ events/s'
   held=$(metric leadscore_leads_in_memory) bytes=$(metric leadscore_lead_cache_bytes)
-  evicted=$(metric leadscore_lead_cache_evictions_total)
+  evicted=$(metric leadscore_lead_cache_evictions_total) timers=$(metric leadscore_decay_timers_pending)
   rss=$(awk '/VmRSS/{print int($2 / 1024)}' /proc/$svc/status)
   kill -TERM "$svc"; wait "$svc" || true
   kill "$sampler" 2>/dev/null || true
@@ -41,7 +42,7 @@ for W in 0 16; do
   used=$(redis-cli -p "$RPORT" info memory | awk -F: '/^used_memory:/{print $2}' | tr -d '\r')
   echo "explain_window = dedup_window = $W, state.max_leads_in_memory = $LIMIT:"
   echo "  RSS every 5 s (MiB): $(cat "$WORK/rss")-> $rss at the end"
-  echo "  held at the end: $held leads, $bytes bytes = $(( bytes / (held > 0 ? held : 1) )) bytes per lead held; $evicted evictions"
+  echo "  held at the end: $held leads, $bytes bytes = $(( bytes / (held > 0 ? held : 1) )) bytes per lead held; $evicted evictions; $timers decay timers in memory"
   echo "  stored state (mean of a sample): $mean bytes; Redis holds $states lead states, used_memory $used bytes = $(( used / (states > 0 ? states : 1) )) bytes per state"
 done
 # Restart to ready over the states left in Redis (a new group: the shard
