@@ -462,7 +462,7 @@ fn a_shard_fenced_while_still_assigned_is_taken_again_and_ends_exact() {
     // the first event would move the clock to the wall clock), with inputs
     // that wait out the gaps of a live feed: one service reading it live
     // ends exact only if no input idles before everything has arrived.
-    let service = feed_while(&broker, &names, 1_000, Duration::from_millis(900), || {
+    let service = feed_while(&broker, &names, 2_000, Duration::from_millis(500), || {
         let service = Service::start(&broker, &redis, &names, &env(&[SLOW_FEED]));
         wait_committed(
             &broker,
