@@ -723,8 +723,7 @@ impl Settings {
                 self.http.listen
             ));
         }
-        let consumer_ms = |name: &str, default: u64| k.consumer_ms(name, default);
-        let session = consumer_ms("session.timeout.ms", SESSION_TIMEOUT_MS);
+        let session = k.session_timeout().as_millis() as u64;
         if self.shutdown.drain_timeout_ms == 0 || self.shutdown.drain_timeout_ms >= session {
             p.push(format!(
                 "shutdown.drain_timeout_ms: must be above 0 and below the consumer session.timeout.ms ({session})"
@@ -732,7 +731,7 @@ impl Settings {
         }
         // A revocation drains inside the rebalance callback: a drain that
         // outlasts the poll interval gets the member dropped from the group.
-        let poll = consumer_ms("max.poll.interval.ms", 300_000);
+        let poll = k.consumer_ms("max.poll.interval.ms", 300_000);
         if self.shutdown.drain_timeout_ms.saturating_mul(2) > poll {
             p.push(format!(
                 "shutdown.drain_timeout_ms ({}): must be at most half the consumer max.poll.interval.ms ({poll}); \

@@ -242,30 +242,36 @@ impl GroupContext {
     /// here a session timeout later: otherwise nobody would read them until
     /// this member restarted (the group counts them as read here). The
     /// partitions are rewound to the positions in the store, so that
-    /// nothing applied but not yet durable is skipped. If the other member
-    /// does own them too (two groups on one key prefix, or a broker that
-    /// assigned them twice), the two take turns, each fencing the other,
-    /// and scores stay exact.
+    /// nothing applied but not yet durable is skipped. If another member
+    /// does own them too (two deployments on one key prefix, or a broker
+    /// that assigned them twice), the two take turns, each fencing the
+    /// other; every write stays fenced by the owner epoch.
     fn retake(&self, consumer: &BaseConsumer<Self>, p: ShardId) {
         warn!(
             shard = p,
             "A shard fenced a session timeout ago is still assigned here; taking it again."
         );
         let deadline = Instant::now() + self.drain_timeout;
-        let Some(mut taken) = self.take(consumer, p, deadline) else {
+        let Some(Taken {
+            shard,
+            queues,
+            resume,
+        }) = self.take(consumer, p, deadline)
+        else {
             return;
         };
-        let mut tpl = TopicPartitionList::with_capacity(taken.resume.len());
-        for (t, offset) in &taken.resume {
+        let mut tpl = TopicPartitionList::with_capacity(resume.len());
+        for (t, offset) in resume {
             // Never stored: read from the start, as a first assignment would
             // (auto.offset.reset = earliest; nothing was committed for it).
             let offset = match offset {
                 Offset::Stored => Offset::Beginning,
-                o => *o,
+                o => o,
             };
-            let _ = tpl.add_partition_offset(t, p, offset);
+            if let Err(e) = tpl.add_partition_offset(&t, p, offset) {
+                warn!(error = %e, topic = &*t, partition = p, "Cannot set the rewind offset.");
+            }
         }
-        taken.resume.clear();
         if let Err(e) = consumer.seek_partitions(tpl, Duration::from_secs(10)) {
             warn!(error = %e, shard = p, "Cannot rewind the shard's partitions; trying again later.");
             self.rt.report_fenced(p);
@@ -276,7 +282,7 @@ impl GroupContext {
             .rebalances
             .with_label_values(&["retake"])
             .inc();
-        self.hand_over(taken.shard, taken.queues);
+        self.hand_over(shard, queues);
     }
 
     /// Shards fenced a session timeout ago that the group still assigns here.

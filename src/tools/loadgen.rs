@@ -36,7 +36,7 @@ use leadscore::output::SegmentChangeOut;
 use leadscore::settings::{Loaded, Settings, TopicSettings};
 use leadscore::shard::cache::LeadKey;
 use leadscore::store::redis::RedisStore;
-use leadscore::store::{ShardWrite, Store as _, Written};
+use leadscore::store::{LeadWrite, ShardWrite, Store as _, TimerWrite, Written};
 
 use super::synth::Synth;
 
@@ -323,13 +323,12 @@ fn prefill_state(args: &LoadgenArgs) -> anyhow::Result<()> {
         }
         buf.clear();
         engine.encode(&state, &mut buf);
-        w.leads.push(leadscore::store::LeadWrite {
+        w.leads.push(LeadWrite {
             key,
             state: Arc::from(buf.as_slice()),
-            timer: engine.next_transition(&state).map_or(
-                leadscore::store::TimerWrite::Clear,
-                leadscore::store::TimerWrite::Set,
-            ),
+            timer: engine
+                .next_transition(&state)
+                .map_or(TimerWrite::Clear, TimerWrite::Set),
         });
         w.clock = Some(event.occurred_at);
         if w.leads.len() >= BATCH {
