@@ -116,6 +116,35 @@ fn stored_timers_are_set_kept_and_cleared(redis: Redis) {
         now[0].as_ref().map(|l| (&l.state[..], l.timer)),
         Some((&b"A2"[..], Some(1_000)))
     );
+    // Many leads in one load (more than one read inside the script, more
+    // than one script call per load): every third absent, every other one
+    // stored with a timer, each answer in its own place.
+    let ids: Vec<String> = (0..2_345).map(|i| format!("m{i}")).collect();
+    let written: Vec<LeadWrite> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(i, id)| {
+            let timer = if i % 2 == 0 {
+                TimerWrite::Set(10_000 + i as i64)
+            } else {
+                TimerWrite::Clear
+            };
+            lead(id, id.as_bytes(), timer)
+        })
+        .collect();
+    assert_eq!(write(&s, next.epoch, next.seq, written), Written::Ok);
+    let keys: Vec<LeadKey> = ids.iter().map(|id| LeadKey::lead(id)).collect();
+    let refs: Vec<&LeadKey> = keys.iter().collect();
+    let loaded = s.load(2, next.epoch, &refs).unwrap().unwrap();
+    assert_eq!(loaded.len(), ids.len());
+    for (i, (id, got)) in ids.iter().zip(loaded).enumerate() {
+        let want = (i % 3 != 0).then(|| {
+            let timer = (i % 2 == 0).then_some(10_000 + i as i64);
+            (id.as_bytes().to_vec(), timer)
+        });
+        assert_eq!(got.map(|l| (l.state, l.timer)), want, "lead {id}");
+    }
 }
 
 #[test]
