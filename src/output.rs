@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use apache_avro::Schema;
 use apache_avro::types::Value;
 use serde::Serialize;
+use sha1::{Digest, Sha1};
 use uuid::Uuid;
 
 use crate::decode::Format;
@@ -29,29 +30,38 @@ pub fn change_id(rules_version: &str, lead: &str, c: &SegmentChange, rules: &Rul
         }
     };
     id_of(&[
-        "change",
-        rules_version,
-        lead,
-        &trigger.concat(),
-        c.to.name(rules),
+        &["change"],
+        &[rules_version],
+        &[lead],
+        &trigger,
+        &[c.to.name(rules)],
     ])
 }
 
 /// The deterministic id of a hand-off.
 pub fn handoff_id(rules_version: &str, lead: &str, h: &Handoff) -> Uuid {
-    id_of(&["handoff", rules_version, lead, &h.trigger])
+    id_of(&[&["handoff"], &[rules_version], &[lead], &[&h.trigger]])
 }
 
-/// UUIDv5 of the parts joined by the unit separator (U+001F).
-fn id_of(parts: &[&str]) -> Uuid {
-    let mut name = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+/// UUIDv5 of the parts joined by the unit separator (U+001F), each part
+/// the concatenation of its pieces. Hashed as it goes (no joined name is
+/// built) with the `sha1` crate, which uses the CPU's SHA instructions where
+/// it has them: the same bytes as `Uuid::new_v5`, in a fraction of the time.
+fn id_of(parts: &[&[&str]]) -> Uuid {
+    let mut sha = Sha1::new();
+    sha.update(ID_NAMESPACE.as_bytes());
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
-            name.push('\x1f');
+            sha.update([0x1f]);
         }
-        name.push_str(part);
+        for piece in *part {
+            sha.update(piece.as_bytes());
+        }
     }
-    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
+    let digest = sha.finalize();
+    let mut bytes = [0; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
 /// A segment change as published.
@@ -491,6 +501,20 @@ mod tests {
             trigger: Some("e-1".into()),
             at: 1_764_000_000_000,
             opted_out: Vec::new(),
+        }
+    }
+
+    proptest::proptest! {
+        /// The streamed hash is UUID v5 of the joined name, as documented.
+        #[test]
+        fn ids_are_uuid_v5_of_the_joined_parts(
+            parts in proptest::collection::vec(proptest::collection::vec(".{0,40}", 1..3), 1..6)
+        ) {
+            let pieces: Vec<Vec<&str>> = parts.iter().map(|p| p.iter().map(String::as_str).collect()).collect();
+            let refs: Vec<&[&str]> = pieces.iter().map(Vec::as_slice).collect();
+            let name: Vec<String> = parts.iter().map(|p| p.concat()).collect();
+            let expected = Uuid::new_v5(&ID_NAMESPACE, name.join("\x1f").as_bytes());
+            proptest::prop_assert_eq!(id_of(&refs), expected);
         }
     }
 

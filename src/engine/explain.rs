@@ -129,8 +129,7 @@ impl Engine {
                     window_end: (state.window + 1) * cap.window_ms,
                     matches: state.admitted.len() as u32,
                     points: super::allowances(rule.points, &cap, &state.admitted)
-                        .iter()
-                        .map(|p| p.abs())
+                        .map(f64::abs)
                         .sum(),
                     max_matches: cap.max_matches,
                     max_points: cap.max_points,

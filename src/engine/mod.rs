@@ -383,20 +383,28 @@ impl Curve {
     /// overshooting; the result is then pinned to the millisecond.
     fn first_below(&self, from: Millis, threshold: f64) -> Option<Millis> {
         let at = |t: Millis| self.value(t as f64);
-        if at(from) < threshold {
+        let v0 = at(from);
+        if v0 < threshold {
             return Some(from);
         }
         if self.constant >= threshold || self.n == 0 {
             return None;
         }
-        let excess0 = self.value(from as f64) - self.constant;
+        let excess0 = v0 - self.constant;
         let need = threshold - self.constant;
         let span =
             (self.slowest() * libm::log2(excess0 / need.max(f64::MIN_POSITIVE))).ceil() + 2.0;
         if !span.is_finite() || span > 1e15 {
             return None;
         }
-        let mut t = from as f64;
+        // Each term alone reaches `need` no later than the whole sum does
+        // (all terms are positive), so the latest single-term root is a
+        // start left of the root: exact for one term, close for several.
+        let start = self.terms[..self.n]
+            .iter()
+            .map(|(v, h)| h * libm::log2(v / need))
+            .fold(0.0_f64, f64::max);
+        let mut t = (self.t0 + start).clamp(from as f64, from as f64 + span);
         for _ in 0..100 {
             let (v, slope) = self.value_and_slope(t);
             let excess = v - threshold;
@@ -846,7 +854,7 @@ impl Engine {
         }
         let rules = &*self.rules;
         let before = Segment::of(s);
-        let before_opted = opted_out(s);
+        let before_opted = opted_mask(s);
         let before_resting = s.resting_until.is_some();
         if !s.armed && self.total_at(s, te) < rules.handoff.rearm_below - rules::SCORE_TOLERANCE {
             s.armed = true;
@@ -931,7 +939,7 @@ impl Engine {
             s.tier_since = te;
         }
         let after = Segment::of(s);
-        let now_opted = opted_out(s);
+        let now_opted = opted_mask(s);
         if before != after || before_opted != now_opted {
             let reason = if lifecycle {
                 Reason::Lifecycle
@@ -950,7 +958,7 @@ impl Engine {
                 reason,
                 trigger: Some(e.event_id.to_string()),
                 at: te,
-                opted_out: now_opted,
+                opted_out: opted_out(s),
             }));
         }
         if s.kind == Kind::Lead && self.qualifies(s, &scores, te) {
@@ -1171,42 +1179,49 @@ impl Engine {
                     }
                     let c = rs.cap.as_mut().expect("set above");
                     // Exact update: take the old allowances out, put the new ones in.
-                    let old = allowances(r.points, &cap, &c.admitted);
-                    for (at, p) in c.admitted.iter().zip(&old) {
-                        if *p != 0.0 {
-                            rs.cells.add(window, Term::new(*p, *at, h).negated());
+                    for (at, p) in c
+                        .admitted
+                        .iter()
+                        .zip(allowances(r.points, &cap, &c.admitted))
+                    {
+                        if p != 0.0 {
+                            rs.cells.add(window, Term::new(p, *at, h).negated());
                         }
                     }
                     let i = c.admitted.partition_point(|x| *x <= t);
                     c.admitted.insert(i, t);
+                    let mut counted = 0.0;
+                    let mut keep = 0;
                     let new = allowances(r.points, &cap, &c.admitted);
-                    for (at, p) in c.admitted.iter().zip(&new) {
-                        if *p != 0.0 {
-                            rs.cells.add(window, Term::new(*p, *at, h));
+                    for (j, (at, p)) in c.admitted.iter().zip(new).enumerate() {
+                        if p != 0.0 {
+                            rs.cells.add(window, Term::new(p, *at, h));
+                            if keep == j {
+                                keep += 1;
+                            }
+                        }
+                        if j == i {
+                            counted = p;
                         }
                     }
                     // Allowances only fall along the list: matches that count
                     // zero now never count again, so they are not kept.
-                    c.admitted
-                        .truncate(new.iter().take_while(|p| **p != 0.0).count());
-                    new[i]
+                    c.admitted.truncate(keep);
+                    counted
                 }
             }
         };
         if explain > 0 {
             let capped = points != r.points;
-            remember_contribution(
-                &mut s.log,
-                Contribution {
-                    rule,
-                    event_id: event_id.to_owned(),
-                    at: t,
-                    points,
-                    capped,
-                },
+            let counted = Counted {
+                rule,
+                event_id,
+                at: t,
+                points,
+                capped,
                 fp,
-                explain,
-            );
+            };
+            remember_contribution(&mut s.log, &counted, explain);
         }
         points
     }
@@ -1327,8 +1342,15 @@ impl Engine {
             into.remember(*t, *f, self.config.dedup_window);
         }
         for c in &visitor.log {
-            let fp = fingerprint(&c.event_id);
-            remember_contribution(&mut into.log, c.clone(), fp, self.config.explain_window);
+            let counted = Counted {
+                rule: c.rule,
+                event_id: &c.event_id,
+                at: c.at,
+                points: c.points,
+                capped: c.capped,
+                fp: fingerprint(&c.event_id),
+            };
+            remember_contribution(&mut into.log, &counted, self.config.explain_window);
         }
         into.last_engaged_at = into.last_engaged_at.max(visitor.last_engaged_at);
         into.last_event_at = into.last_event_at.max(visitor.last_event_at);
@@ -1354,17 +1376,17 @@ impl Engine {
                 for (at, p) in mine
                     .admitted
                     .iter()
-                    .zip(&old_mine)
-                    .chain(vc.admitted.iter().zip(&old_theirs))
+                    .zip(old_mine)
+                    .chain(vc.admitted.iter().zip(old_theirs))
                 {
-                    if *p != 0.0 {
-                        lr.cells.add(window, Term::new(*p, *at, h).negated());
+                    if p != 0.0 {
+                        lr.cells.add(window, Term::new(p, *at, h).negated());
                     }
                 }
                 let mut all: Vec<Millis> =
                     mine.admitted.iter().chain(&vc.admitted).copied().collect();
                 all.sort_unstable();
-                let new = allowances(points, &cap, &all);
+                let new: Vec<f64> = allowances(points, &cap, &all).collect();
                 for (at, p) in all.iter().zip(&new) {
                     if *p != 0.0 {
                         lr.cells.add(window, Term::new(*p, *at, h));
@@ -1435,6 +1457,16 @@ impl Engine {
     }
 }
 
+/// The set of channels a lead opted out of, as a bit per channel index:
+/// compared on every event, without allocating.
+fn opted_mask(s: &LeadState) -> [u64; 4] {
+    let mut mask = [0; 4];
+    for c in s.channels.iter().filter(|c| c.opted_out) {
+        mask[usize::from(c.channel >> 6)] |= 1 << (c.channel & 63);
+    }
+    mask
+}
+
 /// Indices of the channels a lead opted out of.
 fn opted_out(s: &LeadState) -> Vec<u8> {
     s.channels
@@ -1445,45 +1477,69 @@ fn opted_out(s: &LeadState) -> Vec<u8> {
 }
 
 /// The points each admitted match (earliest first) counts for under a cap.
-fn allowances(points: f64, cap: &rules::Cap, admitted: &[Millis]) -> Vec<f64> {
-    let mut used = 0.0_f64;
-    admitted
-        .iter()
-        .enumerate()
-        .map(|(i, _)| {
-            if cap.max_matches.is_some_and(|m| i as u64 >= u64::from(m)) {
-                return 0.0;
+fn allowances(points: f64, cap: &rules::Cap, admitted: &[Millis]) -> impl Iterator<Item = f64> {
+    let cap = *cap;
+    (0..admitted.len()).scan(0.0_f64, move |used, i| {
+        if cap.max_matches.is_some_and(|m| i as u64 >= u64::from(m)) {
+            return Some(0.0);
+        }
+        Some(match cap.max_points {
+            Some(max) => {
+                let room = (max - *used).max(0.0);
+                let a = points.abs().min(room);
+                *used += a;
+                a * points.signum()
             }
-            match cap.max_points {
-                Some(max) => {
-                    let room = (max - used).max(0.0);
-                    let a = points.abs().min(room);
-                    used += a;
-                    a * points.signum()
-                }
-                None => points,
-            }
+            None => points,
         })
-        .collect()
+    })
 }
 
-/// Keeps the `capacity` latest counted events by (time, fingerprint).
-fn remember_contribution(log: &mut Vec<Contribution>, c: Contribution, fp: u64, capacity: usize) {
-    if capacity == 0 || log.iter().any(|x| x.event_id == c.event_id) {
+/// A counted event on its way into the explain log.
+struct Counted<'a> {
+    rule: u16,
+    event_id: &'a str,
+    at: Millis,
+    points: f64,
+    capped: bool,
+    /// Fingerprint of `event_id`.
+    fp: u64,
+}
+
+/// Keeps the `capacity` latest counted events by (time, fingerprint), each
+/// (time, id) once. The log is a function of the set of events counted:
+/// an id counted again at another time (after the de-duplication memory
+/// forgot it) is another contribution, shown as such.
+fn remember_contribution(log: &mut Vec<Contribution>, c: &Counted<'_>, capacity: usize) {
+    if capacity == 0 || log.iter().any(|x| x.at == c.at && x.event_id == c.event_id) {
         return;
     }
     // Ordered by (event time, fingerprint of the id); an entry's fingerprint
     // is computed only when its time ties with the new one's.
     let before_new =
-        |x: &Contribution| x.at < c.at || (x.at == c.at && fingerprint(&x.event_id) < fp);
-    if log.len() >= capacity {
+        |x: &Contribution| x.at < c.at || (x.at == c.at && fingerprint(&x.event_id) < c.fp);
+    // A full log gives its oldest entry's id buffer to the new one.
+    let mut event_id = if log.len() >= capacity {
         if !before_new(&log[0]) {
             return;
         }
-        log.remove(0);
-    }
+        log.remove(0).event_id
+    } else {
+        String::new()
+    };
+    event_id.clear();
+    event_id.push_str(c.event_id);
     let i = log.partition_point(before_new);
-    log.insert(i, c);
+    log.insert(
+        i,
+        Contribution {
+            rule: c.rule,
+            event_id,
+            at: c.at,
+            points: c.points,
+            capped: c.capped,
+        },
+    );
 }
 
 fn truncate(text: &str, max: usize) -> String {

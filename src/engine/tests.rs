@@ -942,6 +942,103 @@ fn shuffle<T>(v: &mut [T], seed: u64) {
     }
 }
 
+/// The explain log keeps the latest counted events by (time, id
+/// fingerprint), each (time, id) once, whatever order they are counted in;
+/// a full log recycles its oldest entry.
+#[test]
+fn the_explain_log_is_a_function_of_the_events_counted() {
+    let counted = [
+        ("a", T0),
+        ("b", T0 + 5),
+        ("c", T0 + 5),
+        ("d", T0 + 9),
+        ("a", T0 + 7),
+        ("e", T0 + 1),
+        ("b", T0 + 5),
+    ];
+    let log_of = |order: &[usize]| {
+        let mut log = Vec::new();
+        for &i in order {
+            let (id, at) = counted[i];
+            let c = Counted {
+                rule: 1,
+                event_id: id,
+                at,
+                points: 2.0,
+                capped: false,
+                fp: fingerprint(id),
+            };
+            remember_contribution(&mut log, &c, 4);
+        }
+        log.iter()
+            .map(|c: &Contribution| (c.event_id.clone(), c.at))
+            .collect::<Vec<_>>()
+    };
+    let forward = log_of(&[0, 1, 2, 3, 4, 5, 6]);
+    let mut latest = vec![("b", T0 + 5), ("c", T0 + 5), ("a", T0 + 7), ("d", T0 + 9)];
+    if fingerprint("c") < fingerprint("b") {
+        latest.swap(0, 1);
+    }
+    let latest: Vec<_> = latest
+        .into_iter()
+        .map(|(id, at)| (id.to_string(), at))
+        .collect();
+    assert_eq!(forward, latest);
+    for seed in 1..50 {
+        let mut order: Vec<usize> = (0..counted.len()).collect();
+        shuffle(&mut order, seed);
+        assert_eq!(log_of(&order), latest, "order {order:?}");
+    }
+}
+
+/// The first integer instant `t ≥ from` with `value(t) < threshold`, found
+/// by doubling then halving: slow and obviously right for a curve that
+/// never rises.
+fn first_below_by_bisection(c: &Curve, from: Millis, threshold: f64) -> Option<Millis> {
+    let below = |t: Millis| c.value(t as f64) < threshold;
+    if below(from) {
+        return Some(from);
+    }
+    let mut step: Millis = 1;
+    while !below(from.checked_add(step)?) {
+        step = step.checked_mul(2)?;
+    }
+    let (mut lo, mut hi) = (from + step / 2, from + step);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if below(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
+proptest! {
+    /// The timer search lands on the very millisecond a slow exhaustive
+    /// search finds, for up to `MAX_GROUPS` decaying terms of any size and half-life.
+    #[test]
+    fn first_below_is_the_first_millisecond_below(
+        terms in proptest::collection::vec((0.001f64..5_000.0, 1i64..(400 * DAY)), 1..=rules::MAX_GROUPS),
+        constant_share in 0.0f64..0.99,
+        threshold in 0.5f64..120.0,
+        from_offset in 0i64..(30 * DAY),
+    ) {
+        let constant = threshold * constant_share;
+        let mut c = Curve { t0: T0 as f64, terms: [(0.0, 1.0); rules::MAX_GROUPS], n: 0, constant };
+        for (v, h) in &terms {
+            c.terms[c.n] = (*v, *h as f64);
+            c.n += 1;
+        }
+        let from = T0 + from_offset;
+        prop_assert_eq!(c.first_below(from, threshold), first_below_by_bisection(&c, from, threshold));
+        // A floor at or above the threshold is never left.
+        c.constant = threshold;
+        prop_assert_eq!(c.first_below(from, threshold), None);
+    }
+}
+
 proptest! {
     #[test]
     fn decay_never_raises_a_score(raw in proptest::collection::vec(arb_event(), 1..40), later in 0i64..(400 * DAY)) {
