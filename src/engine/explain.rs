@@ -128,7 +128,7 @@ impl Engine {
                     window_start: state.window * cap.window_ms,
                     window_end: (state.window + 1) * cap.window_ms,
                     matches: state.admitted.len() as u32,
-                    points: super::allowances(rule.points, &cap, &state.admitted)
+                    points: super::allowances(rule.points, &cap, state.admitted.len())
                         .map(f64::abs)
                         .sum(),
                     max_matches: cap.max_matches,

@@ -1179,33 +1179,13 @@ impl Engine {
                     }
                     let c = rs.cap.as_mut().expect("set above");
                     // Exact update: take the old allowances out, put the new ones in.
-                    for (at, p) in c
-                        .admitted
-                        .iter()
-                        .zip(allowances(r.points, &cap, &c.admitted))
-                    {
-                        if p != 0.0 {
-                            rs.cells.add(window, Term::new(p, *at, h).negated());
-                        }
-                    }
+                    credit(&mut rs.cells, window, h, r.points, &cap, &c.admitted, true);
                     let i = c.admitted.partition_point(|x| *x <= t);
                     c.admitted.insert(i, t);
-                    let mut counted = 0.0;
-                    let mut keep = 0;
-                    let new = allowances(r.points, &cap, &c.admitted);
-                    for (j, (at, p)) in c.admitted.iter().zip(new).enumerate() {
-                        if p != 0.0 {
-                            rs.cells.add(window, Term::new(p, *at, h));
-                            if keep == j {
-                                keep += 1;
-                            }
-                        }
-                        if j == i {
-                            counted = p;
-                        }
-                    }
-                    // Allowances only fall along the list: matches that count
-                    // zero now never count again, so they are not kept.
+                    let keep = credit(&mut rs.cells, window, h, r.points, &cap, &c.admitted, false);
+                    let counted = allowances(r.points, &cap, c.admitted.len())
+                        .nth(i)
+                        .unwrap_or(0.0);
                     c.admitted.truncate(keep);
                     counted
                 }
@@ -1371,28 +1351,12 @@ impl Engine {
             None => lr.cap = Some(vc.clone()),
             Some(mine) if mine.window < vc.window => *mine = vc.clone(),
             Some(mine) if mine.window == vc.window => {
-                let old_mine = allowances(points, &cap, &mine.admitted);
-                let old_theirs = allowances(points, &cap, &vc.admitted);
-                for (at, p) in mine
-                    .admitted
-                    .iter()
-                    .zip(old_mine)
-                    .chain(vc.admitted.iter().zip(old_theirs))
-                {
-                    if p != 0.0 {
-                        lr.cells.add(window, Term::new(p, *at, h).negated());
-                    }
-                }
+                credit(&mut lr.cells, window, h, points, &cap, &mine.admitted, true);
+                credit(&mut lr.cells, window, h, points, &cap, &vc.admitted, true);
                 let mut all: Vec<Millis> =
                     mine.admitted.iter().chain(&vc.admitted).copied().collect();
                 all.sort_unstable();
-                let new: Vec<f64> = allowances(points, &cap, &all).collect();
-                for (at, p) in all.iter().zip(&new) {
-                    if *p != 0.0 {
-                        lr.cells.add(window, Term::new(*p, *at, h));
-                    }
-                }
-                let keep = new.iter().take_while(|p| **p != 0.0).count();
+                let keep = credit(&mut lr.cells, window, h, points, &cap, &all, false);
                 all.truncate(keep);
                 mine.admitted = all;
             }
@@ -1476,10 +1440,10 @@ fn opted_out(s: &LeadState) -> Vec<u8> {
         .collect()
 }
 
-/// The points each admitted match (earliest first) counts for under a cap.
-fn allowances(points: f64, cap: &rules::Cap, admitted: &[Millis]) -> impl Iterator<Item = f64> {
+/// The points each of `n` admitted matches (earliest first) counts for under a cap.
+fn allowances(points: f64, cap: &rules::Cap, n: usize) -> impl Iterator<Item = f64> + use<> {
     let cap = *cap;
-    (0..admitted.len()).scan(0.0_f64, move |used, i| {
+    (0..n).scan(0.0_f64, move |used, i| {
         if cap.max_matches.is_some_and(|m| i as u64 >= u64::from(m)) {
             return Some(0.0);
         }
@@ -1493,6 +1457,36 @@ fn allowances(points: f64, cap: &rules::Cap, admitted: &[Millis]) -> impl Iterat
             None => points,
         })
     })
+}
+
+/// Adds to `cells` what each admitted match (earliest first) counts for
+/// under the cap, or with `negate` takes it out. Returns how many matches
+/// lead the list with a non-zero allowance: allowances only fall along the
+/// list, so the matches after them never count again and are not kept.
+fn credit(
+    cells: &mut Cells,
+    window: i64,
+    h: i64,
+    points: f64,
+    cap: &rules::Cap,
+    admitted: &[Millis],
+    negate: bool,
+) -> usize {
+    let mut keep = 0;
+    for (j, (at, p)) in admitted
+        .iter()
+        .zip(allowances(points, cap, admitted.len()))
+        .enumerate()
+    {
+        if p != 0.0 {
+            let term = Term::new(p, *at, h);
+            cells.add(window, if negate { term.negated() } else { term });
+            if keep == j {
+                keep += 1;
+            }
+        }
+    }
+    keep
 }
 
 /// A counted event on its way into the explain log.
