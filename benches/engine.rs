@@ -10,6 +10,9 @@
 //!   Kafka and Redis I/O: decode, event-time merge, lead cache, engine,
 //!   timers, output encoding, and a state write (to the in-memory store)
 //!   every 10,000 events;
+//! - `ids`: the deterministic UUID v5 of a segment change (`change_id`),
+//!   beside the same id made the way it was before (joined name, then
+//!   `Uuid::new_v5`) in the same run;
 //! - `shards`: 1, 2, 4 and 8 threads, each driving its own shard as the
 //!   service's workers do (shared: the engine and rules, read-only). Total
 //!   events per second across threads; flat past the machine's core count.
@@ -22,10 +25,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use leadscore::decode::{Contract, Decoder, Format, encode_avro, input_schema};
-use leadscore::engine::{Engine, EngineConfig, Kind, LeadState, Rules};
+use leadscore::engine::{
+    Engine, EngineConfig, Kind, LeadState, Reason, Rules, Scores, Segment, SegmentChange,
+};
 use leadscore::event::Event;
 use leadscore::event::Source;
-use leadscore::output::Encoder;
+use leadscore::output::{Encoder, change_id};
 use leadscore::shard::{Ctx, InMessage, Shard, ShardConfig, StepStats};
 use leadscore::sink::{Barrier, DeadLetter, Sink, SinkError};
 use leadscore::store::Store;
@@ -273,10 +278,67 @@ fn bench_shards(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_ids(c: &mut Criterion) {
+    let rules = Rules::default_rules();
+    let namespace = uuid::Uuid::from_u128(0x6c65_6164_7363_6f72_6500_0000_0000_0001);
+    let changes: Vec<(String, SegmentChange)> = (0..1_000)
+        .map(|i| {
+            let change = SegmentChange {
+                from: Segment::Tier(0),
+                to: Segment::Tier(1),
+                scores: Scores {
+                    total: 30.0,
+                    engagement: 30.0,
+                    fit: 0.0,
+                    grade: None,
+                },
+                reason: Reason::Event,
+                trigger: Some(format!("{:08x}-7d1c-4f7e-9a61-{i:012}", i * 7919)),
+                at: 1_764_000_000_000,
+                opted_out: Vec::new(),
+            };
+            (format!("crm-{i:06}"), change)
+        })
+        .collect();
+    let joined = |lead: &str, change: &SegmentChange| {
+        let trigger = change.trigger.as_deref().unwrap_or_default();
+        let name = [
+            "change",
+            "v1",
+            lead,
+            &format!("event:{trigger}"),
+            change.to.name(&rules),
+        ]
+        .join("\x1f");
+        uuid::Uuid::new_v5(&namespace, name.as_bytes())
+    };
+    // Both sides make the same ids, so they do the same work.
+    let (lead, change) = &changes[0];
+    assert_eq!(change_id("v1", lead, change, &rules), joined(lead, change));
+    let mut g = c.benchmark_group("ids");
+    g.throughput(Throughput::Elements(changes.len() as u64));
+    g.bench_function("change_id", |b| {
+        b.iter(|| {
+            for (lead, change) in &changes {
+                black_box(change_id("v1", lead, change, &rules));
+            }
+        })
+    });
+    g.bench_function("joined_new_v5", |b| {
+        b.iter(|| {
+            for (lead, change) in &changes {
+                black_box(joined(lead, change));
+            }
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_decode,
     bench_engine,
+    bench_ids,
     bench_shard,
     bench_shards
 );
