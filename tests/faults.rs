@@ -142,6 +142,11 @@ fn reference() -> &'static Outcome {
         let out = (redis.leads(&names.prefix), output_ids(&broker, &names));
         assert!(out.0.len() > LEADS / 2, "most leads are stored");
         assert!(out.1.len() > 1000, "plenty of outputs");
+        let (visitors, aliases) = common::visitors_and_aliases(&out.0);
+        assert!(
+            visitors > 100 && aliases > 100,
+            "the workload stitches visitors and keeps others apart: {visitors} visitors, {aliases} aliases"
+        );
         out
     })
 }

@@ -994,6 +994,45 @@ fn the_explain_log_is_a_function_of_the_events_counted() {
 /// The first integer instant `t ≥ from` with `value(t) < threshold`, found
 /// by doubling then halving: slow and obviously right for a curve that
 /// never rises.
+#[test]
+fn an_event_id_forgotten_by_the_dedup_ring_counts_again_and_a_remembered_one_does_not() {
+    // README, known limitations: de-duplication remembers a lead's 16 most
+    // recent event ids by event time; an older id sent again counts again.
+    let e = engine();
+    let window = EngineConfig::default().dedup_window;
+    let events: Vec<Event<'static>> = (0..window + 4)
+        .map(|i| {
+            web(
+                &format!("f{i}"),
+                T0 + i as Millis * 60_000,
+                EventType::FormSubmit,
+                "",
+            )
+        })
+        .collect();
+    let (mut s, _) = run(&e, &events, &[]);
+    let at = events.last().unwrap().occurred_at;
+    let before = e.scores_at(&s, at).engagement;
+    let mut out = Vec::new();
+    let newest = events.last().unwrap();
+    assert_eq!(e.apply(&mut s, newest, &mut out), Applied::Duplicate);
+    assert_eq!(
+        e.scores_at(&s, at).engagement,
+        before,
+        "a remembered id counts once"
+    );
+    let forgotten = &events[0];
+    assert!(!s.seen(fingerprint(&forgotten.event_id)));
+    assert!(matches!(
+        e.apply(&mut s, forgotten, &mut out),
+        Applied::Applied { .. }
+    ));
+    assert!(
+        e.scores_at(&s, at).engagement > before,
+        "an id older than the ring's 16 counts a second time"
+    );
+}
+
 fn first_below_by_bisection(c: &Curve, from: Millis, threshold: f64) -> Option<Millis> {
     let below = |t: Millis| c.value(t as f64) < threshold;
     if below(from) {

@@ -673,12 +673,14 @@ impl Shard {
             if let Some(at) = r.at {
                 while let Some((due, key)) = self.timers.peek_due(at.max(self.clock)) {
                     let key = key.clone();
-                    if self.absent.contains(&key) {
-                        // Its lead is gone from the store: a stale timer.
+                    let held = self.cache.lock().contains(&key);
+                    if !held && self.absent.contains(&key) {
+                        // Its lead is gone from the store, and not created
+                        // since the round loaded: a stale timer.
                         self.timers.pop_due(due);
                         continue;
                     }
-                    if !self.cache.lock().contains(&key) || fired >= self.config.round {
+                    if !held || fired >= self.config.round {
                         return Ok(applied + fired);
                     }
                     self.timers.pop_due(due);
@@ -750,11 +752,12 @@ impl Shard {
         // Nothing left to apply: timers due by the clock.
         while let Some((due, key)) = self.timers.peek_due(self.clock) {
             let key = key.clone();
-            if self.absent.contains(&key) {
+            let held = self.cache.lock().contains(&key);
+            if !held && self.absent.contains(&key) {
                 self.timers.pop_due(due);
                 continue;
             }
-            if !self.cache.lock().contains(&key) || fired >= self.config.round {
+            if !held || fired >= self.config.round {
                 break;
             }
             self.timers.pop_due(due);

@@ -862,3 +862,56 @@ fn timers_in_memory_stay_bounded_and_every_lead_still_decays() {
     assert_eq!(tight.0, roomy.0);
     assert_eq!(tight.1, roomy.1);
 }
+
+#[test]
+fn a_lead_created_in_a_round_decays_when_its_timer_falls_due_in_that_round() {
+    // A backlog: one round spans a month of event time. Lead "new" is
+    // absent from the store when the round loads, gets its only event
+    // (warm), and its decay falls due while the same round still runs.
+    // The timer is live; it was taken for a stale one of a deleted lead and
+    // dropped, so the lead stayed warm forever (found by the fault tests'
+    // workload: a lead with a single event, replayed from a backlog).
+    let mut h = Harness::new(engine(), ShardConfig::default());
+    h.produce(
+        0,
+        json(
+            "only",
+            Some("new"),
+            None,
+            T0,
+            "booking_abandoned",
+            serde_json::json!({}),
+        ),
+    );
+    for i in 0..200 {
+        h.produce(
+            0,
+            json(
+                &format!("o{i}"),
+                Some(&format!("other{i}")),
+                None,
+                T0 + (i + 1) * 240 * MIN,
+                "page_view",
+                serde_json::json!({"url": "/menu"}),
+            ),
+        );
+    }
+    h.finish();
+    let changes: Vec<serde_json::Value> = h
+        .sink
+        .records
+        .lock()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).unwrap())
+        .filter(|v: &serde_json::Value| v["lead_id"] == "new")
+        .collect();
+    let reasons: Vec<&str> = changes
+        .iter()
+        .filter_map(|v| v["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["event", "decay"],
+        "warm by its event, cold by decay: {changes:?}"
+    );
+}

@@ -1004,6 +1004,26 @@ pub fn assert_same_leads(
     );
 }
 
+/// How many stored states are anonymous visitors, and how many are visitors
+/// merged into a lead (aliases).
+pub fn visitors_and_aliases(
+    states: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> (usize, usize) {
+    let engine = leadscore::engine::Engine::new(
+        std::sync::Arc::new(leadscore::engine::Rules::default_rules()),
+        leadscore::engine::EngineConfig::default(),
+    );
+    let mut counts = (0, 0);
+    for bytes in states.values() {
+        match engine.decode(bytes).map(|s| s.kind) {
+            Ok(leadscore::engine::Kind::Visitor) => counts.0 += 1,
+            Ok(leadscore::engine::Kind::Alias(_)) => counts.1 += 1,
+            _ => {}
+        }
+    }
+    counts
+}
+
 /// One message of a workload: input index (web, adpixel, email, crm), partition, key, payload.
 pub type Msg = (usize, i32, String, Vec<u8>);
 
@@ -1014,6 +1034,17 @@ pub type Msg = (usize, i32, String, Vec<u8>);
 /// nightly syncs, up to a day behind. Two in a hundred events are produced
 /// twice (a producer retry). Returned in production order. Event times start
 /// on 2025-01-06, so every decay timer is long due by the time a run ends.
+///
+/// A quarter of the leads also browse with a cookie, as a web tracker sends
+/// them: half of their web events carry only the cookie (`anonymous_id`, no
+/// lead id, keyed by the cookie), before and after they identify, and their
+/// form submits and booking starts carry both ids (the identifying events).
+/// For half of those leads the tracker sends the cookie-only events to the
+/// lead's partition, so the visitor is stitched into the lead when it
+/// identifies and later cookie-only events follow the alias; for the other
+/// half, to another partition, where the visitor stays a separate, silent
+/// visitor (README, known limitations). Anonymous and identified events
+/// share every web batch.
 pub fn skewed_workload(events: usize, leads: usize, partitions: i32, seed: u64) -> Vec<Msg> {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
@@ -1095,6 +1126,17 @@ pub fn skewed_workload(events: usize, leads: usize, partitions: i32, seed: u64) 
                     None,
                 ),
             };
+        let tracked = lead % 4 == 0;
+        let identifying = matches!(kind, "form_submit" | "booking_started");
+        let anonymous = tracked && input == 0 && !identifying && rng.random_range(0..2) == 0;
+        let cookie = format!("cookie-{lead}");
+        let (key, partition) = if !anonymous {
+            (key, partition)
+        } else if (lead / 4) % 2 == 0 {
+            (cookie.clone(), partition)
+        } else {
+            (cookie.clone(), (partition + 1) % partitions)
+        };
         let produce_at = match input {
             0 => at + rng.random_range(0..2_000),
             1 => at + 60_000 + rng.random_range(0..1_000),
@@ -1111,9 +1153,17 @@ pub fn skewed_workload(events: usize, leads: usize, partitions: i32, seed: u64) 
             }
         };
         let mut payload = serde_json::json!({
-            "event_id": format!("e-{seed}-{i}"), "lead_id": key, "occurred_at": leadscore::event::format_rfc3339(at),
+            "event_id": format!("e-{seed}-{i}"), "occurred_at": leadscore::event::format_rfc3339(at),
             "type": kind, "attributes": attrs,
         });
+        if anonymous {
+            payload["anonymous_id"] = cookie.into();
+        } else {
+            payload["lead_id"] = format!("lead-{lead}").into();
+            if tracked && identifying {
+                payload["anonymous_id"] = cookie.into();
+            }
+        }
         if let Some(c) = channel {
             payload["channel"] = c.into();
         }
