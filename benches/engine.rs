@@ -10,6 +10,9 @@
 //!   Kafka and Redis I/O: decode, event-time merge, lead cache, engine,
 //!   timers, output encoding, and a state write (to the in-memory store)
 //!   every 10,000 events;
+//! - `state`: a lead's stored form, unpacked into a reused state and packed
+//!   again (what the shard does on every event), over the states the
+//!   engine builds from the first half of the stream;
 //! - `ids`: the deterministic UUID v5 of a segment change (`change_id`),
 //!   beside the same id made the way it was before (joined name, then
 //!   `Uuid::new_v5`) in the same run;
@@ -234,6 +237,59 @@ fn bench_engine(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_state(c: &mut Criterion) {
+    let engine = engine();
+    let fixture = fixture(7);
+    let decoders = decoders(&engine, Format::Json);
+    // States mid-life: each lead's after the first half of the stream.
+    let mut states: std::collections::HashMap<String, LeadState> = Default::default();
+    let mut decisions = Vec::new();
+    for (input, payload) in &fixture.events[..EVENTS / 2] {
+        let Ok(e) = decoders[*input].decode(Some(payload), None) else {
+            continue;
+        };
+        let (id, kind) = match (e.lead_id.as_deref(), e.anonymous_id.as_deref()) {
+            (Some(l), _) => (format!("l:{l}"), Kind::Lead),
+            (None, Some(a)) => (format!("a:{a}"), Kind::Visitor),
+            (None, None) => unreachable!("decoded events have an identity"),
+        };
+        let state = states.entry(id).or_insert_with(|| LeadState::new(kind));
+        decisions.clear();
+        engine.apply(state, &e, &mut decisions);
+    }
+    let mut states: Vec<(String, LeadState)> = states.into_iter().collect();
+    states.sort_by(|a, b| a.0.cmp(&b.0));
+    let states: Vec<LeadState> = states.into_iter().map(|(_, s)| s).collect();
+    let stored: Vec<Vec<u8>> = states
+        .iter()
+        .map(|s| {
+            let mut out = Vec::new();
+            engine.encode(s, &mut out);
+            out
+        })
+        .collect();
+    let mut g = c.benchmark_group("state");
+    g.throughput(Throughput::Elements(states.len() as u64));
+    g.bench_function("decode", |b| {
+        let mut into = LeadState::new(Kind::Lead);
+        b.iter(|| {
+            for bytes in &stored {
+                black_box(engine.decode_into(bytes, &mut into).unwrap());
+            }
+        })
+    });
+    g.bench_function("encode", |b| {
+        let mut out = Vec::new();
+        b.iter(|| {
+            for s in &states {
+                engine.encode(s, &mut out);
+                black_box(&out);
+            }
+        })
+    });
+    g.finish();
+}
+
 fn bench_shard(c: &mut Criterion) {
     let engine = engine();
     let fixture = fixture(7);
@@ -339,6 +395,7 @@ criterion_group!(
     bench_decode,
     bench_engine,
     bench_ids,
+    bench_state,
     bench_shard,
     bench_shards
 );
