@@ -191,6 +191,15 @@ fn bench_decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// Whose state an event applies to: its lead's, or its visitor's when anonymous.
+fn owner(e: &Event<'_>) -> (String, Kind) {
+    match (e.lead_id.as_deref(), e.anonymous_id.as_deref()) {
+        (Some(l), _) => (format!("l:{l}"), Kind::Lead),
+        (None, Some(a)) => (format!("a:{a}"), Kind::Visitor),
+        (None, None) => unreachable!("decoded events have an identity"),
+    }
+}
+
 fn bench_engine(c: &mut Criterion) {
     let engine = engine();
     let fixture = fixture(7);
@@ -207,11 +216,7 @@ fn bench_engine(c: &mut Criterion) {
     let owners: Vec<usize> = events
         .iter()
         .map(|e| {
-            let (id, kind) = match (e.lead_id.as_deref(), e.anonymous_id.as_deref()) {
-                (Some(l), _) => (format!("l:{l}"), Kind::Lead),
-                (None, Some(a)) => (format!("a:{a}"), Kind::Visitor),
-                (None, None) => unreachable!("decoded events have an identity"),
-            };
+            let (id, kind) = owner(e);
             *ids.entry(id).or_insert_with(|| {
                 kinds.push(kind);
                 kinds.len() - 1
@@ -242,24 +247,18 @@ fn bench_state(c: &mut Criterion) {
     let fixture = fixture(7);
     let decoders = decoders(&engine, Format::Json);
     // States mid-life: each lead's after the first half of the stream.
-    let mut states: std::collections::HashMap<String, LeadState> = Default::default();
+    let mut states = std::collections::BTreeMap::<String, LeadState>::new();
     let mut decisions = Vec::new();
     for (input, payload) in &fixture.events[..EVENTS / 2] {
         let Ok(e) = decoders[*input].decode(Some(payload), None) else {
             continue;
         };
-        let (id, kind) = match (e.lead_id.as_deref(), e.anonymous_id.as_deref()) {
-            (Some(l), _) => (format!("l:{l}"), Kind::Lead),
-            (None, Some(a)) => (format!("a:{a}"), Kind::Visitor),
-            (None, None) => unreachable!("decoded events have an identity"),
-        };
+        let (id, kind) = owner(&e);
         let state = states.entry(id).or_insert_with(|| LeadState::new(kind));
         decisions.clear();
         engine.apply(state, &e, &mut decisions);
     }
-    let mut states: Vec<(String, LeadState)> = states.into_iter().collect();
-    states.sort_by(|a, b| a.0.cmp(&b.0));
-    let states: Vec<LeadState> = states.into_iter().map(|(_, s)| s).collect();
+    let states: Vec<LeadState> = states.into_values().collect();
     let stored: Vec<Vec<u8>> = states
         .iter()
         .map(|s| {

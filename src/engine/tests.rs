@@ -991,9 +991,6 @@ fn the_explain_log_is_a_function_of_the_events_counted() {
     }
 }
 
-/// The first integer instant `t ≥ from` with `value(t) < threshold`, found
-/// by doubling then halving: slow and obviously right for a curve that
-/// never rises.
 #[test]
 fn an_event_id_forgotten_by_the_dedup_ring_counts_again_and_a_remembered_one_does_not() {
     // README, known limitations: de-duplication remembers a lead's 16 most
@@ -1033,6 +1030,9 @@ fn an_event_id_forgotten_by_the_dedup_ring_counts_again_and_a_remembered_one_doe
     );
 }
 
+/// The first integer instant `t ≥ from` with `value(t) < threshold`, found
+/// by doubling then halving: slow and obviously right for a curve that
+/// never rises.
 fn first_below_by_bisection(c: &Curve, from: Millis, threshold: f64) -> Option<Millis> {
     let below = |t: Millis| c.value(t as f64) < threshold;
     if below(from) {

@@ -670,24 +670,10 @@ impl Shard {
         while let Some(r) = self.ready.front() {
             // Timers due before the event fire first, at their own instants;
             // stop the round if one needs a lead this round did not load.
-            if let Some(at) = r.at {
-                while let Some((due, key)) = self.timers.peek_due(at.max(self.clock)) {
-                    let key = key.clone();
-                    let held = self.cache.lock().contains(&key);
-                    if !held && self.absent.contains(&key) {
-                        // Its lead is gone from the store, and not created
-                        // since the round loaded: a stale timer.
-                        self.timers.pop_due(due);
-                        continue;
-                    }
-                    if !held || fired >= self.config.round {
-                        return Ok(applied + fired);
-                    }
-                    self.timers.pop_due(due);
-                    self.clock = self.clock.max(due);
-                    self.fire(ctx, &key, due)?;
-                    fired += 1;
-                }
+            if let Some(at) = r.at
+                && !self.fire_due(ctx, at.max(self.clock), &mut fired)?
+            {
+                return Ok(applied + fired);
             }
             let r = self.ready.front().expect("peeked above");
             let (input, offset, at, late) = (r.input, r.offset, r.at, r.late);
@@ -750,21 +736,39 @@ impl Shard {
             applied += 1;
         }
         // Nothing left to apply: timers due by the clock.
-        while let Some((due, key)) = self.timers.peek_due(self.clock) {
+        self.fire_due(ctx, self.clock, &mut fired)?;
+        Ok(applied + fired)
+    }
+
+    /// Fires the timers due by `until`, earliest first, each at its own
+    /// instant, counting them in `fired`. Returns false if it stopped before
+    /// the last: one needs a lead this round did not load, or the round's
+    /// share of timers is used up.
+    fn fire_due(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        until: Millis,
+        fired: &mut usize,
+    ) -> Result<bool, ShardError> {
+        while let Some((due, key)) = self.timers.peek_due(until) {
             let key = key.clone();
             let held = self.cache.lock().contains(&key);
             if !held && self.absent.contains(&key) {
+                // Its lead was not in the store when the round loaded and
+                // was not created since: a stale timer. (A lead created in
+                // the round is held, and its timer is live.)
                 self.timers.pop_due(due);
                 continue;
             }
-            if !held || fired >= self.config.round {
-                break;
+            if !held || *fired >= self.config.round {
+                return Ok(false);
             }
             self.timers.pop_due(due);
+            self.clock = self.clock.max(due);
             self.fire(ctx, &key, due)?;
-            fired += 1;
+            *fired += 1;
         }
-        Ok(applied + fired)
+        Ok(true)
     }
 
     /// Decodes a cached lead into `into`. Every key a round needs was loaded
