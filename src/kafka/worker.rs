@@ -351,10 +351,15 @@ impl Worker {
                 if read > 0 || o.shard.queued_in(input) > 0 {
                     o.last_message[input] = now;
                 }
-                let idle = idle_after.is_zero()
-                    || (read == 0
-                        && now.duration_since(o.last_message[input]) >= idle_after
-                        && self.rt.caught_up(input, o.shard.id()));
+                // Idle: nothing read, quiet for the idle time (zero: at once)
+                // and nothing left in the broker. The last part holds even
+                // with a zero idle time: an input whose next fetch has not
+                // arrived while its partition still has a backlog is not at
+                // the live edge, and moving on without it would make its
+                // events late on every restart and catch-up.
+                let idle = read == 0
+                    && now.duration_since(o.last_message[input]) >= idle_after
+                    && self.rt.caught_up(input, o.shard.id());
                 let was = o.shard.is_idle(input);
                 o.shard.set_idle(input, idle);
                 if was != o.shard.is_idle(input) {

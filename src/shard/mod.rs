@@ -702,9 +702,6 @@ impl Shard {
                     self.erase(ctx, &lead);
                 }
                 Item::Event(_) => {
-                    if late {
-                        *ctx.stats.late.entry(input).or_default() += 1;
-                    }
                     if let Some(t) = at {
                         self.clock = self.clock.max(t.min(ceiling));
                     }
@@ -712,16 +709,25 @@ impl Shard {
                     let Item::Event(event) = r.item else {
                         unreachable!("matched above")
                     };
-                    if let Err(e) = self.apply_event(ctx, input, &event) {
-                        // Not applied: put it back in front, untouched.
-                        self.ready.push_front(Released {
-                            input,
-                            offset,
-                            at,
-                            late,
-                            item: Item::Event(event),
-                        });
-                        return Err(e);
+                    match self.apply_event(ctx, input, &event) {
+                        // Late counts what the late event changed: once, and
+                        // not for a duplicate, which changed nothing.
+                        Ok(counted) => {
+                            if late && counted {
+                                *ctx.stats.late.entry(input).or_default() += 1;
+                            }
+                        }
+                        Err(e) => {
+                            // Not applied: put it back in front, untouched.
+                            self.ready.push_front(Released {
+                                input,
+                                offset,
+                                at,
+                                late,
+                                item: Item::Event(event),
+                            });
+                            return Err(e);
+                        }
                     }
                     self.positions[input] = Some(offset + 1);
                     if let Some(t) = at {
@@ -816,12 +822,13 @@ impl Shard {
         self.population_dirty = true;
     }
 
+    /// Applies one released event; false if it was a duplicate (skipped).
     fn apply_event(
         &mut self,
         ctx: &mut Ctx<'_>,
         input: usize,
         e: &Event<'static>,
-    ) -> Result<(), ShardError> {
+    ) -> Result<bool, ShardError> {
         let engine = ctx.engine;
         let rules = engine.rules().clone();
         if e.kind == EventType::ErasureRequested {
@@ -829,7 +836,7 @@ impl Shard {
                 self.erase(ctx, id);
             }
             *ctx.stats.consumed.entry((input, e.kind)).or_default() += 1;
-            return Ok(());
+            return Ok(true);
         }
         // Identity: the visitor's stored state decides where the event goes.
         let visitor_key = e.anonymous_id.as_deref().map(LeadKey::visitor);
@@ -852,7 +859,7 @@ impl Shard {
         if engine.is_duplicate(&state, e) {
             self.state = state;
             *ctx.stats.duplicates.entry(input).or_default() += 1;
-            return Ok(());
+            return Ok(false);
         }
         // Link the anonymous id: merge a visitor's history once, then alias it.
         if let (
@@ -920,7 +927,7 @@ impl Shard {
         if publish {
             self.publish(ctx, key.id())?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Fires one lead's due timer.

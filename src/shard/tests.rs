@@ -915,3 +915,49 @@ fn a_lead_created_in_a_round_decays_when_its_timer_falls_due_in_that_round() {
         "warm by its event, cold by decay: {changes:?}"
     );
 }
+
+#[test]
+fn a_late_event_is_counted_late_once_and_its_late_duplicate_not_at_all() {
+    let mut h = Harness::new(engine(), ShardConfig::default());
+    let crm = |at| {
+        json(
+            "crm-1",
+            Some("a"),
+            None,
+            at,
+            "profile_updated",
+            serde_json::json!({"industry": "catering"}),
+        )
+    };
+    // Web has moved an hour on while the CRM input was idle...
+    for i in 0..4 {
+        let at = T0 + 20 * i * MIN;
+        h.produce(
+            0,
+            json(
+                &format!("w{i}"),
+                Some("a"),
+                None,
+                at,
+                "page_view",
+                serde_json::json!({"url": "/pricing"}),
+            ),
+        );
+    }
+    h.finish();
+    // ...when the CRM sync delivers an event from before, and a producer
+    // retry delivers it again.
+    h.produce(3, crm(T0 + 5 * MIN));
+    h.produce(3, crm(T0 + 5 * MIN));
+    h.finish();
+    assert_eq!(
+        h.stats.late.get(&3).copied(),
+        Some(1),
+        "the late event, once"
+    );
+    assert_eq!(
+        h.stats.duplicates.get(&3).copied(),
+        Some(1),
+        "its re-delivery"
+    );
+}
