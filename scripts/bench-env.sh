@@ -2,12 +2,13 @@
 # release binary, starts a tansu broker and a Redis on spare loopback ports
 # (stopped on exit) and points the service at them. Sets BIN, KPORT, RPORT,
 # HPORT, WORK, EVENTS, LEADS, RUNS, RATE, PARTITIONS; defines median and port.
+# BIN=<path> runs another build of leadscore (e.g. an earlier commit's) instead.
 EVENTS=${EVENTS:-2000000} LEADS=${LEADS:-200000} RUNS=${RUNS:-5} RATE=${RATE:-20000} PARTITIONS=${PARTITIONS:-4}
 TANSU="${TANSU_BIN:-$HOME/.cargo/bin/tansu}"
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 "$TANSU" --version >/dev/null 2>&1 || cargo install tansu@0.6.0 --locked --features dynostore,libsql
 cargo build --release --locked -q
-BIN=target/release/leadscore
+BIN=${BIN:-target/release/leadscore}
 
 median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -201,7 +201,7 @@ impl Metrics {
             late_events: counter_vec(
                 &r,
                 "leadscore_late_events_total",
-                "Events applied after the shard's merge had moved past their time, by topic.",
+                "Events applied after the shard's merge had moved past their time (duplicates not counted), by topic.",
                 &["topic"],
             ),
             segment_changes: counter_vec(

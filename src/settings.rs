@@ -288,7 +288,8 @@ pub struct EventTimeSettings {
     /// An input with nothing pending and nothing new for this long stops
     /// holding the others back; when all of a shard's inputs are idle its
     /// clock follows the wall clock (less the allowed lateness), so quiet
-    /// leads still decay. 0: caught-up inputs never hold the others back.
+    /// leads still decay. 0: an input stops holding them back as soon as it
+    /// is caught up (nothing queued, nothing left in the broker).
     pub idle_timeout_ms: u64,
     /// Events dated further than this after their message's broker timestamp
     /// are dead-lettered (`contract`), and no shard clock runs further ahead
