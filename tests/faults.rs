@@ -175,17 +175,20 @@ fn feed_while<T>(
 }
 
 /// Lets `service` commit the whole workload, stops it cleanly, and compares
-/// the result with the uninterrupted run.
+/// the result with the uninterrupted run. Returns how many events the
+/// service applied late.
 fn finish_and_compare(
     broker: &Broker,
     redis: &Redis,
     names: &Names,
     timeout: Duration,
     service: Service,
-) {
+) -> u64 {
     wait_done(broker, names, timeout, &[&service]);
+    let late = service.counter("leadscore_late_events_total");
     assert!(service.terminate().success(), "exit 0 on SIGTERM");
     assert_same(redis, broker, names);
+    late
 }
 
 fn assert_same(redis: &Redis, broker: &Broker, names: &Names) {
@@ -714,10 +717,7 @@ fn with_idle_timeout_zero_a_backlog_is_still_merged_in_event_time_order() {
         &names,
         &env(&[("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "0")]),
     );
-    wait_done(&broker, &names, Duration::from_secs(300), &[&service]);
-    let late = service.counter("leadscore_late_events_total");
-    assert!(service.terminate().success(), "exit 0 on SIGTERM");
-    assert_same(&redis, &broker, &names);
+    let late = finish_and_compare(&broker, &redis, &names, Duration::from_secs(300), service);
     assert_eq!(
         late, 0,
         "events applied late while catching up on a backlog"

@@ -385,8 +385,8 @@ impl GroupContext {
         }
         let mut lag = self.rt.lag.lock();
         for p in shards {
-            for t in self.rt.inputs.iter() {
-                lag.remove(&(t.to_string(), *p));
+            for (input, t) in self.rt.inputs.iter().enumerate() {
+                lag.remove(&(input, *p));
                 let _ = self
                     .rt
                     .metrics
@@ -403,19 +403,16 @@ impl ClientContext for GroupContext {
         let owned = self.rt.caches.read();
         let mut lag = self.rt.lag.lock();
         for (topic, t) in &statistics.topics {
-            if !self.rt.inputs.iter().any(|i| **i == **topic) {
+            let Some(input) = self.rt.inputs.iter().position(|i| **i == **topic) else {
                 continue;
-            }
+            };
             for (partition, p) in &t.partitions {
                 if *partition < 0 || !owned.contains_key(partition) {
                     continue;
                 }
                 // What the broker has that this consumer has not fetched yet.
                 if p.hi_offset >= 0 && p.next_offset >= 0 {
-                    lag.insert(
-                        (topic.clone(), *partition),
-                        (p.hi_offset - p.next_offset).max(0),
-                    );
+                    lag.insert((input, *partition), (p.hi_offset - p.next_offset).max(0));
                 }
                 // Behind the group's committed offset; a partition the group
                 // never committed is read from its start (auto.offset.reset =
