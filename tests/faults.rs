@@ -866,7 +866,9 @@ fn poison_and_oversized_input_is_dead_lettered_and_every_good_event_is_scored() 
         future_reason.contains("after the message's broker timestamp"),
         "{future_reason}"
     );
-    service.wait_consumed((next_good + 2) as u64, Duration::from_secs(30));
+    // Every message is accounted for: the good web events, the one after the
+    // huge message, the whole CRM event, and the dead-lettered ones.
+    service.wait_consumed((next_good + 2 + bad) as u64, Duration::from_secs(30));
     let (status, body) = service.get("/v1/leads/p-1").unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("\"fit\":15.0"), "{body}");

@@ -102,7 +102,7 @@ fn events_in_give_segment_changes_and_a_handoff_out() {
         assert_eq!(v["event_id"].as_str().unwrap().len(), 36);
     }
     let handoffs = broker.read(&names.handoffs, PARTITIONS, 1, WAIT);
-    assert_eq!(handoffs.len(), 1);
+    assert_eq!(handoffs.len(), 1, "log:\n{}", service.logs());
     let h = json(&handoffs[0]);
     assert_eq!(h["lead_id"], lead);
     assert_eq!(h["crossing_signal"], "booking_abandoned");
