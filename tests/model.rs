@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Broker, Names, Redis, Service, event, json};
+use common::{Broker, Names, Recent, Redis, Service, event, json};
 use rdkafka::producer::{BaseRecord, Producer};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -40,7 +40,15 @@ fn changes_of(broker: &Broker, names: &Names, lead: &str, count: usize) -> Vec<s
 
 #[test]
 fn a_quiet_hot_lead_is_downgraded_by_decay() {
-    let (broker, _redis, names, service) = setup();
+    // The whole story is in the topic before the service starts, so the
+    // shard's clock is moved by the events (a backlog is merged in event-time
+    // order), not by the wall clock of a shard that went idle before they
+    // came: then the weeks-old events would be late, and the lead's decay
+    // timers would fire at the wall clock between h1 and h2.
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = Names::new();
+    broker.create_topics(&names.all(), 1);
     send(
         &broker,
         &names.web,
@@ -69,6 +77,7 @@ fn a_quiet_hot_lead_is_downgraded_by_decay() {
             &[],
         )],
     );
+    let service = Service::start(&broker, &redis, &names, &[]);
     service.wait_consumed(3, WAIT);
     let c = changes_of(&broker, &names, "hot", 4);
     let seq: Vec<(&str, &str, &str)> = c
@@ -103,6 +112,7 @@ fn a_quiet_hot_lead_is_downgraded_by_decay() {
 #[test]
 fn an_anonymous_history_counts_for_the_lead_once_identified() {
     let (broker, _redis, names, service) = setup();
+    let t = Recent::new();
     let anon = |id: &str, at: &str, url: &str| {
         serde_json::json!({"event_id": id, "anonymous_id": "cookie-1", "occurred_at": at, "type": "page_view", "attributes": {"url": url}})
             .to_string()
@@ -113,11 +123,11 @@ fn an_anonymous_history_counts_for_the_lead_once_identified() {
         &names.web,
         "cookie-1",
         &[
-            anon("a1", "2026-11-22T10:00:00Z", "/pricing"),
-            anon("a2", "2026-11-22T10:01:00Z", "/pricing"),
+            anon("a1", &t.at(0), "/pricing"),
+            anon("a2", &t.at(1), "/pricing"),
         ],
     );
-    let identify = serde_json::json!({"event_id": "i1", "lead_id": "crm-1", "anonymous_id": "cookie-1", "occurred_at": "2026-11-22T10:05:00Z", "type": "identify"});
+    let identify = serde_json::json!({"event_id": "i1", "lead_id": "crm-1", "anonymous_id": "cookie-1", "occurred_at": t.at(5), "type": "identify"});
     send(
         &broker,
         &names.web,
@@ -145,10 +155,7 @@ fn an_anonymous_history_counts_for_the_lead_once_identified() {
         .map(|c| c["event_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec!["a1", "a2"], "original events, original times");
-    assert_eq!(
-        x["contributions"][0]["occurred_at"],
-        "2026-11-22T10:00:00.000Z"
-    );
+    assert_eq!(x["contributions"][0]["occurred_at"], t.rendered(0));
     assert_eq!(service.get("/v1/leads/anon:cookie-1").unwrap().0, 404);
     assert!(service.terminate().success());
 }
@@ -156,23 +163,18 @@ fn an_anonymous_history_counts_for_the_lead_once_identified() {
 #[test]
 fn an_unsubscribed_lead_gets_no_further_nurture_events_and_explain_adds_up() {
     let (broker, _redis, names, service) = setup();
+    let t = Recent::new();
     send(
         &broker,
         &names.web,
         "l",
-        &[event(
-            "w1",
-            "l",
-            "2026-11-22T10:00:00Z",
-            "booking_started",
-            &[],
-        )],
+        &[event("w1", "l", &t.at(0), "booking_started", &[])],
     );
     send(
         &broker,
         &names.email,
         "l",
-        &[event("u1", "l", "2026-11-22T10:01:00Z", "unsubscribe", &[])],
+        &[event("u1", "l", &t.at(1), "unsubscribe", &[])],
     );
     service.wait_consumed(2, WAIT);
     send(
@@ -180,11 +182,11 @@ fn an_unsubscribed_lead_gets_no_further_nurture_events_and_explain_adds_up() {
         &names.web,
         "l",
         &[
-            event("w2", "l", "2026-11-22T10:02:00Z", "booking_abandoned", &[]),
+            event("w2", "l", &t.at(2), "booking_abandoned", &[]),
             event(
                 "w3",
                 "l",
-                "2026-11-22T10:03:00Z",
+                &t.at(3),
                 "chat_message",
                 &[("intent", "booking")],
             ),

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Broker, Names, Redis, Service, event, header, json};
+use common::{Broker, Names, Recent, Redis, Service, event, header, json};
 use leadscore::decode::{Contract, Decoder, Format, encode_avro, input_schema};
 use leadscore::engine::Rules;
 use leadscore::event::Source;
@@ -27,6 +27,7 @@ fn events_in_give_segment_changes_and_a_handoff_out() {
     let (broker, redis, names) = setup();
     let service = Service::start(&broker, &redis, &names, &[]);
     let lead = "crm-00042";
+    let t = Recent::new();
     broker.produce(
         &names.crm,
         &[(
@@ -34,7 +35,7 @@ fn events_in_give_segment_changes_and_a_handoff_out() {
             event(
                 "p1",
                 lead,
-                "2026-11-22T09:00:00Z",
+                &t.at(0),
                 "profile_updated",
                 &[("industry", "restaurants"), ("budget", "5000")],
             ),
@@ -48,7 +49,7 @@ fn events_in_give_segment_changes_and_a_handoff_out() {
                 event(
                     "w1",
                     lead,
-                    "2026-11-22T10:00:00Z",
+                    &t.at(1),
                     "page_view",
                     &[("url", "https://x.example/menu")],
                 ),
@@ -58,19 +59,13 @@ fn events_in_give_segment_changes_and_a_handoff_out() {
                 event(
                     "w2",
                     lead,
-                    "2026-11-22T10:01:00Z",
+                    &t.at(2),
                     "page_view",
                     &[("url", "https://x.example/pricing")],
                 ),
             ),
-            (
-                lead,
-                event("w3", lead, "2026-11-22T10:02:00Z", "booking_started", &[]),
-            ),
-            (
-                lead,
-                event("w4", lead, "2026-11-22T10:03:00Z", "booking_abandoned", &[]),
-            ),
+            (lead, event("w3", lead, &t.at(3), "booking_started", &[])),
+            (lead, event("w4", lead, &t.at(4), "booking_abandoned", &[])),
         ],
     );
     let changes = broker.read(&names.changes, PARTITIONS, 2, WAIT);
@@ -121,7 +116,7 @@ fn events_in_give_segment_changes_and_a_handoff_out() {
     assert_eq!(v["segment"], "hot");
     assert_eq!(v["fit"], 25.0);
     assert!(v["score"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["last_event_at"], "2026-11-22T10:03:00.000Z");
+    assert_eq!(v["last_event_at"], t.rendered(4));
     assert_eq!(service.get("/v1/leads/nobody").unwrap().0, 404);
     assert_eq!(
         service

@@ -935,6 +935,39 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Event times a little before now, for tests whose outcome depends on the
+/// order of events and timers. A shard whose inputs are all idle (after
+/// `idle_timeout_ms`, 1 s by default) moves its clock with the wall clock, so
+/// events dated days ago that arrive after that are late: the timers due
+/// between them (decay crossings) fire first, and a hand-off can fail to
+/// qualify. Fixed dates held only while the test produced within that second.
+pub struct Recent(time::OffsetDateTime);
+
+impl Recent {
+    /// Half an hour ago, on the minute.
+    pub fn new() -> Self {
+        let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(30);
+        Self(
+            now.replace_second(0)
+                .unwrap()
+                .replace_nanosecond(0)
+                .unwrap(),
+        )
+    }
+
+    /// `minutes` after the base, as an input's `occurred_at` (`…:00Z`).
+    pub fn at(&self, minutes: i64) -> String {
+        (self.0 + time::Duration::minutes(minutes))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    }
+
+    /// The same instant as the service renders it (`…:00.000Z`).
+    pub fn rendered(&self, minutes: i64) -> String {
+        format!("{}.000Z", self.at(minutes).trim_end_matches('Z'))
+    }
+}
+
 /// A JSON input event.
 pub fn event(id: &str, lead: &str, at: &str, kind: &str, attrs: &[(&str, &str)]) -> Vec<u8> {
     let attrs: serde_json::Map<String, serde_json::Value> = attrs
