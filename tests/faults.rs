@@ -565,6 +565,12 @@ fn on_a_redis_cluster_a_primary_killed_fails_over_to_its_replica_and_ends_exact(
             &[&service],
         );
         let (_, victim) = redis.slot_owner(&shard_record(&names, 0));
+        // The replica holds everything written so far (the shards' records
+        // among it); what is written from here on it may miss. Without the
+        // wait, a replica that had not yet received the shards' records
+        // could be promoted, and the service rightly stops as on a flushed
+        // Redis (seen once on a loaded CI run, 2026-12-03).
+        redis.wait_replicas_synced(victim, Duration::from_secs(60));
         redis.kill_node(victim);
         // Its replica is promoted once the others give up on it (node
         // timeout 2 s); meanwhile writes to its slots fail and are retried.

@@ -351,6 +351,44 @@ impl Redis {
         self.wait_cluster_ok(Duration::from_secs(30));
     }
 
+    /// Waits until every replica of the primary on `port` is online and has
+    /// everything the primary had written when the wait began (writes after
+    /// that may still be missing from it, as in any failover).
+    pub fn wait_replicas_synced(&self, port: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let info = || -> String {
+            redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut self.node_conn(port))
+                .unwrap()
+        };
+        let field = |text: &str, name: &str| -> Option<i64> {
+            text.split(',')
+                .find_map(|kv| kv.strip_prefix(name)?.trim().parse().ok())
+        };
+        let first = info();
+        let target = first
+            .lines()
+            .find_map(|l| field(l, "master_repl_offset:"))
+            .expect("master_repl_offset in INFO replication");
+        loop {
+            let text = info();
+            let replicas: Vec<&str> = text.lines().filter(|l| l.starts_with("slave")).collect();
+            let synced = !replicas.is_empty()
+                && replicas.iter().all(|l| {
+                    l.contains("state=online") && field(l, "offset=").is_some_and(|o| o >= target)
+                });
+            if synced {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas of {port} did not catch up:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILLs the node on `port`.
     pub fn kill_node(&mut self, port: u16) {
         if port == self.port {
