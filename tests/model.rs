@@ -10,11 +10,17 @@ use rdkafka::producer::{BaseRecord, Producer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn setup() -> (Broker, Redis, Names, Service) {
+/// A broker with the topics (one partition each) and a Redis.
+fn services() -> (Broker, Redis, Names) {
     let broker = Broker::start();
     let redis = Redis::start();
     let names = Names::new();
     broker.create_topics(&names.all(), 1);
+    (broker, redis, names)
+}
+
+fn setup() -> (Broker, Redis, Names, Service) {
+    let (broker, redis, names) = services();
     let service = Service::start(&broker, &redis, &names, &[]);
     (broker, redis, names, service)
 }
@@ -45,10 +51,7 @@ fn a_quiet_hot_lead_is_downgraded_by_decay() {
     // order), not by the wall clock of a shard that went idle before they
     // came: then the weeks-old events would be late, and the lead's decay
     // timers would fire at the wall clock between h1 and h2.
-    let broker = Broker::start();
-    let redis = Redis::start();
-    let names = Names::new();
-    broker.create_topics(&names.all(), 1);
+    let (broker, redis, names) = services();
     send(
         &broker,
         &names.web,
@@ -155,7 +158,7 @@ fn an_anonymous_history_counts_for_the_lead_once_identified() {
         .map(|c| c["event_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec!["a1", "a2"], "original events, original times");
-    assert_eq!(x["contributions"][0]["occurred_at"], t.rendered(0));
+    assert_eq!(x["contributions"][0]["occurred_at"], t.at(0));
     assert_eq!(service.get("/v1/leads/anon:cookie-1").unwrap().0, 404);
     assert!(service.terminate().success());
 }

@@ -116,7 +116,7 @@ fn events_in_give_segment_changes_and_a_handoff_out() {
     assert_eq!(v["segment"], "hot");
     assert_eq!(v["fit"], 25.0);
     assert!(v["score"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["last_event_at"], t.rendered(4));
+    assert_eq!(v["last_event_at"], t.at(4));
     assert_eq!(service.get("/v1/leads/nobody").unwrap().0, 404);
     assert_eq!(
         service

@@ -979,30 +979,19 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 /// events dated days ago that arrive after that are late: the timers due
 /// between them (decay crossings) fire first, and a hand-off can fail to
 /// qualify. Fixed dates held only while the test produced within that second.
-pub struct Recent(time::OffsetDateTime);
+pub struct Recent(leadscore::event::Millis);
 
 impl Recent {
     /// Half an hour ago, on the minute.
     pub fn new() -> Self {
-        let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(30);
-        Self(
-            now.replace_second(0)
-                .unwrap()
-                .replace_nanosecond(0)
-                .unwrap(),
-        )
+        let ago = leadscore::event::wall_clock_ms() - 30 * 60_000;
+        Self(ago - ago % 60_000)
     }
 
-    /// `minutes` after the base, as an input's `occurred_at` (`…:00Z`).
+    /// `minutes` after the base, as the service renders it
+    /// (`…:00.000Z`); inputs take the same form as `occurred_at`.
     pub fn at(&self, minutes: i64) -> String {
-        (self.0 + time::Duration::minutes(minutes))
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    }
-
-    /// The same instant as the service renders it (`…:00.000Z`).
-    pub fn rendered(&self, minutes: i64) -> String {
-        format!("{}.000Z", self.at(minutes).trim_end_matches('Z'))
+        leadscore::event::format_rfc3339(self.0 + minutes * 60_000)
     }
 }
 
