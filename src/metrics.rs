@@ -30,6 +30,7 @@ pub struct Metrics {
     pub messages_skipped: IntCounter,
     /// Events applied after the shard's merge had moved past their time, by topic.
     pub late_events: IntCounterVec,
+    pub events_behind_clock: IntCounterVec,
     /// Segment changes published, by from, to and reason.
     pub segment_changes: IntCounterVec,
     /// Hand-offs published.
@@ -202,6 +203,12 @@ impl Metrics {
                 &r,
                 "leadscore_late_events_total",
                 "Events applied after the shard's merge had moved past their time (duplicates not counted), by topic.",
+                &["topic"],
+            ),
+            events_behind_clock: counter_vec(
+                &r,
+                "leadscore_events_behind_clock_total",
+                "Events applied in merge order but older than the shard's clock, which had followed the wall clock while every input was idle (a backfill; duplicates not counted), by topic.",
                 &["topic"],
             ),
             segment_changes: counter_vec(
@@ -384,6 +391,7 @@ impl Metrics {
             self.dead_lettered.with_label_values(&[topic]);
             self.duplicates_skipped.with_label_values(&[topic]);
             self.late_events.with_label_values(&[topic]);
+            self.events_behind_clock.with_label_values(&[topic]);
             for kind in ["json", "avro", "registry", "contract", "too_large", "empty"] {
                 self.decode_failures.with_label_values(&[topic, kind]);
             }
@@ -420,6 +428,11 @@ impl Metrics {
         }
         for (input, n) in stats.late.drain() {
             self.late_events
+                .with_label_values(&[topic(input)])
+                .inc_by(n);
+        }
+        for (input, n) in stats.behind_clock.drain() {
+            self.events_behind_clock
                 .with_label_values(&[topic(input)])
                 .inc_by(n);
         }

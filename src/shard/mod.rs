@@ -186,6 +186,10 @@ pub struct StepStats {
     pub duplicates: Tally<usize>,
     /// Events applied after the merge had moved past them, by input.
     pub late: Tally<usize>,
+    /// Events applied in merge order but with a time before the shard's
+    /// clock, by input: the clock had followed the wall clock while every
+    /// input was idle (a backfill, an upstream outage's buffer).
+    pub behind_clock: Tally<usize>,
     /// Redelivered offsets skipped.
     pub skipped: u64,
     /// Segment changes published: (from, to, reason).
@@ -702,6 +706,7 @@ impl Shard {
                     self.erase(ctx, &lead);
                 }
                 Item::Event(_) => {
+                    let behind = !late && at.is_some_and(|t| t < self.clock);
                     if let Some(t) = at {
                         self.clock = self.clock.max(t.min(ceiling));
                     }
@@ -715,6 +720,9 @@ impl Shard {
                         Ok(counted) => {
                             if late && counted {
                                 *ctx.stats.late.entry(input).or_default() += 1;
+                            }
+                            if behind && counted {
+                                *ctx.stats.behind_clock.entry(input).or_default() += 1;
                             }
                         }
                         Err(e) => {

@@ -549,6 +549,8 @@ fn an_old_batch_after_the_shard_went_idle_has_its_decay_fire_between_its_events(
     // Not counted as late: the counter counts what broke the merge's
     // order, and these came in order; the README says so.
     assert_eq!(h.stats.late.values().sum::<u64>(), 0);
+    // They are counted as behind the shard's clock, each once.
+    assert_eq!(h.stats.behind_clock.values().sum::<u64>(), 2);
 }
 
 #[test]
@@ -1014,5 +1016,11 @@ fn a_late_event_is_counted_late_once_and_its_late_duplicate_not_at_all() {
         h.stats.duplicates.get(&3).copied(),
         Some(1),
         "its re-delivery"
+    );
+    // Late, not also behind the clock; the in-order web events are neither.
+    assert!(
+        h.stats.behind_clock.is_empty(),
+        "{:?}",
+        h.stats.behind_clock
     );
 }
