@@ -995,6 +995,7 @@ impl Engine {
         if s.history.len() >= self.config.history_window {
             s.history.remove(0);
         }
+        state::reserve_bounded(&mut s.history, self.config.history_window);
         s.history.push(Transition {
             from: from.code(),
             to: to.code(),
@@ -1519,6 +1520,7 @@ fn remember_contribution(log: &mut Vec<Contribution>, c: &Counted<'_>, capacity:
         }
         log.remove(0).event_id
     } else {
+        state::reserve_bounded(log, capacity);
         String::new()
     };
     event_id.clear();

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use regex::Regex;
+use regex_automata::meta::Regex;
+use regex_syntax::hir::{Hir, HirKind};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{EventType, Millis, Source};
@@ -509,6 +510,47 @@ impl Predicate {
     }
 }
 
+/// Compiles a predicate's pattern for matching only, with what `regex`
+/// allows by default (nesting, program and cache sizes). Its groups are made
+/// non-capturing first, which changes nothing a match answers: a pattern
+/// that is then a set of literals (`/(menu|blog)`) is searched for as
+/// literals, without running an automaton, which regex-automata does only
+/// for patterns without capture groups.
+pub(crate) fn compile_regex(pattern: &str) -> Result<Regex, String> {
+    let hir = regex_syntax::ParserBuilder::new()
+        .build()
+        .parse(pattern)
+        .map_err(|e| e.to_string())?;
+    Regex::builder()
+        .configure(
+            Regex::config()
+                .nfa_size_limit(Some(10 << 20))
+                .hybrid_cache_capacity(2 << 20)
+                .utf8_empty(true),
+        )
+        .build_from_hir(&without_captures(hir))
+        .map_err(|e| e.to_string())
+}
+
+/// The same expression with every capture group replaced by its contents.
+fn without_captures(hir: Hir) -> Hir {
+    match hir.into_kind() {
+        HirKind::Capture(c) => without_captures(*c.sub),
+        HirKind::Concat(subs) => Hir::concat(subs.into_iter().map(without_captures).collect()),
+        HirKind::Alternation(subs) => {
+            Hir::alternation(subs.into_iter().map(without_captures).collect())
+        }
+        HirKind::Repetition(mut r) => {
+            r.sub = Box::new(without_captures(*r.sub));
+            Hir::repetition(r)
+        }
+        HirKind::Empty => Hir::empty(),
+        HirKind::Literal(l) => Hir::literal(l.0),
+        HirKind::Class(c) => Hir::class(c),
+        HirKind::Look(l) => Hir::look(l),
+    }
+}
+
 impl PredicateConfig {
     fn compile(&self, at: &str, problems: &mut Vec<String>) -> Option<(String, Predicate)> {
         let mut ops = Vec::new();
@@ -525,7 +567,7 @@ impl PredicateConfig {
             ops.push(Predicate::Contains(s.clone()));
         }
         if let Some(r) = &self.regex {
-            match Regex::new(r) {
+            match compile_regex(r) {
                 Ok(re) => ops.push(Predicate::Regex(re)),
                 Err(e) => {
                     problems.push(format!("{at}: bad regex {r:?}: {e}"));
@@ -1088,6 +1130,55 @@ when = [{ attribute = "url", regex = "(" }]
         assert!(Predicate::Number(NumOp::Gte, 10.0).matches(" 10 "));
         assert!(!Predicate::Number(NumOp::Gt, 10.0).matches("ten"));
         assert!(Predicate::OneOf(vec!["a".into(), "b".into()]).matches("b"));
-        assert!(Predicate::Regex(Regex::new("^/menu").unwrap()).matches("/menu/x"));
+        assert!(Predicate::Regex(compile_regex("^/menu").unwrap()).matches("/menu/x"));
+    }
+
+    /// Groups made non-capturing match what the pattern as written matches,
+    /// for the default rules' shapes and for groups under repetition,
+    /// anchors, classes and case folding, on matching and non-matching text.
+    #[test]
+    fn regexes_without_groups_match_as_written() {
+        let patterns = [
+            "/(price-list|prices|combo)",
+            "/(menu|blog)",
+            "(?i)(owner|founder|director|head|manager|ceo|vp)",
+            "^/(a|b)+/(x(y|z))?$",
+            r"(\d{3})-(?P<n>\d+)",
+            "(?:plain)|(grouped)",
+            "()",
+            "",
+            "^(?i)ÄB(c)",
+        ];
+        let texts = [
+            "/prices",
+            "/x/price-list/1",
+            "/combos",
+            "/pricing",
+            "/menu",
+            "/blogroll",
+            "/Menu",
+            "Head of Sales",
+            "VP",
+            "intern",
+            "/aab/xz",
+            "/ab/x",
+            "/c",
+            "555-1",
+            "55-1",
+            "plain",
+            "grouped",
+            "",
+            "äbc",
+            "ÄBC",
+            "äb",
+        ];
+        for p in patterns {
+            let ours = compile_regex(p).unwrap();
+            let theirs = regex::Regex::new(p).unwrap();
+            for t in texts {
+                assert_eq!(ours.is_match(t), theirs.is_match(t), "{p:?} on {t:?}");
+            }
+        }
+        assert!(compile_regex("(").unwrap_err().contains("unclosed group"));
     }
 }

@@ -304,6 +304,7 @@ impl LeadState {
             }
             self.recent.remove(0);
         }
+        reserve_bounded(&mut self.recent, capacity);
         let i = self.recent.partition_point(|k| *k < key);
         self.recent.insert(i, key);
     }
@@ -312,6 +313,15 @@ impl LeadState {
     /// is full and the event is older than everything it remembers).
     pub fn older_than_memory(&self, at: Millis, fingerprint: u64, capacity: usize) -> bool {
         self.recent.len() >= capacity && self.recent.first().is_some_and(|k| (at, fingerprint) < *k)
+    }
+}
+
+/// Gives a bounded log its whole capacity on its first entry: one
+/// allocation instead of growing through 4, 8, 16, … as a new lead's first
+/// events arrive (a state unpacked into a reused one keeps its buffers).
+pub(crate) fn reserve_bounded<T>(log: &mut Vec<T>, capacity: usize) {
+    if log.capacity() == 0 {
+        log.reserve_exact(capacity);
     }
 }
 
