@@ -30,6 +30,7 @@ pub struct Metrics {
     pub messages_skipped: IntCounter,
     /// Events applied after the shard's merge had moved past their time, by topic.
     pub late_events: IntCounterVec,
+    /// Events applied in merge order but older than a shard's idle clock, by topic.
     pub events_behind_clock: IntCounterVec,
     /// Segment changes published, by from, to and reason.
     pub segment_changes: IntCounterVec,
