@@ -510,8 +510,9 @@ impl Predicate {
     }
 }
 
-/// Compiles a predicate's pattern for matching only, with what `regex`
-/// allows by default (nesting, program and cache sizes). Its groups are made
+/// Compiles a predicate's pattern for matching only, within the limits
+/// `regex` sets by default (regex-automata's defaults: nesting, program and
+/// cache sizes). Its groups are made
 /// non-capturing first, which changes nothing a match answers: a pattern
 /// that is then a set of literals (`/(menu|blog)`) is searched for as
 /// literals, without running an automaton, which regex-automata does only
@@ -522,12 +523,6 @@ pub(crate) fn compile_regex(pattern: &str) -> Result<Regex, String> {
         .parse(pattern)
         .map_err(|e| e.to_string())?;
     Regex::builder()
-        .configure(
-            Regex::config()
-                .nfa_size_limit(Some(10 << 20))
-                .hybrid_cache_capacity(2 << 20)
-                .utf8_empty(true),
-        )
         .build_from_hir(&without_captures(hir))
         .map_err(|e| e.to_string())
 }
