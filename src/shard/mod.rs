@@ -253,6 +253,10 @@ pub struct Shard {
     /// Largest event time applied, per input.
     seen: Vec<Millis>,
     clock: Millis,
+    /// Event time of the last event applied (the clock at the start): while
+    /// events still come, timers fire no further than this (see
+    /// [`Shard::timer_horizon`]).
+    last_at: Millis,
     cache: Arc<Mutex<LeadCache>>,
     timers: Timers,
     deletes: KeySet,
@@ -315,6 +319,7 @@ impl Shard {
             positions,
             seen,
             clock: meta.clock.unwrap_or(NEVER),
+            last_at: meta.clock.unwrap_or(NEVER),
             cache: Arc::new(Mutex::new(LeadCache::new(config.cache))),
             timers: Timers::default(),
             deletes: KeySet::default(),
@@ -481,9 +486,7 @@ impl Shard {
                     None => break,
                 }
             }
-            let until = self.ready.iter().filter_map(|r| r.at).max();
-            let due_any = until.is_some_and(|u| self.timers.peek_due(u.max(self.clock)).is_some())
-                || self.timers.peek_due(self.clock).is_some();
+            let due_any = self.timers.peek_due(self.timers_until()).is_some();
             if self.ready.is_empty() && !due_any {
                 break;
             }
@@ -526,13 +529,7 @@ impl Shard {
     }
 
     fn page_timers(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ShardError> {
-        let horizon = self
-            .ready
-            .iter()
-            .filter_map(|r| r.at)
-            .max()
-            .unwrap_or(NEVER)
-            .max(self.clock);
+        let horizon = self.timers_until();
         let mut limit = self.config.timer_page.max(1);
         while let Some(after) = self.timers.needs_page(horizon) {
             let page = ctx.store.timers(self.id, after, limit)?;
@@ -551,13 +548,7 @@ impl Shard {
     /// items and the timers due before them need.
     fn load_round(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ShardError> {
         self.absent.clear();
-        let until = self
-            .ready
-            .iter()
-            .filter_map(|r| r.at)
-            .max()
-            .unwrap_or(NEVER)
-            .max(self.clock);
+        let until = self.timers_until();
         let mut wanted = std::mem::take(&mut self.wanted);
         wanted.clear();
         {
@@ -672,10 +663,12 @@ impl Shard {
         let mut applied = 0;
         let mut fired = 0;
         while let Some(r) = self.ready.front() {
-            // Timers due before the event fire first, at their own instants;
-            // stop the round if one needs a lead this round did not load.
+            // Timers due before the event fire first, at their own instants
+            // (only those: an event behind the clock must not find the
+            // timers its batch set after it already fired); stop the round
+            // if one needs a lead this round did not load.
             if let Some(at) = r.at
-                && !self.fire_due(ctx, at.max(self.clock), &mut fired)?
+                && !self.fire_due(ctx, at, &mut fired)?
             {
                 return Ok(applied + fired);
             }
@@ -709,6 +702,7 @@ impl Shard {
                     let behind = !late && at.is_some_and(|t| t < self.clock);
                     if let Some(t) = at {
                         self.clock = self.clock.max(t.min(ceiling));
+                        self.last_at = t.min(ceiling);
                     }
                     let r = self.ready.pop_front().expect("peeked above");
                     let Item::Event(event) = r.item else {
@@ -749,9 +743,37 @@ impl Shard {
             self.positions[input] = Some(offset + 1);
             applied += 1;
         }
-        // Nothing left to apply: timers due by the clock.
-        self.fire_due(ctx, self.clock, &mut fired)?;
+        // Nothing left to apply: timers due by the horizon.
+        self.fire_due(ctx, self.timer_horizon(), &mut fired)?;
         Ok(applied + fired)
+    }
+
+    /// How far timers may fire once the events released so far are applied.
+    /// When every input is idle, the clock (which then follows the wall
+    /// clock, so quiet leads decay). While events still come, no further
+    /// than the last event applied: a batch behind the clock (a backfill
+    /// after a quiet spell, a late event) then has its leads' timers fire
+    /// between its events in event-time order, as the same batch would
+    /// have had them before the quiet spell, not all at once after its
+    /// first event. In order, the last event is the clock, so live traffic
+    /// fires timers exactly as far as before.
+    fn timer_horizon(&self) -> Millis {
+        if self.merge.all_idle() {
+            self.clock
+        } else {
+            self.clock.min(self.last_at)
+        }
+    }
+
+    /// The latest due time a round may fire a timer at: before the last
+    /// ready event, or the horizon after it.
+    fn timers_until(&self) -> Millis {
+        self.ready
+            .iter()
+            .filter_map(|r| r.at)
+            .max()
+            .unwrap_or(NEVER)
+            .max(self.timer_horizon())
     }
 
     /// Fires the timers due by `until`, earliest first, each at its own
