@@ -48,9 +48,7 @@ fn changes_of(broker: &Broker, names: &Names, lead: &str, count: usize) -> Vec<s
 fn a_quiet_hot_lead_is_downgraded_by_decay() {
     // The whole story is in the topic before the service starts, so the
     // shard's clock is moved by the events (a backlog is merged in event-time
-    // order), not by the wall clock of a shard that went idle before they
-    // came: then the weeks-old events would be late, and the lead's decay
-    // timers would fire at the wall clock between h1 and h2.
+    // order). The same story sent after the shard went idle is the next test.
     let (broker, redis, names) = services();
     send(
         &broker,
@@ -109,6 +107,100 @@ fn a_quiet_hot_lead_is_downgraded_by_decay() {
         c[2]["occurred_at"].as_str().unwrap() < "2026-11-20",
         "at the crossing instant, not at the clock"
     );
+    assert!(service.terminate().success());
+}
+
+/// The same weeks-old story as above, sent as a backfill to a service that
+/// has been running and gone quiet: the shard's clock had followed the wall
+/// clock, so the backfill is behind it (or late, if the inputs were not yet
+/// idle), yet it gives the same four changes at the same instants. Before
+/// timers stopped firing past the last event applied, h1's decay timer
+/// (due days after h1, weeks before the clock) fired before h2 was applied:
+/// warm, cold, warm.
+#[test]
+fn a_backfill_after_a_quiet_spell_gives_the_changes_it_gives_on_time() {
+    let (broker, _redis, names, service) = setup();
+    service.wait_ready();
+    // Live traffic on another input, then nothing for a while: the inputs
+    // go idle (1 s) and the shard's clock follows the wall clock.
+    let now = leadscore::event::format_rfc3339(leadscore::event::wall_clock_ms());
+    send(
+        &broker,
+        &names.adpixel,
+        "live",
+        &[event("a1", "live", &now, "click", &[])],
+    );
+    service.wait_consumed(1, WAIT);
+    std::thread::sleep(Duration::from_secs(4));
+    send(
+        &broker,
+        &names.web,
+        "hot",
+        &[
+            event(
+                "h1",
+                "hot",
+                "2026-11-01T10:00:00Z",
+                "booking_abandoned",
+                &[],
+            ),
+            event("h2", "hot", "2026-11-01T10:01:00Z", "booking_started", &[]),
+        ],
+    );
+    service.wait_consumed(3, WAIT);
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut c = Vec::new();
+    while std::time::Instant::now() < deadline && c.len() < 4 {
+        c = changes_of(&broker, &names, "hot", 4);
+    }
+    let seq: Vec<(&str, &str, &str, &str)> = c
+        .iter()
+        .map(|v| {
+            (
+                v["previous_segment"].as_str().unwrap(),
+                v["segment"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+                v["occurred_at"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seq.iter().map(|s| (s.0, s.1, s.2)).collect::<Vec<_>>(),
+        vec![
+            ("cold", "warm", "event"),
+            ("warm", "hot", "event"),
+            ("hot", "warm", "decay"),
+            ("warm", "cold", "decay")
+        ],
+        "log:\n{}",
+        service.logs()
+    );
+    assert_eq!(seq[1].3, "2026-11-01T10:01:00.000Z");
+    assert!(
+        seq[2].3 < "2026-11-20" && seq[3].3 < "2026-11-20",
+        "decay at the crossing instants, not at the clock: {seq:?}"
+    );
+    // Behind the clock, or late had the inputs not yet gone idle: applied
+    // after later events either way. Counted on the web input only: the
+    // live click can itself fall a few milliseconds behind a clock that an
+    // idle tick moved to the wall clock before it arrived.
+    let web = format!("topic=\"{}\"", names.web);
+    let behind = || {
+        let (_, body) = service.get("/metrics").expect("metrics");
+        body.lines()
+            .filter(|l| {
+                (l.starts_with("leadscore_events_behind_clock_total{")
+                    || l.starts_with("leadscore_late_events_total{"))
+                    && l.contains(&web)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while behind() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(behind(), 2, "log:\n{}", service.logs());
     assert!(service.terminate().success());
 }
 

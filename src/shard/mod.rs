@@ -253,8 +253,9 @@ pub struct Shard {
     /// Largest event time applied, per input.
     seen: Vec<Millis>,
     clock: Millis,
-    /// Event time of the last event applied (the clock at the start): while
-    /// events still come, timers fire no further than this (see
+    /// Event time of the last event applied (none yet after a start or a
+    /// partition move: what is still to come may be older than the clock):
+    /// while events still come, timers fire no further than this (see
     /// [`Shard::timer_horizon`]).
     last_at: Millis,
     cache: Arc<Mutex<LeadCache>>,
@@ -319,7 +320,7 @@ impl Shard {
             positions,
             seen,
             clock: meta.clock.unwrap_or(NEVER),
-            last_at: meta.clock.unwrap_or(NEVER),
+            last_at: NEVER,
             cache: Arc::new(Mutex::new(LeadCache::new(config.cache))),
             timers: Timers::default(),
             deletes: KeySet::default(),

@@ -510,7 +510,8 @@ fn a_quiet_shard_still_decays_with_the_wall_clock() {
 /// the clock) fired before the second event: warm → cold → warm. The batch
 /// comes on two inputs, in two deliveries, in rounds of two events, so
 /// timers fall due both before an event of the round and at the end of a
-/// round while the batch is still coming.
+/// round while the batch is still coming; and once more with a restart
+/// between the two deliveries.
 #[test]
 fn an_old_batch_after_the_shard_went_idle_gives_the_changes_it_gives_on_time() {
     let now = crate::event::wall_clock_ms();
@@ -567,7 +568,7 @@ fn an_old_batch_after_the_shard_went_idle_gives_the_changes_it_gives_on_time() {
             ),
         ],
     ];
-    let run = |behind: bool| {
+    let run = |behind: bool, restart: bool| {
         let config = ShardConfig {
             round: 2,
             ..ShardConfig::default()
@@ -583,6 +584,13 @@ fn an_old_batch_after_the_shard_went_idle_gives_the_changes_it_gives_on_time() {
                 h.deliver(*input, 1);
             }
             h.step();
+            if restart {
+                // A new owner between the deliveries, whose first turn
+                // comes before the rest of the batch (and before the other
+                // inputs are known to be idle).
+                h.restart();
+                h.step();
+            }
         }
         h.finish();
         if !behind {
@@ -601,8 +609,9 @@ fn an_old_batch_after_the_shard_went_idle_gives_the_changes_it_gives_on_time() {
             h.stats.late.values().sum::<u64>(),
         )
     };
-    let (on_time, _, late_on_time) = run(false);
-    let (behind, behind_clock, late) = run(true);
+    let (on_time, _, late_on_time) = run(false, false);
+    let (behind, behind_clock, late) = run(true, false);
+    let (restarted, _, _) = run(true, true);
     let changes = |lead: &str| -> Vec<String> {
         behind
             .iter()
@@ -626,6 +635,10 @@ fn an_old_batch_after_the_shard_went_idle_gives_the_changes_it_gives_on_time() {
     assert_eq!(
         behind, on_time,
         "the same changes and hand-offs, byte for byte"
+    );
+    assert_eq!(
+        restarted, on_time,
+        "also with a restart in the middle of the batch"
     );
     // Not counted as late: the counter counts what broke the merge's
     // order, and these came in order; the README says so.
