@@ -701,9 +701,9 @@ impl Shard {
                 }
                 Item::Event(_) => {
                     let behind = !late && at.is_some_and(|t| t < self.clock);
-                    if let Some(t) = at {
-                        self.clock = self.clock.max(t.min(ceiling));
-                        self.last_at = t.min(ceiling);
+                    if let Some(t) = at.map(|t| t.min(ceiling)) {
+                        self.clock = self.clock.max(t);
+                        self.last_at = t;
                     }
                     let r = self.ready.pop_front().expect("peeked above");
                     let Item::Event(event) = r.item else {
