@@ -372,11 +372,102 @@ fn check_len(field: &'static str, value: &str) -> Result<(), ContractError> {
 }
 
 /// Parses an RFC 3339 timestamp into milliseconds since the epoch.
+///
+/// The usual shape (`YYYY-MM-DDTHH:MM:SS`, an optional fraction of up to nine
+/// digits, then `Z` or `±HH:MM`) is read digit by digit; anything else (a
+/// leap second, a longer fraction, a malformed text) goes through the `time`
+/// crate, which decides what is valid. A property test checks that both give
+/// the same answer wherever the fast path answers.
 pub fn parse_rfc3339(text: &str) -> Result<Millis, ContractError> {
+    match parse_rfc3339_common(text.as_bytes()) {
+        Some(millis) => Ok(millis),
+        None => parse_rfc3339_full(text),
+    }
+}
+
+fn parse_rfc3339_full(text: &str) -> Result<Millis, ContractError> {
     let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map_err(|_| ContractError::BadTimestamp(truncate(text, 64)))?;
     let millis = parsed.unix_timestamp_nanos() / 1_000_000;
     Ok(millis as Millis)
+}
+
+/// The common shape of an RFC 3339 time, or `None` to leave it to the full parser.
+fn parse_rfc3339_common(b: &[u8]) -> Option<Millis> {
+    fn digits(b: &[u8], from: usize, n: usize) -> Option<i64> {
+        let mut v = 0i64;
+        for &c in b.get(from..from + n)? {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + i64::from(c - b'0');
+        }
+        Some(v)
+    }
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (digits(b, 0, 4)?, digits(b, 5, 2)?, digits(b, 8, 2)?);
+    let (hour, minute, second) = (digits(b, 11, 2)?, digits(b, 14, 2)?, digits(b, 17, 2)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if day < 1 || day > month_days || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut at = 19;
+    let mut millis = 0;
+    if b[at] == b'.' {
+        let start = at + 1;
+        at = start;
+        while at < b.len() && b[at].is_ascii_digit() {
+            at += 1;
+        }
+        let n = at - start;
+        if n == 0 || n > 9 {
+            return None;
+        }
+        // Truncated to whole milliseconds, as the full parser's nanoseconds are.
+        let ms_digits = n.min(3);
+        millis = digits(b, start, ms_digits)? * [100, 10, 1][ms_digits - 1];
+    }
+    let offset_minutes = match b.get(at..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (h, m) = (digits(b, at + 1, 2)?, digits(b, at + 4, 2)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            if *sign == b'+' {
+                h * 60 + m
+            } else {
+                -(h * 60 + m)
+            }
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_minutes * 60;
+    // Before 1970 the full parser's division rounds toward zero, not down.
+    (seconds >= 0).then_some(seconds * 1_000 + millis)
 }
 
 /// Formats milliseconds since the epoch as RFC 3339 UTC with millisecond precision.
@@ -516,6 +607,32 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Wherever the fast path answers, the `time` crate gives the same
+        /// instant; and texts near the usual shape parse the same through both.
+        #[test]
+        fn the_fast_rfc3339_path_agrees_with_the_time_crate(
+            year in 0i64..10_000,
+            month in 0i64..14,
+            day in 0i64..33,
+            hour in 0i64..26,
+            minute in 0i64..62,
+            second in 0i64..62,
+            fraction in proptest::option::of("[0-9]{0,11}"),
+            zone in proptest::sample::select(vec!["Z", "z", "+00:00", "-00:00", "+07:00", "-05:30", "+23:59", "+24:00", "-12:60", "+0700", "", "Zx"]),
+            t in proptest::sample::select(vec!["T", "t", " "]),
+        ) {
+            let text = format!(
+                "{year:04}-{month:02}-{day:02}{t}{hour:02}:{minute:02}:{second:02}{}{zone}",
+                fraction.map(|f| format!(".{f}")).unwrap_or_default()
+            );
+            let fast = parse_rfc3339_common(text.as_bytes());
+            let full = parse_rfc3339_full(&text).ok();
+            if let Some(fast) = fast {
+                proptest::prop_assert_eq!(Some(fast), full, "{}", text);
+            }
+            proptest::prop_assert_eq!(parse_rfc3339(&text).ok(), full, "{}", text);
+        }
+
         #[test]
         fn formatting_round_trips_over_the_years_0_to_9999(
             millis in -62_167_219_200_000_i64..253_402_300_800_000

@@ -77,6 +77,7 @@ pub fn engine_config(s: &Settings) -> EngineConfig {
         retention_ms: (!s.state.retention.is_zero())
             .then_some(s.state.retention.as_millis() as i64),
         expire_below: s.state.expire_below,
+        format_version: s.state.format_version,
     }
 }
 

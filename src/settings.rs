@@ -261,6 +261,10 @@ pub struct StateSettings {
     pub retention: std::time::Duration,
     /// "Decayed to nothing": engagement below this many points.
     pub expire_below: f64,
+    /// Binary format lead states are written in: 4 (this release's), or 3
+    /// while a rolling upgrade still runs members of a release that reads
+    /// only 3. Both are always read.
+    pub format_version: u8,
 }
 
 impl Default for StateSettings {
@@ -273,6 +277,7 @@ impl Default for StateSettings {
             max_memory_mb: 1024,
             retention: std::time::Duration::from_secs(180 * 86_400),
             expire_below: 1.0,
+            format_version: crate::engine::codec::FORMAT_VERSION,
         }
     }
 }
@@ -671,6 +676,14 @@ impl Settings {
         }
         if self.state.explain_window > 255 {
             p.push("state.explain_window: at most 255".into());
+        }
+        if !crate::engine::codec::supported(self.state.format_version) {
+            p.push(format!(
+                "state.format_version: must be {} or {} (got {})",
+                crate::engine::codec::FORMAT_V3,
+                crate::engine::codec::FORMAT_VERSION,
+                self.state.format_version
+            ));
         }
         if self.state.max_leads_in_memory == 0 {
             p.push("state.max_leads_in_memory: must be at least 1".into());

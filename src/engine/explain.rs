@@ -86,7 +86,7 @@ impl Engine {
             .iter()
             .map(|c| Contributed {
                 rule: name(c.rule),
-                event_id: c.event_id.clone(),
+                event_id: c.event_id.to_owned(),
                 at: c.at,
                 points_then: c.points,
                 points_now: c.points * decay(c.rule, c.at),

@@ -162,13 +162,7 @@ pub fn remap(engine: &Engine, from: Option<&Layout>, s: &mut LeadState) {
             .and_then(|n| to.rules.iter().position(|m| m == n))
             .map(|i| i as u16)
     };
-    s.log.retain_mut(|c| match rule_of(c.rule) {
-        Some(r) => {
-            c.rule = r;
-            true
-        }
-        None => false,
-    });
+    s.log.remap_rules(rule_of);
     // Fit: by attribute, keeping the value's rule if it still exists on it.
     s.fit.retain_mut(|f| {
         let Some(attr) = from.fit_attributes.get(usize::from(f.slot)) else {

@@ -16,8 +16,10 @@
 //! changes, hand-offs) depend on the order events are applied in; the shard
 //! applies them in event-time order behind a watermark.
 
+pub mod codec;
 pub mod exact;
 pub mod explain;
+pub mod explain_log;
 pub mod identity;
 pub mod layout;
 pub mod rules;
@@ -26,13 +28,16 @@ pub mod state;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+pub use explain_log::{Contribution, ExplainLog};
 pub use rules::{Grade, Rules};
+
+use explain_log::Counted;
 pub use state::{Kind, LeadState, Status};
 
 use exact::{Cells, Term};
 use layout::Layout;
 use rules::UnknownFit;
-use state::{CapState, ChannelState, Contribution, FirstTouch, FitSlot, RuleState, Transition};
+use state::{CapState, ChannelState, FirstTouch, FitSlot, RuleState, Transition};
 
 use crate::event::{Event, EventType, Millis};
 
@@ -309,6 +314,10 @@ pub struct EngineConfig {
     pub retention_ms: Option<Millis>,
     /// "Decayed to nothing": engagement below this.
     pub expire_below: f64,
+    /// Binary format states are written in ([`codec::FORMAT_VERSION`], or
+    /// [`codec::FORMAT_V3`] during a rolling upgrade from a release that
+    /// reads only that).
+    pub format_version: u8,
 }
 
 impl Default for EngineConfig {
@@ -319,6 +328,7 @@ impl Default for EngineConfig {
             history_window: 8,
             retention_ms: None,
             expire_below: 1.0,
+            format_version: codec::FORMAT_VERSION,
         }
     }
 }
@@ -526,9 +536,9 @@ impl Engine {
         LeadState::new(kind)
     }
 
-    /// Encodes a state for storage.
+    /// Encodes a state for storage, in the configured format version.
     pub fn encode(&self, state: &LeadState, out: &mut Vec<u8>) {
-        state.encode(self.layout_hash, out);
+        state.encode_as(self.config.format_version, self.layout_hash, out);
     }
 
     /// Decodes a stored state into `into`, remapping it by name if it was
@@ -537,7 +547,7 @@ impl Engine {
         &self,
         bytes: &[u8],
         into: &mut LeadState,
-    ) -> Result<bool, state::StateError> {
+    ) -> Result<bool, codec::StateError> {
         let stored = into.decode_into(bytes)?;
         if stored == self.layout_hash {
             return Ok(false);
@@ -548,7 +558,7 @@ impl Engine {
     }
 
     /// Decodes a stored state.
-    pub fn decode(&self, bytes: &[u8]) -> Result<LeadState, state::StateError> {
+    pub fn decode(&self, bytes: &[u8]) -> Result<LeadState, codec::StateError> {
         let mut s = LeadState::new(Kind::Lead);
         self.decode_into(bytes, &mut s)?;
         Ok(s)
@@ -1202,7 +1212,7 @@ impl Engine {
                 capped,
                 fp,
             };
-            remember_contribution(&mut s.log, &counted, explain);
+            s.log.remember(&counted, explain);
         }
         points
     }
@@ -1322,16 +1332,16 @@ impl Engine {
         for (t, f) in &visitor.recent {
             into.remember(*t, *f, self.config.dedup_window);
         }
-        for c in &visitor.log {
+        for c in visitor.log.iter() {
             let counted = Counted {
                 rule: c.rule,
-                event_id: &c.event_id,
+                event_id: c.event_id,
                 at: c.at,
                 points: c.points,
                 capped: c.capped,
-                fp: fingerprint(&c.event_id),
+                fp: fingerprint(c.event_id),
             };
-            remember_contribution(&mut into.log, &counted, self.config.explain_window);
+            into.log.remember(&counted, self.config.explain_window);
         }
         into.last_engaged_at = into.last_engaged_at.max(visitor.last_engaged_at);
         into.last_event_at = into.last_event_at.max(visitor.last_event_at);
@@ -1488,54 +1498,6 @@ fn credit(
         }
     }
     keep
-}
-
-/// A counted event on its way into the explain log.
-struct Counted<'a> {
-    rule: u16,
-    event_id: &'a str,
-    at: Millis,
-    points: f64,
-    capped: bool,
-    /// Fingerprint of `event_id`.
-    fp: u64,
-}
-
-/// Keeps the `capacity` latest counted events by (time, fingerprint), each
-/// (time, id) once. The log is a function of the set of events counted:
-/// an id counted again at another time (after the de-duplication memory
-/// forgot it) is another contribution, shown as such.
-fn remember_contribution(log: &mut Vec<Contribution>, c: &Counted<'_>, capacity: usize) {
-    if capacity == 0 || log.iter().any(|x| x.at == c.at && x.event_id == c.event_id) {
-        return;
-    }
-    // Ordered by (event time, fingerprint of the id); an entry's fingerprint
-    // is computed only when its time ties with the new one's.
-    let before_new =
-        |x: &Contribution| x.at < c.at || (x.at == c.at && fingerprint(&x.event_id) < c.fp);
-    // A full log gives its oldest entry's id buffer to the new one.
-    let mut event_id = if log.len() >= capacity {
-        if !before_new(&log[0]) {
-            return;
-        }
-        log.remove(0).event_id
-    } else {
-        state::reserve_bounded(log, capacity);
-        String::new()
-    };
-    event_id.clear();
-    event_id.push_str(c.event_id);
-    let i = log.partition_point(before_new);
-    log.insert(
-        i,
-        Contribution {
-            rule: c.rule,
-            event_id,
-            at: c.at,
-            points: c.points,
-            capped: c.capped,
-        },
-    );
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -957,7 +957,7 @@ fn the_explain_log_is_a_function_of_the_events_counted() {
         ("b", T0 + 5),
     ];
     let log_of = |order: &[usize]| {
-        let mut log = Vec::new();
+        let mut log = ExplainLog::default();
         for &i in order {
             let (id, at) = counted[i];
             let c = Counted {
@@ -968,10 +968,10 @@ fn the_explain_log_is_a_function_of_the_events_counted() {
                 capped: false,
                 fp: fingerprint(id),
             };
-            remember_contribution(&mut log, &c, 4);
+            log.remember(&c, 4);
         }
         log.iter()
-            .map(|c: &Contribution| (c.event_id.clone(), c.at))
+            .map(|c| (c.event_id.to_owned(), c.at))
             .collect::<Vec<_>>()
     };
     let forward = log_of(&[0, 1, 2, 3, 4, 5, 6]);

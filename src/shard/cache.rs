@@ -66,6 +66,46 @@ impl LeadKey {
     }
 }
 
+/// A lead key written into a reused buffer, for looking a lead up without
+/// allocating its shared [`LeadKey`] (which is made only for a lead that is
+/// not held yet).
+#[derive(Debug, Default)]
+pub struct KeyBuf(String);
+
+impl KeyBuf {
+    /// The key of a lead, as stored (`l:<id>`).
+    pub fn lead(&mut self, id: &str) -> &str {
+        self.join("l:", id)
+    }
+
+    /// The key of an anonymous visitor (`a:<anonymous id>`).
+    pub fn visitor(&mut self, anonymous_id: &str) -> &str {
+        self.join("a:", anonymous_id)
+    }
+
+    fn join(&mut self, kind: &str, id: &str) -> &str {
+        self.0.clear();
+        self.0.push_str(kind);
+        self.0.push_str(id);
+        &self.0
+    }
+}
+
+/// A key hashes and compares as its stored text, so sets of keys can be
+/// asked about a [`KeyBuf`]'s text.
+impl std::borrow::Borrow<str> for LeadKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl LeadKey {
+    /// The shared key of a key as written by [`KeyBuf`].
+    pub fn from_stored(stored: &str) -> LeadKey {
+        LeadKey(stored.into())
+    }
+}
+
 impl std::fmt::Debug for LeadKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Ids are personal data: debug output shows only their kind and length.
@@ -207,22 +247,42 @@ impl LeadCache {
     }
 
     fn hash(&self, key: &LeadKey) -> u64 {
-        self.hasher.hash_one(key)
+        self.hasher.hash_one(key.as_str())
     }
 
     fn find(&self, key: &LeadKey) -> Option<u32> {
+        self.find_str(key.as_str())
+    }
+
+    /// Where a key given as its stored text (`l:…`, `a:…`) is held. A
+    /// [`LeadKey`] hashes as its text, so this finds what `find` finds.
+    pub fn find_str(&self, key: &str) -> Option<u32> {
         let slab = &self.slab;
         self.table
-            .find(self.hash(key), |&i| {
-                slab[i as usize].as_ref().is_some_and(|e| e.key == *key)
+            .find(self.hasher.hash_one(key), |&i| {
+                slab[i as usize]
+                    .as_ref()
+                    .is_some_and(|e| e.key.as_str() == key)
             })
             .copied()
+    }
+
+    /// The key held in a slot (shared, not copied).
+    pub fn key_at(&self, slot: u32) -> Option<&LeadKey> {
+        self.slab.get(slot as usize)?.as_ref().map(|e| &e.key)
     }
 
     /// The entry of a key, marking it used.
     pub fn get(&mut self, key: &LeadKey) -> Option<&Entry> {
         let i = self.find(key)? as usize;
         let e = self.slab[i].as_mut()?;
+        e.referenced = true;
+        Some(e)
+    }
+
+    /// The entry in a slot, marking it used.
+    pub fn touch(&mut self, slot: u32) -> Option<&Entry> {
+        let e = self.slab.get_mut(slot as usize)?.as_mut()?;
         e.referenced = true;
         Some(e)
     }
@@ -344,7 +404,7 @@ impl LeadCache {
                 let hash = self.hash(key);
                 let (slab, hasher) = (&self.slab, &self.hasher);
                 self.table.insert_unique(hash, i, |&j| {
-                    hasher.hash_one(&slab[j as usize].as_ref().expect("indexed").key)
+                    hasher.hash_one(slab[j as usize].as_ref().expect("indexed").key.as_str())
                 });
                 self.len += 1;
                 if dirty {

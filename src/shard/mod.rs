@@ -32,7 +32,7 @@ use crate::event::{Event, EventType, Millis, Source};
 use crate::output::Encoder;
 use crate::sink::{DeadLetter, Sink, SinkError};
 use crate::store::{ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written};
-use cache::{LeadCache, LeadKey, Limit};
+use cache::{KeyBuf, LeadCache, LeadKey, Limit};
 use merge::{Merge, Released};
 use timers::Timers;
 
@@ -273,6 +273,8 @@ pub struct Shard {
     absent: KeySet,
     /// Keys a round wants from the store (scratch).
     wanted: KeySet,
+    /// Keys written out for lookups (scratch).
+    keys: KeyBuf,
 }
 
 impl std::fmt::Debug for Shard {
@@ -333,6 +335,7 @@ impl Shard {
             record: crate::output::Record::default(),
             absent: KeySet::default(),
             wanted: KeySet::default(),
+            keys: KeyBuf::default(),
         }
     }
 
@@ -554,25 +557,28 @@ impl Shard {
         wanted.clear();
         {
             let cache = self.cache.lock();
-            let mut want = |k: LeadKey| {
-                if !cache.contains(&k) {
-                    wanted.insert(k);
+            let keys = &mut self.keys;
+            // Keys are written out to look them up; a shared key is made
+            // only for one the cache does not hold.
+            let mut want = |k: &str| {
+                if cache.find_str(k).is_none() && !wanted.contains(k) {
+                    wanted.insert(LeadKey::from_stored(k));
                 }
             };
             for (_, key) in self.timers.due(until, self.config.round) {
-                want(key);
+                want(key.as_str());
             }
             for r in &self.ready {
                 match &r.item {
                     Item::Event(e) => {
                         if let Some(id) = e.lead_id.as_deref() {
-                            want(LeadKey::lead(id));
+                            want(keys.lead(id));
                         }
                         if let Some(anon) = e.anonymous_id.as_deref() {
-                            want(LeadKey::visitor(anon));
+                            want(keys.visitor(anon));
                         }
                     }
-                    Item::Erase(id) => want(LeadKey::lead(id)),
+                    Item::Erase(id) => want(keys.lead(id)),
                     Item::Poison { .. } => {}
                 }
             }
@@ -584,16 +590,18 @@ impl Shard {
         let mut second = KeySet::default();
         {
             let mut cache = self.cache.lock();
+            let keys = &mut self.keys;
             for r in &self.ready {
                 if let Item::Event(e) = &r.item
                     && e.lead_id.is_none()
                     && let Some(anon) = e.anonymous_id.as_deref()
-                    && let Some(entry) = cache.get(&LeadKey::visitor(anon))
+                    && let Some(slot) = cache.find_str(keys.visitor(anon))
+                    && let Some(entry) = cache.touch(slot)
                     && let Some(lead) = LeadState::alias_target(&entry.blob)
                 {
-                    let k = LeadKey::lead(lead);
-                    if !cache.contains(&k) {
-                        second.insert(k);
+                    let k = keys.lead(lead);
+                    if cache.find_str(k).is_none() && !second.contains(k) {
+                        second.insert(LeadKey::from_stored(k));
                     }
                 }
             }
@@ -808,26 +816,34 @@ impl Shard {
         Ok(true)
     }
 
-    /// Decodes a cached lead into `into`. Every key a round needs was loaded
-    /// (or found absent from the store) before it ran, so a key absent from
-    /// the cache is a new lead.
+    /// Decodes a cached lead (its key as stored text) into `into`. Every key
+    /// a round needs was loaded (or found absent from the store) before it
+    /// ran, so a key absent from the cache is a new lead.
     fn read(
         cache: &Mutex<LeadCache>,
         engine: &Engine,
-        key: &LeadKey,
+        key: &str,
         kind: Kind,
         into: &mut LeadState,
     ) -> Option<u32> {
-        let cache = cache.lock();
-        let found = cache.slot(key).filter(|slot| {
+        let mut cache = cache.lock();
+        let found = cache.find_str(key).filter(|slot| {
             cache
-                .blob_at(*slot, key)
-                .is_some_and(|blob| engine.decode_into(blob, into).is_ok())
+                .touch(*slot)
+                .is_some_and(|e| engine.decode_into(&e.blob, into).is_ok())
         });
         if found.is_none() {
             into.reset(kind);
         }
         found
+    }
+
+    /// The shared key of a lead read from `slot` (no allocation), or a new
+    /// one for a lead not held.
+    fn shared_key(cache: &Mutex<LeadCache>, slot: Option<u32>, stored: &str) -> LeadKey {
+        slot.and_then(|s| cache.lock().key_at(s).cloned())
+            .filter(|k| k.as_str() == stored)
+            .unwrap_or_else(|| LeadKey::from_stored(stored))
     }
 
     /// Stores a lead's state back (`slot`: where it was read from, if it was).
@@ -870,20 +886,29 @@ impl Shard {
             return Ok(true);
         }
         // Identity: the visitor's stored state decides where the event goes.
-        let visitor_key = e.anonymous_id.as_deref().map(LeadKey::visitor);
-        let visitor_slot = match &visitor_key {
-            Some(k) => Self::read(&self.cache, engine, k, Kind::Visitor, &mut self.other),
+        let visitor_slot = match e.anonymous_id.as_deref() {
+            Some(anon) => Self::read(
+                &self.cache,
+                engine,
+                self.keys.visitor(anon),
+                Kind::Visitor,
+                &mut self.other,
+            ),
             None => None,
         };
         let has_visitor = visitor_slot.is_some();
         let route = identity::route(e, has_visitor.then_some(&self.other));
-        let (key, kind, publish) = match &route {
-            Route::Lead { id, .. } => (LeadKey::lead(id), Kind::Lead, true),
-            Route::Visitor { anon } => (LeadKey::visitor(anon), Kind::Visitor, false),
-            Route::Aliased { lead, .. } => (LeadKey::lead(lead), Kind::Lead, true),
+        let (kind, publish) = match &route {
+            Route::Lead { .. } | Route::Aliased { .. } => (Kind::Lead, true),
+            Route::Visitor { .. } => (Kind::Visitor, false),
+        };
+        let stored = match &route {
+            Route::Lead { id, .. } => self.keys.lead(id),
+            Route::Visitor { anon } => self.keys.visitor(anon),
+            Route::Aliased { lead, .. } => self.keys.lead(lead),
         };
         let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
-        let slot = Self::read(&self.cache, engine, &key, kind, &mut state);
+        let slot = Self::read(&self.cache, engine, stored, kind, &mut state);
         if slot.is_some() {
             ctx.stats.hits += 1;
         }
@@ -892,14 +917,12 @@ impl Shard {
             *ctx.stats.duplicates.entry(input).or_default() += 1;
             return Ok(false);
         }
+        let key = Self::shared_key(&self.cache, slot, stored);
         // Link the anonymous id: merge a visitor's history once, then alias it.
-        if let (
-            Route::Lead {
-                id,
-                link: Some((anon, link)),
-            },
-            Some(vkey),
-        ) = (&route, &visitor_key)
+        if let Route::Lead {
+            id,
+            link: Some((anon, link)),
+        } = &route
         {
             let touch =
                 |alias: &LeadState| alias.last_event_at < e.occurred_at.saturating_sub(3_600_000);
@@ -919,15 +942,17 @@ impl Shard {
                     state.linked.push((*anon).to_owned());
                 }
                 self.other = alias;
-                self.store_state(engine, vkey, Which::Other, visitor_slot);
+                let vkey = Self::shared_key(&self.cache, visitor_slot, self.keys.visitor(anon));
+                self.store_state(engine, &vkey, Which::Other, visitor_slot);
             }
         }
-        if let (Route::Aliased { .. }, Some(vkey)) = (&route, &visitor_key)
+        if let (Route::Aliased { .. }, Some(anon)) = (&route, e.anonymous_id.as_deref())
             && self.other.last_event_at < e.occurred_at.saturating_sub(3_600_000)
         {
             self.other.last_event_at = e.occurred_at;
             self.other.as_of = self.other.as_of.max(e.occurred_at);
-            self.store_state(engine, vkey, Which::Other, visitor_slot);
+            let vkey = Self::shared_key(&self.cache, visitor_slot, self.keys.visitor(anon));
+            self.store_state(engine, &vkey, Which::Other, visitor_slot);
         }
         let was_new = state.is_new();
         let before = Segment::of(&state);
@@ -970,7 +995,8 @@ impl Shard {
         } else {
             Kind::Visitor
         };
-        let Some(slot) = Self::read(&self.cache, engine, key, kind, &mut self.state) else {
+        let Some(slot) = Self::read(&self.cache, engine, key.as_str(), kind, &mut self.state)
+        else {
             return Ok(());
         };
         let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
@@ -999,7 +1025,15 @@ impl Shard {
         let engine = ctx.engine;
         let rules = engine.rules().clone();
         let key = LeadKey::lead(lead);
-        if Self::read(&self.cache, engine, &key, Kind::Lead, &mut self.state).is_some() {
+        if Self::read(
+            &self.cache,
+            engine,
+            key.as_str(),
+            Kind::Lead,
+            &mut self.state,
+        )
+        .is_some()
+        {
             let segment = Segment::of(&self.state);
             self.count_segment(&rules, segment, -1);
             let linked = std::mem::take(&mut self.state.linked);

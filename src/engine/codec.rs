@@ -1,0 +1,862 @@
+//! A lead's stored binary form: the value kept in the shard's cache (one
+//! allocation per lead) and in Redis.
+//!
+//! The form is versioned and names nothing: rule, group, fit and channel
+//! positions refer to the rules layout recorded in its header (see
+//! [`super::layout`]), so a stored lead can be remapped when the rules change.
+//! The core is compact: small numbers as varints, times relative to the
+//! lead's clock. Two versions are read and written:
+//!
+//! * **4** (written by default): engagement cells as fixed 8-byte integers,
+//!   and the three bounded lists (de-duplication memory, explain log,
+//!   transition history) as fixed-width entries with absolute times, so that
+//!   the explain log is copied as one block (see [`super::ExplainLog`]) instead of
+//!   being rebuilt entry by entry whenever a lead is read or written;
+//! * **3** (every release before it): everything as varints, every time
+//!   relative to the lead's clock. `state.format_version = 3` keeps writing it
+//!   while a rolling upgrade still has members that read only version 3.
+
+use super::Contribution;
+use super::exact::Cells;
+use super::state::{
+    CapState, ChannelState, FirstTouch, FitSlot, Kind, LeadState, NEVER, RuleState, Status,
+    Transition,
+};
+use crate::event::Millis;
+
+/// Why stored bytes could not be read. Never fatal: the lead starts afresh.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// Written by an unknown format version (an older leadscore's layout).
+    #[error("unknown state format version {0}")]
+    Version(u8),
+    /// Truncated or inconsistent bytes.
+    #[error("corrupt state bytes")]
+    Corrupt,
+}
+
+/// The version this release writes unless told otherwise.
+pub const FORMAT_VERSION: u8 = 4;
+
+/// The previous version, still read, and written on request during a
+/// rolling upgrade from a release that reads only it.
+pub const FORMAT_V3: u8 = 3;
+
+/// Whether this release reads (and can write) a format version.
+pub fn supported(version: u8) -> bool {
+    matches!(version, FORMAT_V3 | FORMAT_VERSION)
+}
+
+// Presence bits of the optional fields.
+const HAS_HANDOFF: u16 = 1;
+const HAS_ENGAGED: u16 = 1 << 1;
+const HAS_RECYCLED: u16 = 1 << 2;
+const HAS_RESTING: u16 = 1 << 3;
+const HAS_FIRST_TOUCH: u16 = 1 << 4;
+const ARMED: u16 = 1 << 5;
+const HAS_LOG: u16 = 1 << 6;
+const HAS_HISTORY: u16 = 1 << 7;
+const HAS_LINKED: u16 = 1 << 8;
+const HAS_CHANNELS: u16 = 1 << 9;
+const HAS_FIT: u16 = 1 << 10;
+const HAS_DELIVERIES: u16 = 1 << 11;
+
+/// Bytes of one de-duplication entry (version 4): time, fingerprint.
+const RECENT_BYTES: usize = 16;
+/// Bytes of one history entry (version 4): from, to, reason, time.
+const HISTORY_BYTES: usize = 2 + 2 + 1 + 8;
+
+impl LeadState {
+    /// Encodes to the binary form of this release ([`FORMAT_VERSION`]) under
+    /// rules layout `layout`.
+    pub fn encode(&self, layout: u32, out: &mut Vec<u8>) {
+        self.encode_as(FORMAT_VERSION, layout, out);
+    }
+
+    /// Encodes to format `version` (3 or 4; anything else writes 4).
+    pub fn encode_as(&self, version: u8, layout: u32, out: &mut Vec<u8>) {
+        let v4 = version != FORMAT_V3;
+        out.clear();
+        let mut w = Writer(out);
+        w.u8(if v4 { FORMAT_VERSION } else { FORMAT_V3 });
+        w.u32(layout);
+        match &self.kind {
+            Kind::Lead => w.u8(0),
+            Kind::Visitor => w.u8(1),
+            Kind::Alias(to) => {
+                w.u8(2);
+                w.str(to);
+            }
+        }
+        let base = self.as_of;
+        w.ivar(base);
+        if base == NEVER {
+            return;
+        }
+        let mut flags = 0u16;
+        for (bit, on) in [
+            (HAS_HANDOFF, self.last_handoff_at.is_some()),
+            (HAS_ENGAGED, self.last_engaged_at.is_some()),
+            (HAS_RECYCLED, self.recycled_at.is_some()),
+            (HAS_RESTING, self.resting_until.is_some()),
+            (HAS_FIRST_TOUCH, self.first_touch.is_some()),
+            (ARMED, self.armed),
+            (HAS_LOG, !self.log.is_empty()),
+            (HAS_HISTORY, !self.history.is_empty()),
+            (HAS_LINKED, !self.linked.is_empty()),
+            (HAS_CHANNELS, !self.channels.is_empty()),
+            (HAS_FIT, !self.fit.is_empty()),
+            (HAS_DELIVERIES, !self.deliveries.is_empty()),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+        w.uvar(u64::from(flags));
+        w.time(base, self.last_event_at);
+        w.time(base, self.tier_since);
+        w.u8(self.tier);
+        let (code, until) = self.status.code();
+        w.u8(code);
+        if code == 2 {
+            w.time(base, until);
+        }
+        for v in [
+            self.last_handoff_at,
+            self.last_engaged_at,
+            self.recycled_at,
+            self.resting_until,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            w.time(base, v);
+        }
+        w.uvar(self.windows.len() as u64);
+        for (g, cell) in &self.windows {
+            w.u8(*g);
+            w.ivar(*cell);
+        }
+        w.uvar(self.rules.len() as u64);
+        for r in &self.rules {
+            w.uvar(u64::from(r.rule));
+            w.uvar(u64::from(r.count));
+            w.time(base, r.last_at);
+            if v4 {
+                w.u64(r.cells.current as u64);
+                w.u64(r.cells.previous as u64);
+            } else {
+                w.ivar(r.cells.current);
+                w.ivar(r.cells.previous);
+            }
+            match &r.cap {
+                None => w.u8(0),
+                Some(cap) => {
+                    w.u8(1 + cap.admitted.len().min(254) as u8);
+                    w.ivar(cap.window);
+                    for t in cap.admitted.iter().take(254) {
+                        w.time(base, *t);
+                    }
+                }
+            }
+        }
+        if flags & HAS_FIT != 0 {
+            w.uvar(self.fit.len() as u64);
+            for f in &self.fit {
+                w.u8(f.slot);
+                w.uvar(f.rule.map_or(0, |r| u64::from(r) + 1));
+                w.time(base, f.at);
+                w.u32(f.tie);
+            }
+        }
+        if flags & HAS_CHANNELS != 0 {
+            w.uvar(self.channels.len() as u64);
+            for c in &self.channels {
+                w.u8(c.channel);
+                w.u8(u8::from(c.opted_out) | (u8::from(c.last_delivered_at.is_some()) << 1));
+                w.u8(c.streak);
+                if let Some(t) = c.last_delivered_at {
+                    w.time(base, t);
+                }
+            }
+        }
+        if flags & HAS_DELIVERIES != 0 {
+            w.uvar(self.deliveries.len() as u64);
+            for t in &self.deliveries {
+                w.time(base, *t);
+            }
+        }
+        if let Some(ft) = &self.first_touch {
+            w.time(base, ft.at);
+            w.u32(ft.tie);
+            w.str(&ft.source);
+            w.str(ft.campaign.as_deref().unwrap_or(""));
+        }
+        if flags & HAS_LINKED != 0 {
+            w.uvar(self.linked.len() as u64);
+            for a in &self.linked {
+                w.str(a);
+            }
+        }
+        w.uvar(self.recent.len() as u64);
+        for (t, f) in &self.recent {
+            if v4 {
+                w.u64(*t as u64);
+            } else {
+                w.time(base, *t);
+            }
+            w.u64(*f);
+        }
+        if flags & HAS_LOG != 0 {
+            w.uvar(self.log.len() as u64);
+            if v4 {
+                let bytes = self.log.as_bytes();
+                w.uvar(bytes.len() as u64);
+                w.0.extend_from_slice(bytes);
+            } else {
+                for c in self.log.iter() {
+                    w.uvar(u64::from(c.rule));
+                    w.str(c.event_id);
+                    w.time(base, c.at);
+                    w.f64(c.points);
+                    w.u8(u8::from(c.capped));
+                }
+            }
+        }
+        if flags & HAS_HISTORY != 0 {
+            w.uvar(self.history.len() as u64);
+            for h in &self.history {
+                if v4 {
+                    w.0.extend_from_slice(&h.from.to_le_bytes());
+                    w.0.extend_from_slice(&h.to.to_le_bytes());
+                    w.u8(h.reason);
+                    w.u64(h.at as u64);
+                } else {
+                    w.uvar(u64::from(h.from));
+                    w.uvar(u64::from(h.to));
+                    w.u8(h.reason);
+                    w.time(base, h.at);
+                }
+            }
+        }
+    }
+
+    /// The rules layout a stored state was written under.
+    pub fn stored_layout(bytes: &[u8]) -> Result<u32, StateError> {
+        let mut r = Reader { bytes, pos: 0 };
+        match r.u8()? {
+            v if supported(v) => r.u32(),
+            v => Err(StateError::Version(v)),
+        }
+    }
+
+    /// The lead a stored alias points to, read from the header alone (no
+    /// state is unpacked); `None` for a lead, a visitor or bytes that do not decode.
+    pub fn alias_target(bytes: &[u8]) -> Option<&str> {
+        let mut r = Reader { bytes, pos: 0 };
+        if !supported(r.u8().ok()?) {
+            return None;
+        }
+        r.u32().ok()?;
+        if r.u8().ok()? != 2 {
+            return None;
+        }
+        let n = r.len(1).ok()?;
+        std::str::from_utf8(r.take(n).ok()?).ok()
+    }
+
+    /// Decodes the binary form (either version) into `self`, reusing its
+    /// allocations. Returns the layout it was written under.
+    pub fn decode_into(&mut self, bytes: &[u8]) -> Result<u32, StateError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = r.u8()?;
+        if !supported(version) {
+            return Err(StateError::Version(version));
+        }
+        let v4 = version == FORMAT_VERSION;
+        let layout = r.u32()?;
+        let kind = match r.u8()? {
+            0 => Kind::Lead,
+            1 => Kind::Visitor,
+            2 => Kind::Alias(r.string()?),
+            _ => return Err(StateError::Corrupt),
+        };
+        // The first touch's strings and the capped rules' lists are read into
+        // the previous lead's buffers rather than newly allocated ones.
+        let spare = self.first_touch.take();
+        let mut rules = std::mem::take(&mut self.rules);
+        self.reset(kind);
+        let base = r.ivar()?;
+        self.as_of = base;
+        if base == NEVER {
+            self.rules = rules;
+            self.rules.clear();
+            return r.finish(layout);
+        }
+        let flags = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+        self.last_event_at = r.time(base)?;
+        self.tier_since = r.time(base)?;
+        self.tier = r.u8()?;
+        let code = r.u8()?;
+        let until = if code == 2 { r.time(base)? } else { 0 };
+        self.status = Status::from_code(code, until).ok_or(StateError::Corrupt)?;
+        self.armed = flags & ARMED != 0;
+        let opt = |bit: u16, r: &mut Reader<'_>| -> Result<Option<Millis>, StateError> {
+            if flags & bit != 0 {
+                r.time(base).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        self.last_handoff_at = opt(HAS_HANDOFF, &mut r)?;
+        self.last_engaged_at = opt(HAS_ENGAGED, &mut r)?;
+        self.recycled_at = opt(HAS_RECYCLED, &mut r)?;
+        self.resting_until = opt(HAS_RESTING, &mut r)?;
+        let n = r.len(8)?;
+        for _ in 0..n {
+            let g = r.u8()?;
+            let cell = r.ivar()?;
+            self.windows.push((g, cell));
+        }
+        let n = r.len(6)?;
+        for i in 0..n {
+            let rule = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+            let count = u32::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+            let last_at = r.time(base)?;
+            let cells = if v4 {
+                Cells {
+                    current: r.u64()? as i64,
+                    previous: r.u64()? as i64,
+                }
+            } else {
+                Cells {
+                    current: r.ivar()?,
+                    previous: r.ivar()?,
+                }
+            };
+            let old_cap = rules.get_mut(i).and_then(|s| s.cap.take());
+            let cap = match r.u8()? {
+                0 => None,
+                m => {
+                    let window = r.ivar()?;
+                    let mut admitted = old_cap.map(|c| c.admitted).unwrap_or_default();
+                    admitted.clear();
+                    admitted.reserve(usize::from(m - 1));
+                    for _ in 1..m {
+                        admitted.push(r.time(base)?);
+                    }
+                    Some(CapState { window, admitted })
+                }
+            };
+            let state = RuleState {
+                rule,
+                count,
+                last_at,
+                cells,
+                cap,
+            };
+            match rules.get_mut(i) {
+                Some(slot) => *slot = state,
+                None => rules.push(state),
+            }
+        }
+        rules.truncate(n);
+        self.rules = rules;
+        if flags & HAS_FIT != 0 {
+            let n = r.len(7)?;
+            for _ in 0..n {
+                let slot = r.u8()?;
+                let rule = match r.uvar()? {
+                    0 => None,
+                    v => Some(u16::try_from(v - 1).map_err(|_| StateError::Corrupt)?),
+                };
+                let at = r.time(base)?;
+                let tie = r.u32()?;
+                self.fit.push(FitSlot {
+                    slot,
+                    rule,
+                    at,
+                    tie,
+                });
+            }
+        }
+        if flags & HAS_CHANNELS != 0 {
+            let n = r.len(3)?;
+            for _ in 0..n {
+                let channel = r.u8()?;
+                let bits = r.u8()?;
+                let streak = r.u8()?;
+                let last_delivered_at = if bits & 2 != 0 {
+                    Some(r.time(base)?)
+                } else {
+                    None
+                };
+                self.channels.push(ChannelState {
+                    channel,
+                    opted_out: bits & 1 != 0,
+                    streak,
+                    last_delivered_at,
+                });
+            }
+        }
+        if flags & HAS_DELIVERIES != 0 {
+            let n = r.len(1)?;
+            for _ in 0..n {
+                let t = r.time(base)?;
+                self.deliveries.push(t);
+            }
+        }
+        if flags & HAS_FIRST_TOUCH != 0 {
+            let at = r.time(base)?;
+            let tie = r.u32()?;
+            let (mut source, mut campaign) = spare
+                .map(|f| (f.source, f.campaign.unwrap_or_default()))
+                .unwrap_or_default();
+            r.string_into(&mut source)?;
+            r.string_into(&mut campaign)?;
+            self.first_touch = Some(FirstTouch {
+                at,
+                tie,
+                source,
+                campaign: (!campaign.is_empty()).then_some(campaign),
+            });
+        }
+        if flags & HAS_LINKED != 0 {
+            let n = r.len(1)?;
+            for _ in 0..n {
+                let a = r.string()?;
+                self.linked.push(a);
+            }
+        }
+        if v4 {
+            let n = r.len(RECENT_BYTES)?;
+            let block = r.take(n * RECENT_BYTES)?;
+            self.recent.reserve(n);
+            for e in block.chunks_exact(RECENT_BYTES) {
+                self.recent.push((le_i64(&e[..8]), le_i64(&e[8..]) as u64));
+            }
+        } else {
+            let n = r.len(9)?;
+            for _ in 0..n {
+                let t = r.time(base)?;
+                let f = r.u64()?;
+                self.recent.push((t, f));
+            }
+        }
+        if flags & HAS_LOG != 0 {
+            if v4 {
+                let n = r.len(1)?;
+                let size = r.len(1)?;
+                let block = r.take(size)?;
+                self.log
+                    .set_bytes(n, block)
+                    .map_err(|_| StateError::Corrupt)?;
+            } else {
+                let n = r.len(12)?;
+                for _ in 0..n {
+                    let rule = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+                    let event_id = r.string()?;
+                    let entry = Contribution {
+                        rule,
+                        event_id,
+                        at: r.time(base)?,
+                        points: r.f64()?,
+                        capped: r.u8()? != 0,
+                    };
+                    self.log.push(&entry);
+                }
+            }
+        }
+        if flags & HAS_HISTORY != 0 {
+            if v4 {
+                let n = r.len(HISTORY_BYTES)?;
+                let block = r.take(n * HISTORY_BYTES)?;
+                for e in block.chunks_exact(HISTORY_BYTES) {
+                    self.history.push(Transition {
+                        from: u16::from_le_bytes([e[0], e[1]]),
+                        to: u16::from_le_bytes([e[2], e[3]]),
+                        reason: e[4],
+                        at: le_i64(&e[5..]),
+                    });
+                }
+            } else {
+                let n = r.len(4)?;
+                for _ in 0..n {
+                    let from = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+                    let to = u16::try_from(r.uvar()?).map_err(|_| StateError::Corrupt)?;
+                    let reason = r.u8()?;
+                    let at = r.time(base)?;
+                    self.history.push(Transition {
+                        from,
+                        to,
+                        reason,
+                        at,
+                    });
+                }
+            }
+        }
+        r.finish(layout)
+    }
+}
+
+/// An `i64` from 8 little-endian bytes.
+fn le_i64(b: &[u8]) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    i64::from_le_bytes(a)
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.u64(v.to_bits());
+    }
+    fn uvar(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+    fn ivar(&mut self, v: i64) {
+        self.uvar(((v << 1) ^ (v >> 63)) as u64);
+    }
+    /// A time relative to the lead's clock.
+    fn time(&mut self, base: Millis, t: Millis) {
+        self.ivar(t.wrapping_sub(base));
+    }
+    fn str(&mut self, s: &str) {
+        let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.uvar(bytes.len() as u64);
+        self.0.extend_from_slice(bytes);
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
+        let end = self.pos.checked_add(n).ok_or(StateError::Corrupt)?;
+        let slice = self.bytes.get(self.pos..end).ok_or(StateError::Corrupt)?;
+        self.pos = end;
+        Ok(slice)
+    }
+    fn u8(&mut self) -> Result<u8, StateError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, StateError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, StateError> {
+        Ok(le_i64(self.take(8)?) as u64)
+    }
+    fn f64(&mut self) -> Result<f64, StateError> {
+        Ok(f64::from_bits(self.u64()?))
+    }
+    fn uvar(&mut self) -> Result<u64, StateError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(StateError::Corrupt)
+    }
+    fn ivar(&mut self) -> Result<i64, StateError> {
+        let u = self.uvar()?;
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+    fn time(&mut self, base: Millis) -> Result<Millis, StateError> {
+        Ok(base.wrapping_add(self.ivar()?))
+    }
+    /// A count of items each at least `min_bytes` long: bounded by what is left.
+    fn len(&mut self, min_bytes: usize) -> Result<usize, StateError> {
+        let n = usize::try_from(self.uvar()?).map_err(|_| StateError::Corrupt)?;
+        if n.saturating_mul(min_bytes) > self.bytes.len() - self.pos {
+            return Err(StateError::Corrupt);
+        }
+        Ok(n)
+    }
+    fn string(&mut self) -> Result<String, StateError> {
+        let mut s = String::new();
+        self.string_into(&mut s)?;
+        Ok(s)
+    }
+    /// Reads a string into `into`, replacing what it held.
+    fn string_into(&mut self, into: &mut String) -> Result<(), StateError> {
+        let n = self.len(1)?;
+        let b = self.take(n)?;
+        into.clear();
+        into.push_str(std::str::from_utf8(b).map_err(|_| StateError::Corrupt)?);
+        Ok(())
+    }
+    fn finish(&self, layout: u32) -> Result<u32, StateError> {
+        if self.pos == self.bytes.len() {
+            Ok(layout)
+        } else {
+            Err(StateError::Corrupt)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn sample() -> LeadState {
+        let mut s = LeadState::new(Kind::Lead);
+        s.as_of = 1_764_000_000_000;
+        s.last_event_at = s.as_of - 5;
+        s.tier = 2;
+        s.tier_since = s.as_of - 1000;
+        s.status = Status::NotReady {
+            until: s.as_of + 77,
+        };
+        s.windows = vec![(0, 7300), (1, 7301)];
+        s.rules.push(RuleState {
+            rule: 3,
+            count: 2,
+            last_at: s.as_of - 9,
+            cells: Cells {
+                current: 1 << 40,
+                previous: -5,
+            },
+            cap: Some(CapState {
+                window: 20_400,
+                admitted: vec![s.as_of - 9, s.as_of - 2],
+            }),
+        });
+        s.fit.push(FitSlot {
+            slot: 1,
+            rule: Some(4),
+            at: s.as_of - 3,
+            tie: 99,
+        });
+        s.channels.push(ChannelState {
+            channel: 1,
+            opted_out: true,
+            streak: 3,
+            last_delivered_at: Some(s.as_of - 60),
+        });
+        s.deliveries = vec![s.as_of - 60, s.as_of - 10];
+        s.resting_until = Some(s.as_of + 86_400_000);
+        s.last_engaged_at = Some(42);
+        s.first_touch = Some(FirstTouch {
+            at: s.as_of - 100,
+            tie: 7,
+            source: "google".into(),
+            campaign: Some("spring".into()),
+        });
+        s.linked.push("cookie-1".into());
+        s.log.push(&Contribution {
+            rule: 3,
+            event_id: "ev-1".into(),
+            at: s.as_of - 9,
+            points: 2.5,
+            capped: true,
+        });
+        s.history.push(Transition {
+            from: 0,
+            to: 1,
+            reason: 0,
+            at: s.as_of - 8,
+        });
+        for f in 0..20 {
+            s.remember(s.as_of - 100 + f as i64, f, 16);
+        }
+        s
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Stored states are read back by later releases (and by members still
+    /// on an older one during a rolling upgrade): the bytes of a state must
+    /// not change unless its format version does. Version 3 is what every
+    /// release before version 4 wrote: this one reads it, and writes it
+    /// byte for byte when `state.format_version = 3`.
+    #[test]
+    fn the_stored_bytes_are_pinned() {
+        let mut buf = Vec::new();
+        sample().encode(7, &mut buf);
+        assert_eq!(hex(&buf), PINNED_V4);
+        sample().encode_as(FORMAT_V3, 7, &mut buf);
+        assert_eq!(hex(&buf), PINNED_V3);
+        for pinned in [PINNED_V3, PINNED_V4] {
+            let mut back = LeadState::new(Kind::Visitor);
+            assert_eq!(back.decode_into(&unhex(pinned)), Ok(7));
+            assert_eq!(back, sample());
+        }
+    }
+
+    const PINNED_V4: &str = concat!(
+        "04070000000080a0bfe9d666fa1f09cf0f02029a01ab9fbfe9d66680f0b25202",
+        "008872018a72010302110000000000010000fbffffffffffffff03e0be021103",
+        "01010505630000000101030377027713c7010700000006676f6f676c65067370",
+        "72696e670108636f6f6b69652d3110a0e797b69a0100000400000000000000a1",
+        "e797b69a0100000500000000000000a2e797b69a0100000600000000000000a3",
+        "e797b69a0100000700000000000000a4e797b69a0100000800000000000000a5",
+        "e797b69a0100000900000000000000a6e797b69a0100000a00000000000000a7",
+        "e797b69a0100000b00000000000000a8e797b69a0100000c00000000000000a9",
+        "e797b69a0100000d00000000000000aae797b69a0100000e00000000000000ab",
+        "e797b69a0100000f00000000000000ace797b69a0100001000000000000000ad",
+        "e797b69a0100001100000000000000aee797b69a0100001200000000000000af",
+        "e797b69a01000013000000000000000119f7e797b69a01000000000000000004",
+        "40030001040065762d31010000010000f8e797b69a010000",
+    );
+
+    const PINNED_V3: &str = concat!(
+        "03070000000080a0bfe9d666fa1f09cf0f02029a01ab9fbfe9d66680f0b25202",
+        "008872018a72010302118080808080400903e0be021103010105056300000001",
+        "01030377027713c7010700000006676f6f676c6506737072696e670108636f6f",
+        "6b69652d3110bf010400000000000000bd010500000000000000bb0106000000",
+        "00000000b9010700000000000000b7010800000000000000b501090000000000",
+        "0000b3010a00000000000000b1010b00000000000000af010c00000000000000",
+        "ad010d00000000000000ab010e00000000000000a9010f00000000000000a701",
+        "1000000000000000a5011100000000000000a3011200000000000000a1011300",
+        "00000000000001030465762d3111000000000000044001010001000f",
+    );
+
+    #[test]
+    fn round_trips_and_rejects_garbage() {
+        let s = sample();
+        let mut buf = Vec::new();
+        s.encode(7, &mut buf);
+        let mut back = LeadState::new(Kind::Visitor);
+        assert_eq!(back.decode_into(&buf), Ok(7));
+        assert_eq!(back, s);
+        assert!(back.decode_into(&buf[..buf.len() - 1]).is_err());
+        assert_eq!(
+            back.decode_into(b"\x02garbage"),
+            Err(StateError::Version(2))
+        );
+        let mut alias = LeadState::new(Kind::Alias("lead-9".into()));
+        alias.as_of = 5;
+        alias.encode(1, &mut buf);
+        back.decode_into(&buf).unwrap();
+        assert_eq!(back.kind, Kind::Alias("lead-9".into()));
+        let mut bytes = Vec::new();
+        alias.encode(1, &mut bytes);
+        assert_eq!(LeadState::alias_target(&bytes), Some("lead-9"));
+        let mut lead = Vec::new();
+        LeadState::new(Kind::Visitor).encode(1, &mut lead);
+        assert_eq!(LeadState::alias_target(&lead), None);
+        // Cut inside the target's name.
+        assert_eq!(LeadState::alias_target(&bytes[..9]), None);
+    }
+
+    #[test]
+    fn decoding_over_another_lead_reuses_buffers_and_leaves_nothing_of_it() {
+        // One state decoded into a holder of a longer log and another first
+        // touch, then one with fewer of both, then one with none.
+        let mut longer = sample();
+        let first = longer.log.iter().next().unwrap().to_owned();
+        for i in 2..6 {
+            longer.log.push(&Contribution {
+                event_id: format!("ev-{i}-with-a-longer-id"),
+                ..first.clone()
+            });
+        }
+        let mut shorter = sample();
+        shorter.first_touch.as_mut().unwrap().campaign = None;
+        let mut bare = sample();
+        bare.log.clear();
+        bare.first_touch = None;
+        let mut held = LeadState::new(Kind::Lead);
+        for s in [&longer, &sample(), &shorter, &bare, &longer] {
+            let mut buf = Vec::new();
+            s.encode(1, &mut buf);
+            held.decode_into(&buf).unwrap();
+            assert_eq!(&held, s);
+        }
+    }
+
+    #[test]
+    fn a_reset_state_is_a_new_one() {
+        for kind in [Kind::Lead, Kind::Visitor, Kind::Alias("crm-1".into())] {
+            let mut s = sample();
+            s.reset(kind.clone());
+            assert_eq!(s, LeadState::new(kind));
+        }
+    }
+
+    #[test]
+    fn remembers_the_latest_by_event_time() {
+        let mut s = LeadState::new(Kind::Lead);
+        for f in (0..40u64).rev() {
+            s.remember(f as i64, f, 16);
+        }
+        assert_eq!(s.recent.len(), 16);
+        assert!(s.seen(39) && s.seen(24) && !s.seen(23));
+        assert!(s.older_than_memory(3, 3, 16));
+    }
+
+    proptest! {
+        /// Every integer reads back as written, and a varint cut short, or
+        /// longer than ten bytes, is refused.
+        #[test]
+        fn varints_round_trip_and_refuse_truncation(v in any::<u64>(), i in any::<i64>()) {
+            let mut bytes = Vec::new();
+            let mut w = Writer(&mut bytes);
+            w.uvar(v);
+            w.ivar(i);
+            let mut r = Reader { bytes: &bytes, pos: 0 };
+            prop_assert_eq!(r.uvar(), Ok(v));
+            prop_assert_eq!(r.ivar(), Ok(i));
+            prop_assert_eq!(r.pos, bytes.len());
+            let mut one = Vec::new();
+            Writer(&mut one).uvar(v);
+            let mut cut = Reader { bytes: &one[..one.len() - 1], pos: 0 };
+            prop_assert_eq!(cut.uvar(), Err(StateError::Corrupt));
+            let long = [0xffu8; 11];
+            prop_assert_eq!(Reader { bytes: &long, pos: 0 }.uvar(), Err(StateError::Corrupt));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut s = LeadState::new(Kind::Lead);
+            let _ = s.decode_into(&bytes);
+            for version in [FORMAT_V3, FORMAT_VERSION] {
+                let mut with_header = vec![version, 0, 0, 0, 0];
+                with_header.extend_from_slice(&bytes);
+                let _ = s.decode_into(&with_header);
+            }
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(i in 0usize..400, b in any::<u8>(), v3 in any::<bool>()) {
+            let mut buf = Vec::new();
+            sample().encode_as(if v3 { FORMAT_V3 } else { FORMAT_VERSION }, 7, &mut buf);
+            let at = i % buf.len();
+            buf[at] = b;
+            let mut s = LeadState::new(Kind::Lead);
+            let _ = s.decode_into(&buf);
+        }
+    }
+}
