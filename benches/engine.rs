@@ -141,6 +141,7 @@ fn run_shard(engine: &Engine, decoders: &[Decoder], fixture: &Fixture) -> u64 {
         let (write, pending) = shard.prepare_write();
         let ok = store.write(std::slice::from_ref(&write)).is_ok();
         shard.write_done(pending, ok);
+        shard.recycle(write);
         stats = StepStats::default();
     }
     for i in 0..4 {

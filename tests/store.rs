@@ -9,7 +9,7 @@ use common::{Names, Redis};
 use leadscore::settings::{RedisMode, RedisSettings};
 use leadscore::shard::cache::LeadKey;
 use leadscore::store::redis::RedisStore;
-use leadscore::store::{LeadWrite, ShardWrite, Store, TimerWrite, Written};
+use leadscore::store::{ShardWrite, Store, TimerWrite, Written};
 
 fn store(redis: &Redis, prefix: &str) -> RedisStore {
     RedisStore::connect(&RedisSettings {
@@ -25,26 +25,27 @@ fn store(redis: &Redis, prefix: &str) -> RedisStore {
     .unwrap()
 }
 
-fn lead(id: &str, state: &[u8], timer: TimerWrite) -> LeadWrite {
-    LeadWrite {
-        key: LeadKey::lead(id),
-        state: state.into(),
-        timer,
-    }
+fn lead<'a>(id: &str, state: &'a [u8], timer: TimerWrite) -> (LeadKey, &'a [u8], TimerWrite) {
+    (LeadKey::lead(id), state, timer)
 }
 
-fn write(store: &RedisStore, epoch: u64, seq: u64, leads: Vec<LeadWrite>) -> Written {
-    store
-        .write(&[ShardWrite {
-            shard: 2,
-            epoch,
-            seq,
-            leads,
-            positions: vec![("t".into(), seq as i64)],
-            ..ShardWrite::default()
-        }])
-        .unwrap()
-        .remove(0)
+fn write(
+    store: &RedisStore,
+    epoch: u64,
+    seq: u64,
+    leads: Vec<(LeadKey, &[u8], TimerWrite)>,
+) -> Written {
+    let mut w = ShardWrite {
+        shard: 2,
+        epoch,
+        seq,
+        positions: vec![("t".into(), seq as i64)],
+        ..ShardWrite::default()
+    };
+    for (key, state, timer) in leads {
+        w.push_lead(key, state, timer);
+    }
+    store.write(&[w]).unwrap().remove(0)
 }
 
 fn stored_timers_are_set_kept_and_cleared(redis: Redis) {
@@ -120,7 +121,7 @@ fn stored_timers_are_set_kept_and_cleared(redis: Redis) {
     // than one script call per load): every third absent, every other one
     // stored with a timer, each answer in its own place.
     let ids: Vec<String> = (0..2_345).map(|i| format!("m{i}")).collect();
-    let written: Vec<LeadWrite> = ids
+    let written: Vec<(LeadKey, &[u8], TimerWrite)> = ids
         .iter()
         .enumerate()
         .filter(|(i, _)| i % 3 != 0)

@@ -567,6 +567,7 @@ impl Worker {
                 {
                     debug!(error = %e, "Cannot store offsets (partitions moved meanwhile).");
                 }
+                self.recycle(done.writes);
             }
             Err(e) => {
                 for w in &done.writes {
@@ -575,6 +576,7 @@ impl Worker {
                         o.shard.write_done(pending, false);
                     }
                 }
+                self.recycle(done.writes);
                 match self.policy.on_write_error(&e) {
                     Action::Retry(delay) => {
                         self.rt
@@ -590,6 +592,19 @@ impl Worker {
                     Action::Fatal(msg) => self.rt.fail(msg),
                     Action::GiveUp => {}
                 }
+            }
+        }
+    }
+
+    /// Hands finished writes' buffers back to their shards, for their next writes.
+    fn recycle(&mut self, writes: Vec<crate::store::ShardWrite>) {
+        for w in writes {
+            if let Some(o) = self
+                .shards
+                .iter_mut()
+                .find(|o| o.shard.id() == w.shard && o.shard.epoch() == w.epoch)
+            {
+                o.shard.recycle(w);
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The leads of one shard held in memory: each lead's state is its compact
-//! binary form in one allocation, and the cache is bounded (by count and by
+//! binary form in one allocation, owned by the cache and rewritten in place
+//! (a write copies the states it takes), and the cache is bounded (by count and by
 //! bytes). Beyond the limit, clean leads (already written to the store) are
 //! evicted in CLOCK order — a lead used since the hand last passed gets a
 //! second chance — and are reloaded from the store on their next event.
@@ -7,12 +8,10 @@
 
 use std::hash::BuildHasher;
 
-use std::sync::Arc;
-
 use hashbrown::HashTable;
 
 use crate::event::Millis;
-use crate::store::{LeadWrite, TimerWrite};
+use crate::store::{ShardWrite, TimerWrite};
 
 /// The key of a lead or visitor within a shard: `l:<lead id>` or `a:<anonymous id>`.
 /// Shared, not copied, by the cache, the timers and the writes.
@@ -118,8 +117,8 @@ impl std::fmt::Debug for LeadKey {
 pub struct Entry {
     /// Its key.
     pub key: LeadKey,
-    /// Its state, in the stored binary form (shared with a write in flight).
-    pub blob: Arc<[u8]>,
+    /// Its state, in the stored binary form.
+    pub blob: Box<[u8]>,
     /// Its next timer.
     pub timer: Option<Millis>,
     /// The timer the store holds for it (see [`TimerWrite`]).
@@ -292,10 +291,10 @@ impl LeadCache {
         self.find(key).is_some()
     }
 
-    /// A lead's state (shared, not copied), without marking it used.
-    pub fn peek(&self, key: &LeadKey) -> Option<Arc<[u8]>> {
+    /// A copy of a lead's state, without marking it used.
+    pub fn peek(&self, key: &LeadKey) -> Option<Vec<u8>> {
         let i = self.find(key)? as usize;
-        self.slab[i].as_ref().map(|e| e.blob.clone())
+        self.slab[i].as_ref().map(|e| e.blob.to_vec())
     }
 
     /// Sets a lead's state and timer, marking it dirty (inserted if absent,
@@ -310,8 +309,8 @@ impl LeadCache {
     }
 
     /// The state in a slot, if it holds `key`.
-    pub fn blob_at(&self, slot: u32, key: &LeadKey) -> Option<&Arc<[u8]>> {
-        self.entry_at(slot, key).map(|e| &e.blob)
+    pub fn blob_at(&self, slot: u32, key: &LeadKey) -> Option<&[u8]> {
+        self.entry_at(slot, key).map(|e| &e.blob[..])
     }
 
     fn entry_at(&self, slot: u32, key: &LeadKey) -> Option<&Entry> {
@@ -334,12 +333,9 @@ impl LeadCache {
         let e = self.slab[i as usize]
             .as_mut()
             .expect("indexed entries exist");
-        if e.blob.len() == blob.len()
-            && let Some(held) = Arc::get_mut(&mut e.blob)
-        {
-            // Not shared with a write in flight: overwrite in place.
-            held.copy_from_slice(blob);
-        } else if *e.blob != *blob {
+        if e.blob.len() == blob.len() {
+            e.blob.copy_from_slice(blob);
+        } else {
             self.bytes = self.bytes - e.blob.len() + blob.len();
             e.blob = blob.into();
         }
@@ -428,27 +424,24 @@ impl LeadCache {
         Some(e)
     }
 
-    /// Takes the dirty leads for a write, the shard's clock at `clock`. They
-    /// count as clean but are kept in memory until [`LeadCache::written`]
-    /// says how the write ended.
-    pub fn take_dirty(&mut self, clock: Millis) -> (Vec<LeadWrite>, Vec<u32>) {
-        let mut out = Vec::with_capacity(self.dirty.len());
+    /// Adds the dirty leads to `write` (their states copied into it), the
+    /// shard's clock at `clock`, and returns the slots they were taken
+    /// from. They count as clean but are kept in memory until
+    /// [`LeadCache::written`] says how the write ended.
+    pub fn take_dirty(&mut self, clock: Millis, write: &mut ShardWrite) -> Vec<u32> {
         let mut slots = Vec::with_capacity(self.dirty.len());
+        write.leads.reserve(self.dirty.len());
         for i in std::mem::take(&mut self.dirty) {
             if let Some(e) = self.slab.get_mut(i as usize).and_then(Option::as_mut)
                 && e.dirty
             {
                 e.dirty = false;
                 e.writing = true;
-                out.push(LeadWrite {
-                    key: e.key.clone(),
-                    state: e.blob.clone(),
-                    timer: e.stored.write(e.timer, clock),
-                });
+                write.push_lead(e.key.clone(), &e.blob, e.stored.write(e.timer, clock));
                 slots.push(i);
             }
         }
-        (out, slots)
+        slots
     }
 
     /// A write of `leads` (taken from `slots`) finished: on failure they are
@@ -561,11 +554,17 @@ mod tests {
             Some((&b"xyz"[..], Some(5)))
         );
         assert_eq!(c.dirty_len(), 1);
-        let (taken, _) = c.take_dirty(0);
-        assert_eq!(taken.len(), 1);
-        assert_eq!(c.take_dirty(0).0.len(), 0);
+        let taken = |c: &mut LeadCache| {
+            let mut w = ShardWrite::default();
+            c.take_dirty(0, &mut w);
+            w
+        };
+        let w = taken(&mut c);
+        assert_eq!(w.leads.len(), 1);
+        assert_eq!(w.state(&w.leads[0]), b"xyz");
+        assert_eq!(taken(&mut c).leads.len(), 0);
         c.mark_dirty([a.clone()]);
-        assert_eq!(c.take_dirty(0).0.len(), 1);
+        assert_eq!(taken(&mut c).leads.len(), 1);
         assert!(c.remove(&a).is_some());
         assert!(c.is_empty() && c.bytes() == 0);
         assert!(LeadKey::visitor("c").as_str() == "a:c" && !LeadKey::visitor("c").is_lead());
@@ -612,9 +611,10 @@ mod tests {
             c.evict().is_empty(),
             "not evicted: the store has no timer for it"
         );
-        let (w, slots) = c.take_dirty(0);
-        assert_eq!(w[0].timer, TimerWrite::Set(50));
-        c.written(&[(a.clone(), w[0].timer)], &slots, true);
+        let mut w = ShardWrite::default();
+        let slots = c.take_dirty(0, &mut w);
+        assert_eq!(w.leads[0].timer, TimerWrite::Set(50));
+        c.written(&[(a.clone(), w.leads[0].timer)], &slots, true);
         assert_eq!(c.evict(), vec![(a, Some(50))]);
     }
 

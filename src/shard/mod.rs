@@ -275,6 +275,15 @@ pub struct Shard {
     wanted: KeySet,
     /// Keys written out for lookups (scratch).
     keys: KeyBuf,
+    /// A finished write's buffers, for the next one.
+    spare: Spare,
+}
+
+/// The buffers of a write, kept between writes.
+#[derive(Debug, Default)]
+struct Spare {
+    leads: Vec<crate::store::LeadWrite>,
+    states: Vec<u8>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -336,6 +345,7 @@ impl Shard {
             absent: KeySet::default(),
             wanted: KeySet::default(),
             keys: KeyBuf::default(),
+            spare: Spare::default(),
         }
     }
 
@@ -1088,40 +1098,46 @@ impl Shard {
     /// Takes everything changed since the last write, with the positions,
     /// clock and merge progress it covers.
     pub fn prepare_write(&mut self) -> (ShardWrite, Pending) {
-        let (leads, slots) = self.cache.lock().take_dirty(self.clock);
-        let mut deletes = std::mem::take(&mut self.deletes);
-        for lead in &leads {
-            deletes.remove(&lead.key);
-        }
-        let deletes: Vec<LeadKey> = deletes.into_iter().collect();
-        let written = leads.iter().map(|l| (l.key.clone(), l.timer)).collect();
-        let write = ShardWrite {
+        let mut write = ShardWrite {
             shard: self.id,
             epoch: self.epoch,
             seq: self.seq,
-            leads,
-            deletes: deletes.clone(),
-            positions: self
-                .topics
-                .iter()
-                .zip(&self.positions)
-                .filter_map(|(t, p)| p.map(|p| (t.to_string(), p)))
-                .collect(),
-            seen: self
-                .topics
-                .iter()
-                .zip(&self.seen)
-                .filter(|(_, s)| **s != NEVER)
-                .map(|(t, s)| (t.to_string(), *s))
-                .collect(),
-            clock: (self.clock != NEVER).then_some(self.clock),
-            released: (self.merge.released() != NEVER).then(|| self.merge.released()),
-            population: self
-                .population
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            leads: std::mem::take(&mut self.spare.leads),
+            states: std::mem::take(&mut self.spare.states),
+            ..ShardWrite::default()
         };
+        let slots = self.cache.lock().take_dirty(self.clock, &mut write);
+        let mut deletes = std::mem::take(&mut self.deletes);
+        for lead in &write.leads {
+            deletes.remove(&lead.key);
+        }
+        let deletes: Vec<LeadKey> = deletes.into_iter().collect();
+        let written = write
+            .leads
+            .iter()
+            .map(|l| (l.key.clone(), l.timer))
+            .collect();
+        write.deletes = deletes.clone();
+        write.positions = self
+            .topics
+            .iter()
+            .zip(&self.positions)
+            .filter_map(|(t, p)| p.map(|p| (t.to_string(), p)))
+            .collect();
+        write.seen = self
+            .topics
+            .iter()
+            .zip(&self.seen)
+            .filter(|(_, s)| **s != NEVER)
+            .map(|(t, s)| (t.to_string(), *s))
+            .collect();
+        write.clock = (self.clock != NEVER).then_some(self.clock);
+        write.released = (self.merge.released() != NEVER).then(|| self.merge.released());
+        write.population = self
+            .population
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
         self.population_dirty = false;
         (
             write,
@@ -1131,6 +1147,16 @@ impl Shard {
                 deletes,
             },
         )
+    }
+
+    /// Takes back a finished write's buffers for the next one.
+    pub fn recycle(&mut self, mut write: ShardWrite) {
+        write.leads.clear();
+        write.states.clear();
+        self.spare = Spare {
+            leads: write.leads,
+            states: write.states,
+        };
     }
 
     /// Accounts for a finished write: on failure, what it carried is pending again.

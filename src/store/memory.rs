@@ -187,7 +187,7 @@ impl Store for MemoryStore {
             }
             for lead in &w.leads {
                 let key = &lead.key;
-                data.leads.insert(key.clone(), lead.state.to_vec());
+                data.leads.insert(key.clone(), w.state(lead).to_vec());
                 if lead.timer == TimerWrite::Keep {
                     continue;
                 }
@@ -266,16 +266,15 @@ mod tests {
         // Taking it again without writing: still no state.
         let a = s.take_shard(3).unwrap();
         assert!(a.fresh && a.epoch == 2);
-        let write = |epoch, pos| ShardWrite {
-            shard: 3,
-            epoch,
-            leads: vec![super::super::LeadWrite {
-                key: LeadKey::lead("x"),
-                state: vec![1u8].into(),
-                timer: TimerWrite::Set(9),
-            }],
-            positions: vec![("t".into(), pos)],
-            ..ShardWrite::default()
+        let write = |epoch, pos| {
+            let mut w = ShardWrite {
+                shard: 3,
+                epoch,
+                positions: vec![("t".into(), pos)],
+                ..ShardWrite::default()
+            };
+            w.push_lead(LeadKey::lead("x"), &[1u8], TimerWrite::Set(9));
+            w
         };
         assert_eq!(s.write(&[write(a.epoch, 10)]).unwrap(), vec![Written::Ok]);
         let b = s.take_shard(3).unwrap();

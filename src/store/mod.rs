@@ -83,6 +83,10 @@ pub struct ShardWrite {
     pub seq: u64,
     /// Changed leads.
     pub leads: Vec<LeadWrite>,
+    /// The changed leads' states, end to end: each [`LeadWrite`] names its
+    /// bytes here (one buffer per write, reused by the next, rather than an
+    /// allocation per lead).
+    pub states: Vec<u8>,
     /// Deleted leads (merged visitors, expired, erased).
     pub deletes: Vec<LeadKey>,
     /// Next offset to read, per input topic.
@@ -102,10 +106,28 @@ pub struct ShardWrite {
 pub struct LeadWrite {
     /// Its key.
     pub key: LeadKey,
-    /// Its state in the compact binary form.
-    pub state: std::sync::Arc<[u8]>,
+    /// Where its state, in the compact binary form, is in [`ShardWrite::states`].
+    pub state: std::ops::Range<usize>,
     /// What happens to its timer in the store.
     pub timer: TimerWrite,
+}
+
+impl ShardWrite {
+    /// A lead's state in this write.
+    pub fn state(&self, lead: &LeadWrite) -> &[u8] {
+        &self.states[lead.state.clone()]
+    }
+
+    /// Adds a changed lead.
+    pub fn push_lead(&mut self, key: LeadKey, state: &[u8], timer: TimerWrite) {
+        let start = self.states.len();
+        self.states.extend_from_slice(state);
+        self.leads.push(LeadWrite {
+            key,
+            state: start..self.states.len(),
+            timer,
+        });
+    }
 }
 
 /// What a write does to a lead's stored timer.

@@ -345,7 +345,7 @@ impl RedisStore {
                 let (mut adds, mut rems) = (0, 0);
                 for lead in chunk {
                     let k = &lead.key;
-                    mset.arg(self.lead_key(w.shard, k)).arg(&lead.state[..]);
+                    mset.arg(self.lead_key(w.shard, k)).arg(w.state(lead));
                     match lead.timer {
                         TimerWrite::Set(t) => {
                             zadd.arg(t).arg(k.as_str());
@@ -416,7 +416,7 @@ impl RedisStore {
                 TimerWrite::Clear => String::new(),
                 TimerWrite::Keep => "k".to_owned(),
             };
-            inv.arg(lead.key.as_str()).arg(&lead.state[..]).arg(timer);
+            inv.arg(lead.key.as_str()).arg(w.state(lead)).arg(timer);
         }
         for (f, v) in meta {
             inv.arg(f).arg(v);

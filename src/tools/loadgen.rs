@@ -17,7 +17,6 @@
 //!   environment names: the figures are then leadscore's, not a test broker's.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -36,7 +35,7 @@ use leadscore::output::SegmentChangeOut;
 use leadscore::settings::{Loaded, Settings, TopicSettings};
 use leadscore::shard::cache::LeadKey;
 use leadscore::store::redis::RedisStore;
-use leadscore::store::{LeadWrite, ShardWrite, Store as _, TimerWrite, Written};
+use leadscore::store::{ShardWrite, Store as _, TimerWrite, Written};
 
 use super::synth::Synth;
 
@@ -293,6 +292,7 @@ fn prefill_state(args: &LoadgenArgs) -> anyhow::Result<()> {
             [Written::Ok] => {
                 w.seq += 1;
                 w.leads.clear();
+                w.states.clear();
                 Ok(())
             }
             other => anyhow::bail!("shard {} refused the write: {other:?}", w.shard),
@@ -323,13 +323,10 @@ fn prefill_state(args: &LoadgenArgs) -> anyhow::Result<()> {
         }
         buf.clear();
         engine.encode(&state, &mut buf);
-        w.leads.push(LeadWrite {
-            key,
-            state: Arc::from(buf.as_slice()),
-            timer: engine
-                .next_transition(&state)
-                .map_or(TimerWrite::Clear, TimerWrite::Set),
-        });
+        let timer = engine
+            .next_transition(&state)
+            .map_or(TimerWrite::Clear, TimerWrite::Set);
+        w.push_lead(key, &buf, timer);
         w.clock = Some(event.occurred_at);
         if w.leads.len() >= BATCH {
             flush(w)?;
