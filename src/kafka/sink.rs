@@ -164,7 +164,8 @@ impl std::fmt::Debug for WorkerSink {
 
 impl WorkerSink {
     fn send_record(&self, record: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), SinkError> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Read the clock only once the queue is full (this runs per output).
+        let mut deadline = None;
         let slot = &self.acks.pending[self.epoch % EPOCHS];
         slot.fetch_add(1, Ordering::SeqCst);
         let mut record = record.delivery_opaque(opaque(self.worker, self.epoch));
@@ -172,7 +173,8 @@ impl WorkerSink {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    if Instant::now() > deadline {
+                    let now = Instant::now();
+                    if now > *deadline.get_or_insert(now + Duration::from_secs(30)) {
                         slot.fetch_sub(1, Ordering::SeqCst);
                         return Err(SinkError::Produce("producer queue full for 30 s".into()));
                     }
