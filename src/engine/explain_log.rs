@@ -78,6 +78,9 @@ impl Entry<'_> {
 pub struct ExplainLog {
     bytes: Vec<u8>,
     len: usize,
+    /// Where the last (latest) entry starts: an event later than it goes
+    /// at the end without a walk through the others.
+    last: usize,
 }
 
 /// Why stored log bytes were refused.
@@ -99,6 +102,7 @@ impl ExplainLog {
     pub fn clear(&mut self) {
         self.bytes.clear();
         self.len = 0;
+        self.last = 0;
     }
 
     /// The entries, oldest first. An id that is not UTF-8 (stored bytes
@@ -127,8 +131,9 @@ impl ExplainLog {
     /// they are exactly `n` whole entries (ids are checked for UTF-8 when
     /// read, not here: this runs every time a lead is read).
     pub fn set_bytes(&mut self, n: usize, bytes: &[u8]) -> Result<(), Malformed> {
-        let mut at = 0;
+        let (mut at, mut last) = (0, 0);
         for _ in 0..n {
+            last = at;
             at = Raw::at(bytes, at).ok_or(Malformed)?.next;
         }
         if at != bytes.len() {
@@ -137,6 +142,7 @@ impl ExplainLog {
         self.bytes.clear();
         self.bytes.extend_from_slice(bytes);
         self.len = n;
+        self.last = last;
         Ok(())
     }
 
@@ -153,6 +159,7 @@ impl ExplainLog {
             c.capped,
         );
         self.len += 1;
+        self.last = at;
     }
 
     /// Keeps the `capacity` latest counted events by (time, fingerprint of
@@ -164,41 +171,49 @@ impl ExplainLog {
         if capacity == 0 {
             return;
         }
-        let id = c.event_id.as_bytes();
         let before_new =
             |e: &Raw<'_>| e.at < c.at || (e.at == c.at && xxhash_rust::xxh3::xxh3_64(e.id) < c.fp);
-        // One pass: refuse a repeat, and find where the new entry goes.
-        let mut insert_at = None;
-        let mut first: Option<(bool, usize)> = None;
-        let mut off = 0;
-        while let Some(e) = Raw::at(&self.bytes, off) {
-            if e.at == c.at && e.id == id {
-                return;
+        // The usual case (events mostly come in order): later than the
+        // latest entry, so no repeat is possible and it goes at the end,
+        // without a walk through the others.
+        let after_all =
+            self.len == 0 || Raw::at(&self.bytes, self.last).is_some_and(|last| last.at < c.at);
+        let mut insert_at = self.bytes.len();
+        if !after_all {
+            // One pass: refuse a repeat, and find where the new entry goes.
+            let id = c.event_id.as_bytes();
+            let mut found = None;
+            let mut off = 0;
+            while let Some(e) = Raw::at(&self.bytes, off) {
+                if e.at == c.at && e.id == id {
+                    return;
+                }
+                if found.is_none() && !before_new(&e) {
+                    found = Some(off);
+                }
+                off = e.next;
             }
-            let before = before_new(&e);
-            if first.is_none() {
-                first = Some((before, e.next));
-            }
-            if insert_at.is_none() && !before {
-                insert_at = Some(off);
-            }
-            off = e.next;
+            insert_at = found.unwrap_or(self.bytes.len());
         }
-        let mut insert_at = insert_at.unwrap_or(self.bytes.len());
         if self.len >= capacity {
             // Full: the new entry takes the oldest one's place, if it is later.
-            match first {
-                Some((true, end)) => {
-                    self.bytes.drain(..end);
-                    insert_at -= end;
-                    self.len -= 1;
-                }
-                _ => return,
+            let Some(first) = Raw::at(&self.bytes, 0) else {
+                return;
+            };
+            if !after_all && !before_new(&first) {
+                return;
             }
+            let end = first.next;
+            self.bytes.drain(..end);
+            self.len -= 1;
+            insert_at -= end;
+            self.last = self.last.saturating_sub(end);
         } else if self.bytes.capacity() == 0 {
             // Its whole capacity on the first entry (ids of about 36 bytes).
             self.bytes.reserve_exact(capacity * (HEADER + 36));
         }
+        let at_end = insert_at == self.bytes.len();
+        let before = self.bytes.len();
         insert(
             &mut self.bytes,
             insert_at,
@@ -208,6 +223,11 @@ impl ExplainLog {
             c.points,
             c.capped,
         );
+        self.last = if at_end || self.len == 0 {
+            insert_at
+        } else {
+            self.last + (self.bytes.len() - before)
+        };
         self.len += 1;
     }
 
@@ -223,6 +243,7 @@ impl ExplainLog {
                 self.bytes.extend_from_slice(&old.bytes[e.start..e.next]);
                 self.bytes[end + 16..end + 18].copy_from_slice(&rule.to_le_bytes());
                 self.len += 1;
+                self.last = end;
             }
         }
     }
@@ -382,6 +403,11 @@ mod tests {
             }
             prop_assert_eq!(forward.len(), backward.len());
             prop_assert_eq!(ids(&forward), ids(&backward));
+            for log in [&forward, &backward] {
+                let mut round_trip = ExplainLog::default();
+                round_trip.set_bytes(log.len(), log.as_bytes()).unwrap();
+                prop_assert_eq!(&round_trip, log, "the latest entry's place is kept right");
+            }
         }
     }
 }
