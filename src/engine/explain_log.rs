@@ -363,6 +363,39 @@ mod tests {
         assert_eq!(log.len(), 3);
     }
 
+    /// Time ties are ordered by the ids' fingerprints, whatever order the
+    /// events come in; a full log recycles its oldest entry.
+    #[test]
+    fn ties_in_time_are_ordered_by_fingerprint_in_any_arrival_order() {
+        let counted = [
+            ("a", 0),
+            ("b", 5),
+            ("c", 5),
+            ("d", 9),
+            ("a", 7),
+            ("e", 1),
+            ("b", 5),
+        ];
+        let mut latest = vec![("b", 5), ("c", 5), ("a", 7), ("d", 9)];
+        if fingerprint("c") < fingerprint("b") {
+            latest.swap(0, 1);
+        }
+        let latest: Vec<(String, Millis)> =
+            latest.into_iter().map(|(id, at)| (id.into(), at)).collect();
+        let n = counted.len();
+        for turn in 0..n {
+            for reversed in [false, true] {
+                let mut log = ExplainLog::default();
+                for k in 0..n {
+                    let i = if reversed { n - 1 - k } else { k };
+                    let (id, at) = counted[(i + turn) % n];
+                    remember(&mut log, id, at, 4);
+                }
+                assert_eq!(ids(&log), latest, "turn {turn}, reversed {reversed}");
+            }
+        }
+    }
+
     #[test]
     fn stored_bytes_are_checked() {
         let mut log = ExplainLog::default();

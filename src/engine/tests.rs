@@ -942,55 +942,6 @@ fn shuffle<T>(v: &mut [T], seed: u64) {
     }
 }
 
-/// The explain log keeps the latest counted events by (time, id
-/// fingerprint), each (time, id) once, whatever order they are counted in;
-/// a full log recycles its oldest entry.
-#[test]
-fn the_explain_log_is_a_function_of_the_events_counted() {
-    let counted = [
-        ("a", T0),
-        ("b", T0 + 5),
-        ("c", T0 + 5),
-        ("d", T0 + 9),
-        ("a", T0 + 7),
-        ("e", T0 + 1),
-        ("b", T0 + 5),
-    ];
-    let log_of = |order: &[usize]| {
-        let mut log = ExplainLog::default();
-        for &i in order {
-            let (id, at) = counted[i];
-            let c = Counted {
-                rule: 1,
-                event_id: id,
-                at,
-                points: 2.0,
-                capped: false,
-                fp: fingerprint(id),
-            };
-            log.remember(&c, 4);
-        }
-        log.iter()
-            .map(|c| (c.event_id.to_owned(), c.at))
-            .collect::<Vec<_>>()
-    };
-    let forward = log_of(&[0, 1, 2, 3, 4, 5, 6]);
-    let mut latest = vec![("b", T0 + 5), ("c", T0 + 5), ("a", T0 + 7), ("d", T0 + 9)];
-    if fingerprint("c") < fingerprint("b") {
-        latest.swap(0, 1);
-    }
-    let latest: Vec<_> = latest
-        .into_iter()
-        .map(|(id, at)| (id.to_string(), at))
-        .collect();
-    assert_eq!(forward, latest);
-    for seed in 1..50 {
-        let mut order: Vec<usize> = (0..counted.len()).collect();
-        shuffle(&mut order, seed);
-        assert_eq!(log_of(&order), latest, "order {order:?}");
-    }
-}
-
 #[test]
 fn an_event_id_forgotten_by_the_dedup_ring_counts_again_and_a_remembered_one_does_not() {
     // README, known limitations: de-duplication remembers a lead's 16 most
