@@ -494,6 +494,25 @@ fn byte_len(u: u64) -> usize {
     8 - u.leading_zeros() as usize / 8
 }
 
+/// `v` with its sign in the low bit, so that small magnitudes are small.
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// The inverse of [`zigzag`].
+fn unzigzag(u: u64) -> i64 {
+    ((u >> 1) as i64) ^ -((u & 1) as i64)
+}
+
+/// The low `n` bytes of `u` (`n` at most 8).
+fn low_bytes(u: u64, n: usize) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        u & (u64::MAX >> (64 - 8 * n))
+    }
+}
+
 /// An `i64` from 8 little-endian bytes.
 fn le_i64(b: &[u8]) -> i64 {
     let mut a = [0u8; 8];
@@ -524,7 +543,7 @@ impl Writer<'_> {
         self.0.push(v as u8);
     }
     fn ivar(&mut self, v: i64) {
-        self.uvar(((v << 1) ^ (v >> 63)) as u64);
+        self.uvar(zigzag(v));
     }
     /// A time relative to the lead's clock.
     fn time(&mut self, base: Millis, t: Millis) {
@@ -539,22 +558,18 @@ impl Writer<'_> {
         if recent.is_empty() {
             return;
         }
-        let zigzag = |t: Millis| {
-            let d = t.wrapping_sub(base);
-            ((d << 1) ^ (d >> 63)) as u64
-        };
-        let widest = recent.iter().map(|(t, _)| zigzag(*t)).max().unwrap_or(0);
+        let relative = |t: Millis| zigzag(t.wrapping_sub(base));
+        let widest = recent.iter().map(|(t, _)| relative(*t)).max().unwrap_or(0);
         let width = byte_len(widest).max(1);
         self.0.push(width as u8);
         for (t, f) in recent {
-            self.word(zigzag(*t), width);
+            self.word(relative(*t), width);
             self.0.extend_from_slice(&f.to_le_bytes());
         }
     }
     /// Two cells: a byte with the length of each (zigzag, little-endian,
     /// without the high zero bytes) in its two halves, then their bytes.
     fn cells(&mut self, c: Cells) {
-        let zigzag = |v: i64| ((v << 1) ^ (v >> 63)) as u64;
         let (a, b) = (zigzag(c.current), zigzag(c.previous));
         let (la, lb) = (byte_len(a), byte_len(b));
         self.0.push((la | (lb << 4)) as u8);
@@ -611,8 +626,7 @@ impl<'a> Reader<'a> {
         Err(StateError::Corrupt)
     }
     fn ivar(&mut self) -> Result<i64, StateError> {
-        let u = self.uvar()?;
-        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+        Ok(unzigzag(self.uvar()?))
     }
     fn time(&mut self, base: Millis) -> Result<Millis, StateError> {
         Ok(base.wrapping_add(self.ivar()?))
@@ -630,11 +644,9 @@ impl<'a> Reader<'a> {
         let stride = width + 8;
         let block = self.take(n.checked_mul(stride).ok_or(StateError::Corrupt)?)?;
         // An entry is at least 9 bytes: its first 8, masked, are its time.
-        let mask = u64::MAX >> (64 - 8 * width);
         into.reserve(n);
         for e in block.chunks_exact(stride) {
-            let u = le_i64(e) as u64 & mask;
-            let d = ((u >> 1) as i64) ^ -((u & 1) as i64);
+            let d = unzigzag(low_bytes(le_i64(e) as u64, width));
             into.push((base.wrapping_add(d), le_i64(&e[width..]) as u64));
         }
         Ok(())
@@ -650,10 +662,8 @@ impl<'a> Reader<'a> {
             // One 8-byte load, masked, where 8 bytes remain; else a copy.
             let u = match self.bytes.get(self.pos..self.pos + 8) {
                 Some(w) => {
-                    let all = u64::from_le_bytes(w.try_into().map_err(|_| StateError::Corrupt)?);
                     self.pos += n;
-                    all & (u64::MAX >> (64 - 8 * n as u32).min(63))
-                        & if n == 0 { 0 } else { u64::MAX }
+                    low_bytes(le_i64(w) as u64, n)
                 }
                 None => {
                     let mut b = [0u8; 8];
@@ -661,7 +671,7 @@ impl<'a> Reader<'a> {
                     u64::from_le_bytes(b)
                 }
             };
-            Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+            Ok(unzigzag(u))
         };
         Ok(Cells {
             current: word(la)?,
