@@ -1000,6 +1000,30 @@ mod tests {
         }
     }
 
+    /// The state format a rolling upgrade writes: 3 and 4 are taken, any
+    /// other is refused with the setting named (not started with a format
+    /// no member reads).
+    #[test]
+    fn the_state_format_is_3_or_4() {
+        for (v, ok) in [("3", true), ("4", true), ("2", false), ("5", false)] {
+            let loaded = Settings::load(None, env(&[("LEADSCORE__STATE__FORMAT_VERSION", v)]));
+            match loaded {
+                Ok(l) => {
+                    assert!(ok, "format {v} was taken");
+                    assert_eq!(l.settings.state.format_version.to_string(), v);
+                }
+                Err(e) => {
+                    assert!(!ok, "format {v} was refused: {e}");
+                    assert!(
+                        e.to_string()
+                            .contains("state.format_version: must be 3 or 4"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_drain_must_fit_in_half_the_poll_interval() {
         let err = Settings::load(
