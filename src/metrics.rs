@@ -251,7 +251,7 @@ impl Metrics {
                 &r,
                 "leadscore_redis_flush_leads",
                 "Leads written per flush.",
-                vec![1.0, 10.0, 100.0, 1000.0, 10_000.0, 100_000.0],
+                vec![1.0, 10.0, 100.0, 1000.0, 10_000.0, 100_000.0, 1_000_000.0],
             ),
             redis_errors: counter_vec(
                 &r,

@@ -198,9 +198,12 @@ pub struct RedisSettings {
     pub allow_eviction: bool,
     /// Prefix of every key leadscore writes.
     pub key_prefix: String,
-    /// Write changed state at least this often.
+    /// Write changed state at least this often (and then commit the offsets
+    /// it covers). Longer: a lead changed several times in between is
+    /// written once; a crash re-reads more (never counting it twice).
     pub flush_interval_ms: u64,
-    /// Also write as soon as this many leads are changed.
+    /// Also write as soon as this many leads are changed (per worker thread).
+    /// A shard over its share of the memory limit writes at once.
     pub flush_max_dirty: usize,
     /// Keys per Redis command or script call (reads; single-server writes).
     pub pipeline_batch: usize,
@@ -230,8 +233,8 @@ impl Default for RedisSettings {
             tls_key_file: None,
             allow_eviction: false,
             key_prefix: "leadscore:".into(),
-            flush_interval_ms: 200,
-            flush_max_dirty: 50_000,
+            flush_interval_ms: 1000,
+            flush_max_dirty: 200_000,
             pipeline_batch: 1000,
             timeout_ms: 5000,
             timer_page: 10_000,

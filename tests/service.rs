@@ -338,6 +338,74 @@ fn committed_offsets_never_run_ahead_of_redis() {
     assert!(service.terminate().success());
 }
 
+/// Leads changed since their last write cannot be evicted, so with writes
+/// due only once a minute the cache would hold every lead streamed through;
+/// a shard over its share of `state.max_leads_in_memory` writes at once
+/// instead, and then evicts down to the limit.
+#[test]
+fn the_memory_limit_holds_however_long_the_flush_interval() {
+    let (broker, redis, names) = setup();
+    let service = Service::start(
+        &broker,
+        &redis,
+        &names,
+        &[
+            ("LEADSCORE__STATE__MAX_LEADS_IN_MEMORY", "200"),
+            ("LEADSCORE__REDIS__FLUSH_INTERVAL_MS", "60000"),
+            ("LEADSCORE__REDIS__FLUSH_MAX_DIRTY", "1000000"),
+        ],
+    );
+    let t = Recent::new();
+    let leads = 10_000;
+    let in_memory = || service.counter("leadscore_leads_in_memory");
+    let mut most = 0;
+    for chunk in (0..leads).collect::<Vec<_>>().chunks(1_000) {
+        for (topic, kind, parity) in [(&names.web, "page_view", 0), (&names.email, "open", 1)] {
+            let items: Vec<(String, Vec<u8>)> = chunk
+                .iter()
+                .filter(|i| *i % 2 == parity)
+                .map(|i| {
+                    let lead = format!("lead-{i}");
+                    let e = event(
+                        &format!("ev-{i}"),
+                        &lead,
+                        &t.at(-60 + (i % 60) as i64),
+                        kind,
+                        &[],
+                    );
+                    (lead, e)
+                })
+                .collect();
+            let items: Vec<(&str, Vec<u8>)> =
+                items.iter().map(|(k, e)| (k.as_str(), e.clone())).collect();
+            broker.produce(topic, &items);
+        }
+        most = most.max(in_memory());
+    }
+    service.wait_consumed(leads as u64, WAIT);
+    let deadline = Instant::now() + WAIT;
+    // Offsets are committed after the writes: long before the minute is up.
+    while broker.committed_inputs(&names, PARTITIONS) < leads as i64 {
+        most = most.max(in_memory());
+        assert!(
+            Instant::now() < deadline,
+            "not committed; log:\n{}",
+            service.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The gauges are published about once a second.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let held = in_memory();
+    assert!(held <= 200, "{held} leads held over a limit of 200");
+    assert!(
+        most <= 2_000,
+        "{most} leads held at a time over a limit of 200"
+    );
+    assert!(service.counter("leadscore_lead_cache_evictions_total") >= 9_000);
+    assert!(service.terminate().success());
+}
+
 #[test]
 fn avro_input_and_output_work() {
     let (broker, redis, names) = setup();

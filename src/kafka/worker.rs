@@ -456,12 +456,15 @@ impl Worker {
         if self.writer.busy() || self.write_blocked_until.is_some_and(|t| now < t) {
             return;
         }
-        let dirty: usize = self
-            .shards
-            .iter()
-            .map(|o| o.shard.cache().lock().dirty_len())
-            .sum();
-        if !force && now < self.next_write && dirty < self.rt.flush_max_dirty {
+        // Changed leads cannot be evicted until written: a shard over its
+        // share of the memory limit with changed leads writes now, whatever
+        // the interval, so the limit holds however long the interval is.
+        let (dirty, over_limit) = self.shards.iter().fold((0, false), |(n, over), o| {
+            let cache = o.shard.cache().lock();
+            let d = cache.dirty_len();
+            (n + d, over || (d > 0 && cache.over_limit()))
+        });
+        if !force && now < self.next_write && dirty < self.rt.flush_max_dirty && !over_limit {
             return;
         }
         self.next_write = now + self.rt.flush_interval;
