@@ -38,6 +38,9 @@ drain_rate() {
   local out
   out=$($BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics")
   echo "$out" >&2
+  # Lead states written to Redis over the drain: what the write-behind saved.
+  curl -s "http://127.0.0.1:$HPORT/metrics" | awk -v e="$EVENTS" '$1 == "leadscore_redis_flush_leads_sum" {
+    printf "lead states written to Redis: %.0f (%.2f per event)\n", $2, $2 / e }' >&2 || true
   kill -TERM "$svc"; wait "$svc" || true
   echo "$out" | grep -oE 'sustained: [0-9]+' | grep -oE '[0-9]+'
   echo "$out" | grep -oE '= [0-9]+ events/s' | grep -oE '[0-9]+'
