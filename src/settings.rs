@@ -264,9 +264,9 @@ pub struct StateSettings {
     pub retention: std::time::Duration,
     /// "Decayed to nothing": engagement below this many points.
     pub expire_below: f64,
-    /// Binary format lead states are written in: 4 (this release's), or 3
-    /// while a rolling upgrade still runs members of a release that reads
-    /// only 3. Both are always read.
+    /// Binary format lead states are written in: 5 (this release's), or 4
+    /// or 3 while a rolling upgrade still runs members of a release that
+    /// reads only up to that. All three are always read.
     pub format_version: u8,
 }
 
@@ -682,8 +682,9 @@ impl Settings {
         }
         if !crate::engine::codec::supported(self.state.format_version) {
             p.push(format!(
-                "state.format_version: must be {} or {} (got {})",
+                "state.format_version: must be {}, {} or {} (got {})",
                 crate::engine::codec::FORMAT_V3,
+                crate::engine::codec::FORMAT_V4,
                 crate::engine::codec::FORMAT_VERSION,
                 self.state.format_version
             ));
@@ -1003,12 +1004,18 @@ mod tests {
         }
     }
 
-    /// The state format a rolling upgrade writes: 3 and 4 are taken, any
+    /// The state format a rolling upgrade writes: 3, 4 and 5 are taken, any
     /// other is refused with the setting named (not started with a format
     /// no member reads).
     #[test]
-    fn the_state_format_is_3_or_4() {
-        for (v, ok) in [("3", true), ("4", true), ("2", false), ("5", false)] {
+    fn the_state_format_is_3_4_or_5() {
+        for (v, ok) in [
+            ("3", true),
+            ("4", true),
+            ("5", true),
+            ("2", false),
+            ("6", false),
+        ] {
             let loaded = Settings::load(None, env(&[("LEADSCORE__STATE__FORMAT_VERSION", v)]));
             match loaded {
                 Ok(l) => {
@@ -1019,7 +1026,7 @@ mod tests {
                     assert!(!ok, "format {v} was refused: {e}");
                     assert!(
                         e.to_string()
-                            .contains("state.format_version: must be 3 or 4"),
+                            .contains("state.format_version: must be 3, 4 or 5"),
                         "{e}"
                     );
                 }

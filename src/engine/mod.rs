@@ -315,8 +315,8 @@ pub struct EngineConfig {
     /// "Decayed to nothing": engagement below this.
     pub expire_below: f64,
     /// Binary format states are written in ([`codec::FORMAT_VERSION`], or
-    /// [`codec::FORMAT_V3`] during a rolling upgrade from a release that
-    /// reads only that).
+    /// [`codec::FORMAT_V4`] or [`codec::FORMAT_V3`] during a rolling upgrade
+    /// from a release that reads only up to that).
     pub format_version: u8,
 }
 
