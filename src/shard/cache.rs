@@ -119,15 +119,79 @@ pub struct Entry {
     pub key: LeadKey,
     /// Its state, in the stored binary form.
     pub blob: Box<[u8]>,
-    /// Its next timer.
-    pub timer: Option<Millis>,
-    /// The timer the store holds for it (see [`TimerWrite`]).
-    stored: Stored,
+    /// Its next timer, if `times` has [`HAS_TIMER`] (see [`Entry::timer`]).
+    /// The two instants and their presence bits take 17 bytes where
+    /// `Option<Millis>` and [`Stored`] would take 32: held once per lead.
+    timer_at: Millis,
+    /// The timer the store holds for it, if `times` has [`STORED_TIMER`]
+    /// (see [`Entry::stored`]).
+    stored_at: Millis,
+    times: u8,
     /// Changed since it was last written.
     pub dirty: bool,
     /// Taken by a write that has not finished (never evicted meanwhile).
     writing: bool,
     referenced: bool,
+}
+
+/// [`Entry::times`]: the lead has a next timer.
+const HAS_TIMER: u8 = 1;
+/// [`Entry::times`]: the store holds a timer for it (`Stored::Known(Some)`).
+const STORED_TIMER: u8 = 2;
+/// [`Entry::times`]: what the store holds is unknown (`Stored::Unknown`).
+const STORED_UNKNOWN: u8 = 4;
+
+impl Entry {
+    fn new(
+        key: LeadKey,
+        blob: Box<[u8]>,
+        timer: Option<Millis>,
+        stored: Stored,
+        dirty: bool,
+    ) -> Entry {
+        let mut e = Entry {
+            key,
+            blob,
+            timer_at: 0,
+            stored_at: 0,
+            times: 0,
+            dirty,
+            writing: false,
+            referenced: true,
+        };
+        e.set_timer(timer);
+        e.set_stored(stored);
+        e
+    }
+
+    /// Its next timer.
+    pub fn timer(&self) -> Option<Millis> {
+        (self.times & HAS_TIMER != 0).then_some(self.timer_at)
+    }
+
+    fn set_timer(&mut self, timer: Option<Millis>) {
+        self.timer_at = timer.unwrap_or(0);
+        self.times = (self.times & !HAS_TIMER) | if timer.is_some() { HAS_TIMER } else { 0 };
+    }
+
+    /// The timer the store holds for it (see [`TimerWrite`]).
+    fn stored(&self) -> Stored {
+        if self.times & STORED_UNKNOWN != 0 {
+            Stored::Unknown
+        } else {
+            Stored::Known((self.times & STORED_TIMER != 0).then_some(self.stored_at))
+        }
+    }
+
+    fn set_stored(&mut self, stored: Stored) {
+        let (bits, at) = match stored {
+            Stored::Unknown => (STORED_UNKNOWN, 0),
+            Stored::Known(None) => (0, 0),
+            Stored::Known(Some(t)) => (STORED_TIMER, t),
+        };
+        self.stored_at = at;
+        self.times = (self.times & HAS_TIMER) | bits;
+    }
 }
 
 /// What the store holds as a lead's timer, as far as this member knows.
@@ -339,7 +403,7 @@ impl LeadCache {
             self.bytes = self.bytes - e.blob.len() + blob.len();
             e.blob = blob.into();
         }
-        e.timer = timer;
+        e.set_timer(timer);
         e.referenced = true;
         if dirty && !e.dirty {
             e.dirty = true;
@@ -377,15 +441,13 @@ impl LeadCache {
         match self.find(key) {
             Some(i) => self.update(i, blob, timer, dirty),
             None => {
-                let entry = Entry {
-                    key: key.clone(),
-                    blob: blob.into(),
+                let entry = Entry::new(
+                    key.clone(),
+                    blob.into(),
                     timer,
-                    stored: Stored::Known(stored),
+                    Stored::Known(stored),
                     dirty,
-                    writing: false,
-                    referenced: true,
-                };
+                );
                 self.bytes += entry.blob.len() + key.0.len() + OVERHEAD;
                 let i = match self.free.pop() {
                     Some(i) => {
@@ -437,7 +499,7 @@ impl LeadCache {
             {
                 e.dirty = false;
                 e.writing = true;
-                write.push_lead(e.key.clone(), &e.blob, e.stored.write(e.timer, clock));
+                write.push_lead(e.key.clone(), &e.blob, e.stored().write(e.timer(), clock));
                 slots.push(i);
             }
         }
@@ -457,7 +519,7 @@ impl LeadCache {
                 && let Some(e) = self.slab[i as usize].as_mut()
             {
                 e.writing = false;
-                e.stored = e.stored.after(*op, ok);
+                e.set_stored(e.stored().after(*op, ok));
                 if !ok && !e.dirty {
                     e.dirty = true;
                     self.dirty.push(i);
@@ -516,11 +578,11 @@ impl LeadCache {
                 e.referenced = false;
                 continue;
             }
-            let stored = match (e.stored, e.timer) {
+            let stored = match (e.stored(), e.timer()) {
                 (Stored::Known(s), None) => s,
                 (Stored::Known(Some(s)), Some(t)) if s <= t => Some(s),
                 _ => {
-                    e.stored = Stored::Unknown;
+                    e.set_stored(Stored::Unknown);
                     e.dirty = true;
                     self.dirty.push(self.hand as u32);
                     continue;
@@ -544,13 +606,43 @@ impl LeadCache {
 mod tests {
     use super::*;
 
+    /// An entry's two instants and their presence bits: every timer and
+    /// stored state reads back as set, each independently of the other,
+    /// extremes included, in an entry of 56 bytes (72 with `Option`s).
+    #[test]
+    fn an_entry_keeps_every_timer_and_stored_timer_compactly() {
+        assert!(std::mem::size_of::<Option<Entry>>() <= 56);
+        let timers = [None, Some(0), Some(-5), Some(i64::MIN), Some(i64::MAX)];
+        let stored = [
+            Stored::Unknown,
+            Stored::Known(None),
+            Stored::Known(Some(0)),
+            Stored::Known(Some(i64::MIN)),
+            Stored::Known(Some(77)),
+        ];
+        for t in timers {
+            for st in stored {
+                let mut e = Entry::new(LeadKey::lead("a"), Box::new([]), t, st, false);
+                assert_eq!((e.timer(), e.stored()), (t, st));
+                for t2 in timers {
+                    e.set_timer(t2);
+                    assert_eq!((e.timer(), e.stored()), (t2, st));
+                }
+                for st2 in stored {
+                    e.set_stored(st2);
+                    assert_eq!((e.timer(), e.stored()), (timers[4], st2));
+                }
+            }
+        }
+    }
+
     #[test]
     fn holds_gets_and_removes() {
         let mut c = LeadCache::new(Limit::NONE);
         let a = LeadKey::lead("a");
         c.put(&a, b"xyz", Some(5));
         assert_eq!(
-            c.get(&a).map(|e| (&*e.blob, e.timer)),
+            c.get(&a).map(|e| (&*e.blob, e.timer())),
             Some((&b"xyz"[..], Some(5)))
         );
         assert_eq!(c.dirty_len(), 1);
