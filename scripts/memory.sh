@@ -5,7 +5,9 @@
 # resident memory (VmRSS) every 5 s while it drains. Twice: with the explain
 # log and the dedup ring off (0), then on (16 each). For each run prints the
 # RSS samples, the leads held at the end and their bytes as the cache counts
-# them (state + key + slot overhead), the decay timers held in memory, the
+# them (state + key + slot overhead) right after the drain and again SETTLE
+# (5) seconds later, once every decay timer has fired and the leads held
+# carry their segment transitions, the decay timers held in memory, the
 # mean stored state size, the lead
 # states Redis holds and Redis memory per state; then restarts the service
 # over that Redis and times start -> /readyz 200.
@@ -16,7 +18,7 @@
 # Starts a tansu broker and a Redis on spare loopback ports (bench-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EVENTS=${EVENTS:-8000000} LEADS=${LEADS:-5000000} LIMIT=${LIMIT:-200000} QUEUE_KB=${QUEUE_KB:-8192}
+EVENTS=${EVENTS:-8000000} LEADS=${LEADS:-5000000} LIMIT=${LIMIT:-200000} QUEUE_KB=${QUEUE_KB:-8192} SETTLE=${SETTLE:-5}
 export LEADSCORE__KAFKA__CONSUMER__QUEUED_MAX_MESSAGES_KBYTES=$QUEUE_KB
 source scripts/bench-env.sh
 
@@ -34,6 +36,11 @@ for W in 0 16; do
   $BIN loadgen --mode drain --events "$EVENTS" --metrics-url "http://127.0.0.1:$HPORT/metrics" | grep -oE '= [0-9]+ events/s'
   held=$(metric leadscore_leads_in_memory) bytes=$(metric leadscore_lead_cache_bytes)
   evicted=$(metric leadscore_lead_cache_evictions_total) timers=$(metric leadscore_decay_timers_pending)
+  # Once the inputs are idle each shard's clock follows the wall clock, and
+  # the synthetic stream is dated in the past: every decay timer fires, and
+  # the leads held move through their segments (a full history each).
+  sleep "$SETTLE"
+  held_later=$(metric leadscore_leads_in_memory) bytes_later=$(metric leadscore_lead_cache_bytes)
   rss=$(awk '/VmRSS/{print int($2 / 1024)}' /proc/$svc/status)
   kill -TERM "$svc"; wait "$svc" || true
   kill "$sampler" 2>/dev/null || true
@@ -43,6 +50,7 @@ for W in 0 16; do
   echo "explain_window = dedup_window = $W, state.max_leads_in_memory = $LIMIT:"
   echo "  RSS every 5 s (MiB): $(cat "$WORK/rss")-> $rss at the end"
   echo "  held at the end: $held leads, $bytes bytes = $(( bytes / (held > 0 ? held : 1) )) bytes per lead held; $evicted evictions; $timers decay timers in memory"
+  echo "  held ${SETTLE} s later, decay timers fired: $held_later leads, $bytes_later bytes = $(( bytes_later / (held_later > 0 ? held_later : 1) )) bytes per lead held"
   echo "  stored state (mean of a sample): $mean bytes; Redis holds $states lead states, used_memory $used bytes = $(( used / (states > 0 ? states : 1) )) bytes per state"
 done
 # Restart to ready over the states left in Redis (a new group: the shard
