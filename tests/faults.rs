@@ -484,7 +484,8 @@ fn a_small_cache_with_rare_writes_stays_bounded_and_ends_exact() {
 /// group uses cooperative rebalancing, so the others keep their shards.
 #[test]
 fn a_rolling_restart_of_a_group_of_three_under_load_ends_exact() {
-    let (redis, broker, names) = rolling_restart(&[], &[]);
+    let _serial = serial();
+    let (redis, broker, names, _) = rolling_restart(&[], &[]);
     assert_same(&redis, &broker, &names);
 }
 
@@ -497,7 +498,13 @@ fn a_rolling_restart_of_a_group_of_three_under_load_ends_exact() {
 /// rewritten in the new format by the end.
 #[test]
 fn a_rolling_upgrade_across_a_state_format_change_ends_exact() {
-    let (redis, broker, names) = rolling_restart(&[("LEADSCORE__STATE__FORMAT_VERSION", "4")], &[]);
+    let _serial = serial();
+    let (redis, broker, names, before) =
+        rolling_restart(&[("LEADSCORE__STATE__FORMAT_VERSION", "4")], &[]);
+    assert!(
+        before.get(&4).is_some_and(|n| *n > 0) && before.keys().all(|v| *v == 4),
+        "before the roll the first members wrote format 4 only: {before:?}"
+    );
     let engine = leadscore::engine::Engine::new(
         std::sync::Arc::new(leadscore::engine::Rules::default_rules()),
         leadscore::engine::EngineConfig::default(),
@@ -532,24 +539,32 @@ fn a_rolling_upgrade_across_a_state_format_change_ends_exact() {
 /// A group of three started with `first` settings, replaced one member at
 /// a time (every 2 s, under load) by members started with `then`; returns
 /// once the group has committed the whole workload and stopped cleanly,
-/// with stored positions never moving backwards.
+/// with stored positions never moving backwards, and how many stored leads
+/// were in each format version just before the first member was replaced.
+/// The caller holds the [`serial`] lock.
 fn rolling_restart(
     first: &[(&'static str, &'static str)],
     then: &[(&'static str, &'static str)],
-) -> (Redis, Broker, Names) {
-    let _serial = serial();
+) -> (Redis, Broker, Names, BTreeMap<u8, usize>) {
     reference();
     let broker = Broker::start();
     let redis = Redis::start();
     let names = setup(&broker);
     let mut positions = Positions::new();
+    let mut formats = BTreeMap::new();
     let group = feed_while(&broker, &names, 2_000, Duration::from_millis(500), || {
         let mut group: Vec<Service> = (0..3)
             .map(|_| Service::start(&broker, &redis, &names, &env(first)))
             .collect();
-        for _ in 0..3 {
+        for step in 0..3 {
             std::thread::sleep(Duration::from_millis(2000));
             positions.sample(&redis, &names.prefix);
+            if step == 0 {
+                for state in redis.leads(&names.prefix).values() {
+                    let version = state.first().copied().unwrap_or_default();
+                    *formats.entry(version).or_default() += 1;
+                }
+            }
             let old = group.remove(0);
             assert!(
                 old.terminate().success(),
@@ -570,7 +585,7 @@ fn rolling_restart(
     for member in group {
         assert!(member.terminate().success());
     }
-    (redis, broker, names)
+    (redis, broker, names, formats)
 }
 
 /// A shard fenced while the group still assigns it to its member: another

@@ -5,12 +5,18 @@
 //! positions refer to the rules layout recorded in its header (see
 //! [`super::layout`]), so a stored lead can be remapped when the rules change.
 //! The core is compact: small numbers as varints, times relative to the
-//! lead's clock. Three versions are read and written:
+//! lead's clock (or, in version 5, the times of events relative to its last
+//! event). Three versions are read and written:
 //!
 //! * **5** (written by default): version 4 with the transition history
-//!   packed: one byte per segment code where they fit, and times as
-//!   fixed-width steps from the entry before (about 7 bytes an entry instead
-//!   of 13), so that a lead that has moved through its segments stays small;
+//!   packed (one byte per segment code where they fit, and times as
+//!   fixed-width steps: the last entry's from the lead's clock, every
+//!   other's to the entry after it; about 7 bytes an entry instead of 13),
+//!   and the times of events (each rule's last match and capped matches,
+//!   fit, channels, deliveries, first touch, the de-duplication memory)
+//!   relative to the lead's last event, which they lie close to, rather than
+//!   to its clock, which decay timers move on days past it: a lead that has
+//!   moved through its segments stays small;
 //! * **4**: a rule's two engagement cells behind one
 //!   byte that gives both lengths (read with two loads, not a loop per
 //!   byte; as short as varints), and the three bounded lists (de-duplication memory, explain log,
@@ -294,7 +300,7 @@ impl LeadState {
         std::str::from_utf8(r.take(n).ok()?).ok()
     }
 
-    /// Decodes the binary form (either version) into `self`, reusing its
+    /// Decodes the binary form (any version read) into `self`, reusing its
     /// allocations. Returns the layout it was written under.
     pub fn decode_into(&mut self, bytes: &[u8]) -> Result<u32, StateError> {
         let mut r = Reader { bytes, pos: 0 };
@@ -605,13 +611,15 @@ impl Writer<'_> {
     fn ivar(&mut self, v: i64) {
         self.uvar(zigzag(v));
     }
-    /// A time relative to the lead's clock.
+    /// A time relative to `base` (the lead's clock, or in version 5 its last
+    /// event for the times of events).
     fn time(&mut self, base: Millis, t: Millis) {
         self.ivar(t.wrapping_sub(base));
     }
-    /// The de-duplication memory (version 4, after its count): one byte
-    /// giving the width of every entry's time (relative to the lead's
-    /// clock, zigzag, without high zero bytes), then per entry that many
+    /// The de-duplication memory (versions 4 and 5, after its count): one
+    /// byte giving the width of every entry's time (relative to `base`: the
+    /// lead's clock in version 4, its last event in version 5; zigzag,
+    /// without high zero bytes), then per entry that many
     /// bytes and the 8-byte fingerprint: a fixed stride, read without a loop
     /// per byte, and about as short as varints.
     fn recent(&mut self, base: Millis, recent: &[(Millis, u64)]) {

@@ -6,7 +6,7 @@
 //! (event time, id) once, and bounded: the log is a function of the *set* of
 //! events counted, whatever order they were applied in. An entry is
 //! `at: i64 | points: f64 | rule: u16 | capped: u8 | id length: u16 | id`,
-//! little-endian, times absolute (see `codec::v4`).
+//! little-endian, times absolute (see `codec`, format 4).
 
 use crate::event::Millis;
 
