@@ -117,8 +117,10 @@ impl std::fmt::Debug for LeadKey {
 pub struct Entry {
     /// Its key.
     pub key: LeadKey,
-    /// Its state, in the stored binary form.
-    pub blob: Box<[u8]>,
+    /// Its state, in the stored binary form: the first `len` bytes of an
+    /// allocation sized to the allocator's size class (see [`room_for`]),
+    /// so a state that grows or shrinks by a few bytes is rewritten in place.
+    data: Box<[u8]>,
     /// Its next timer, if `times` has [`HAS_TIMER`] (see [`Entry::timer`]).
     /// The two instants and their presence bits take 17 bytes where
     /// `Option<Millis>` and [`Stored`] would take 32: held once per lead.
@@ -127,6 +129,8 @@ pub struct Entry {
     /// (see [`Entry::stored`]).
     stored_at: Millis,
     times: u8,
+    /// The state's length in `data` (the entry's padding had room for it).
+    len: u32,
     /// Changed since it was last written.
     pub dirty: bool,
     /// Taken by a write that has not finished (never evicted meanwhile).
@@ -142,26 +146,45 @@ const STORED_TIMER: u8 = 2;
 const STORED_UNKNOWN: u8 = 4;
 
 impl Entry {
-    fn new(
-        key: LeadKey,
-        blob: Box<[u8]>,
-        timer: Option<Millis>,
-        stored: Stored,
-        dirty: bool,
-    ) -> Entry {
+    fn new(key: LeadKey, blob: &[u8], timer: Option<Millis>, stored: Stored, dirty: bool) -> Entry {
         let mut e = Entry {
             key,
-            blob,
+            data: Box::default(),
             timer_at: 0,
             stored_at: 0,
             times: 0,
+            len: 0,
             dirty,
             writing: false,
             referenced: true,
         };
         e.set_timer(timer);
         e.set_stored(stored);
+        e.set_blob(blob);
         e
+    }
+
+    /// Its state, in the stored binary form.
+    pub fn blob(&self) -> &[u8] {
+        &self.data[..self.len as usize]
+    }
+
+    /// Bytes its state's allocation takes.
+    fn room(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Replaces its state, in place when it fits the allocation's size
+    /// class; returns the change in bytes allocated.
+    fn set_blob(&mut self, blob: &[u8]) -> isize {
+        let before = self.data.len();
+        let room = room_for(blob.len());
+        if self.data.len() != room {
+            self.data = vec![0; room].into_boxed_slice();
+        }
+        self.data[..blob.len()].copy_from_slice(blob);
+        self.len = u32::try_from(blob.len()).expect("a lead's state is far below 4 GiB");
+        self.data.len() as isize - before as isize
     }
 
     /// Its next timer.
@@ -192,6 +215,17 @@ impl Entry {
         self.stored_at = at;
         self.times = (self.times & HAS_TIMER) | bits;
     }
+}
+
+/// The allocation a state of `len` bytes gets: `len` rounded up to the
+/// small size classes of the allocator (mimalloc: multiples of 8 to 64
+/// bytes, then four classes per power of two), so it costs no memory the
+/// allocator would not take anyway. States change length by a byte or two
+/// as their numbers grow; most changes then stay within the allocation,
+/// where an exact-length one was freed and allocated again.
+fn room_for(len: usize) -> usize {
+    let step = (len.next_power_of_two() / 8).max(8);
+    len.div_ceil(step) * step
 }
 
 /// What the store holds as a lead's timer, as far as this member knows.
@@ -250,6 +284,12 @@ impl Limit {
 
 /// Bookkeeping bytes per entry beyond its state and key (slab entry, table slot).
 const OVERHEAD: usize = std::mem::size_of::<Option<Entry>>() + 8;
+
+/// Bytes a key's shared allocation takes: its text after the two counts of
+/// an `Arc`, in the allocator's size class.
+fn key_bytes(key: &LeadKey) -> usize {
+    room_for(2 * std::mem::size_of::<usize>() + key.0.len())
+}
 
 /// The cache.
 pub struct LeadCache {
@@ -358,7 +398,7 @@ impl LeadCache {
     /// A copy of a lead's state, without marking it used.
     pub fn peek(&self, key: &LeadKey) -> Option<Vec<u8>> {
         let i = self.find(key)? as usize;
-        self.slab[i].as_ref().map(|e| e.blob.to_vec())
+        self.slab[i].as_ref().map(|e| e.blob().to_vec())
     }
 
     /// Sets a lead's state and timer, marking it dirty (inserted if absent,
@@ -374,7 +414,7 @@ impl LeadCache {
 
     /// The state in a slot, if it holds `key`.
     pub fn blob_at(&self, slot: u32, key: &LeadKey) -> Option<&[u8]> {
-        self.entry_at(slot, key).map(|e| &e.blob[..])
+        self.entry_at(slot, key).map(Entry::blob)
     }
 
     fn entry_at(&self, slot: u32, key: &LeadKey) -> Option<&Entry> {
@@ -397,12 +437,7 @@ impl LeadCache {
         let e = self.slab[i as usize]
             .as_mut()
             .expect("indexed entries exist");
-        if e.blob.len() == blob.len() {
-            e.blob.copy_from_slice(blob);
-        } else {
-            self.bytes = self.bytes - e.blob.len() + blob.len();
-            e.blob = blob.into();
-        }
+        self.bytes = self.bytes.saturating_add_signed(e.set_blob(blob));
         e.set_timer(timer);
         e.referenced = true;
         if dirty && !e.dirty {
@@ -441,14 +476,8 @@ impl LeadCache {
         match self.find(key) {
             Some(i) => self.update(i, blob, timer, dirty),
             None => {
-                let entry = Entry::new(
-                    key.clone(),
-                    blob.into(),
-                    timer,
-                    Stored::Known(stored),
-                    dirty,
-                );
-                self.bytes += entry.blob.len() + key.0.len() + OVERHEAD;
+                let entry = Entry::new(key.clone(), blob, timer, Stored::Known(stored), dirty);
+                self.bytes += entry.room() + key_bytes(key) + OVERHEAD;
                 let i = match self.free.pop() {
                     Some(i) => {
                         self.slab[i as usize] = Some(entry);
@@ -482,7 +511,7 @@ impl LeadCache {
         let e = self.slab[i as usize].take()?;
         self.free.push(i);
         self.len -= 1;
-        self.bytes -= e.blob.len() + e.key.0.len() + OVERHEAD;
+        self.bytes -= e.room() + key_bytes(&e.key) + OVERHEAD;
         Some(e)
     }
 
@@ -499,7 +528,7 @@ impl LeadCache {
             {
                 e.dirty = false;
                 e.writing = true;
-                write.push_lead(e.key.clone(), &e.blob, e.stored().write(e.timer(), clock));
+                write.push_lead(e.key.clone(), e.blob(), e.stored().write(e.timer(), clock));
                 slots.push(i);
             }
         }
@@ -622,7 +651,7 @@ mod tests {
         ];
         for t in timers {
             for st in stored {
-                let mut e = Entry::new(LeadKey::lead("a"), Box::new([]), t, st, false);
+                let mut e = Entry::new(LeadKey::lead("a"), &[], t, st, false);
                 assert_eq!((e.timer(), e.stored()), (t, st));
                 for t2 in timers {
                     e.set_timer(t2);
@@ -636,13 +665,55 @@ mod tests {
         }
     }
 
+    /// A state is held in its allocator size class: one that changes length
+    /// within the class is rewritten in place (the allocation it had), one
+    /// that leaves it gets the new class, and the cache counts the bytes
+    /// allocated, not the state's length.
+    #[test]
+    fn a_state_that_changes_length_within_its_size_class_stays_in_place() {
+        assert_eq!(
+            [0, 1, 8, 9, 63, 64, 65, 80, 81, 128, 129, 200, 257].map(room_for),
+            [0, 8, 8, 16, 64, 64, 80, 80, 96, 128, 160, 224, 320]
+        );
+        for len in 0..2_000 {
+            let room = room_for(len);
+            assert!(
+                room >= len && room - len < (len / 4).max(8),
+                "{len} -> {room}"
+            );
+        }
+        let mut c = LeadCache::new(Limit::NONE);
+        let a = LeadKey::lead("a");
+        // `l:a` after an `Arc`'s two counts: 19 bytes, in the 24-byte class.
+        let fixed = 24 + OVERHEAD;
+        c.put(&a, &[7; 66], None);
+        assert_eq!(c.bytes(), 80 + fixed);
+        let at = c.get(&a).map(|e| e.data.as_ptr()).unwrap();
+        for len in [67, 80, 65, 70] {
+            let slot = c.slot(&a);
+            c.put_at(slot, &a, &vec![len as u8; len], None);
+            let e = c.get(&a).unwrap();
+            assert_eq!(e.blob(), &vec![len as u8; len][..]);
+            assert_eq!(e.data.as_ptr(), at, "{len} bytes fit the 80-byte class");
+            assert_eq!(c.bytes(), 80 + fixed);
+        }
+        c.put(&a, &[1; 81], None);
+        assert_eq!(c.get(&a).unwrap().blob(), &[1; 81][..]);
+        assert_eq!(c.bytes(), 96 + fixed);
+        c.put(&a, &[2; 3], None);
+        assert_eq!(c.bytes(), 8 + fixed);
+        assert_eq!(c.get(&a).unwrap().blob(), &[2; 3][..]);
+        c.remove(&a);
+        assert_eq!(c.bytes(), 0);
+    }
+
     #[test]
     fn holds_gets_and_removes() {
         let mut c = LeadCache::new(Limit::NONE);
         let a = LeadKey::lead("a");
         c.put(&a, b"xyz", Some(5));
         assert_eq!(
-            c.get(&a).map(|e| (&*e.blob, e.timer())),
+            c.get(&a).map(|e| (e.blob(), e.timer())),
             Some((&b"xyz"[..], Some(5)))
         );
         assert_eq!(c.dirty_len(), 1);

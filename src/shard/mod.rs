@@ -607,7 +607,7 @@ impl Shard {
                     && let Some(anon) = e.anonymous_id.as_deref()
                     && let Some(slot) = cache.find_str(keys.visitor(anon))
                     && let Some(entry) = cache.touch(slot)
-                    && let Some(lead) = LeadState::alias_target(&entry.blob)
+                    && let Some(lead) = LeadState::alias_target(entry.blob())
                 {
                     let k = keys.lead(lead);
                     if cache.find_str(k).is_none() && !second.contains(k) {
@@ -840,7 +840,7 @@ impl Shard {
         let found = cache.find_str(key).filter(|slot| {
             cache
                 .touch(*slot)
-                .is_some_and(|e| engine.decode_into(&e.blob, into).is_ok())
+                .is_some_and(|e| engine.decode_into(e.blob(), into).is_ok())
         });
         if found.is_none() {
             into.reset(kind);
