@@ -179,10 +179,15 @@ impl Entry {
     fn set_blob(&mut self, blob: &[u8]) -> isize {
         let before = self.data.len();
         let room = room_for(blob.len());
-        if self.data.len() != room {
-            self.data = vec![0; room].into_boxed_slice();
+        if before == room {
+            self.data[..blob.len()].copy_from_slice(blob);
+        } else {
+            // Copied once, with only the class's spare tail zeroed.
+            let mut data = Vec::with_capacity(room);
+            data.extend_from_slice(blob);
+            data.resize(room, 0);
+            self.data = data.into_boxed_slice();
         }
-        self.data[..blob.len()].copy_from_slice(blob);
         self.len = u32::try_from(blob.len()).expect("a lead's state is far below 4 GiB");
         self.data.len() as isize - before as isize
     }
