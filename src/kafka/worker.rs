@@ -715,7 +715,7 @@ impl Worker {
                     leads: cache.len(),
                     bytes: cache.bytes(),
                     dirty: cache.dirty_len(),
-                    timers: o.shard.timers_pending(),
+                    timers: o.shard.timers_pending(&cache),
                     buffered: o.shard.buffered(),
                     watermark: o.shard.watermark(),
                     clock: o.shard.clock(),

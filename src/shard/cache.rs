@@ -6,6 +6,8 @@
 //! second chance — and are reloaded from the store on their next event.
 //! Dirty leads are never evicted: the write-behind must flush them first.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
@@ -112,122 +114,185 @@ impl std::fmt::Debug for LeadKey {
     }
 }
 
-/// One cached lead.
-#[derive(Debug)]
-pub struct Entry {
-    /// Its key.
-    pub key: LeadKey,
-    /// Its state, in the stored binary form: the first `len` bytes of an
-    /// allocation sized to the allocator's size class (see [`room_for`]),
-    /// so a state that grows or shrinks by a few bytes is rewritten in place.
-    data: Box<[u8]>,
-    /// Its next timer, if `times` has [`HAS_TIMER`] (see [`Entry::timer`]).
-    /// The two instants and their presence bits take 17 bytes where
-    /// `Option<Millis>` and [`Stored`] would take 32: held once per lead.
-    timer_at: Millis,
-    /// The timer the store holds for it, if `times` has [`STORED_TIMER`]
-    /// (see [`Entry::stored`]).
-    stored_at: Millis,
-    times: u8,
-    /// The state's length in `data` (the entry's padding had room for it).
-    len: u32,
-    /// Changed since it was last written.
-    pub dirty: bool,
-    /// Taken by a write that has not finished (never evicted meanwhile).
-    writing: bool,
-    referenced: bool,
+impl AsRef<str> for LeadKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
 }
 
-/// [`Entry::times`]: the lead has a next timer.
+/// One cached lead: its key and its state in one allocation, and its timers.
+pub struct Entry {
+    /// Its key's text (the first `key_len` bytes), then its state in the
+    /// stored binary form (`len` bytes), in one allocation sized to the
+    /// allocator's size class (see [`room_for`]): a state that grows or
+    /// shrinks by a few bytes is rewritten in place, and a lookup that
+    /// compares the key has already brought in the state it reads next.
+    data: Box<[u8]>,
+    /// Its next timer, if `flags` has [`HAS_TIMER`] (see [`Entry::timer`]).
+    timer_at: Millis,
+    /// The timer the store holds for it, if `flags` has [`STORED_TIMER`]
+    /// (see [`Entry::stored`]).
+    stored_at: Millis,
+    /// The state's length, after the key.
+    len: u32,
+    /// The key's length ([`crate::event::MAX_ID_LEN`] and its kind fit).
+    key_len: u16,
+    /// [`HAS_TIMER`], [`STORED_TIMER`], [`STORED_UNKNOWN`], [`DIRTY`],
+    /// [`WRITING`], [`REFERENCED`].
+    flags: u8,
+}
+
+/// [`Entry::flags`]: the lead has a next timer.
 const HAS_TIMER: u8 = 1;
-/// [`Entry::times`]: the store holds a timer for it (`Stored::Known(Some)`).
+/// [`Entry::flags`]: the store holds a timer for it (`Stored::Known(Some)`).
 const STORED_TIMER: u8 = 2;
-/// [`Entry::times`]: what the store holds is unknown (`Stored::Unknown`).
+/// [`Entry::flags`]: what the store holds is unknown (`Stored::Unknown`).
 const STORED_UNKNOWN: u8 = 4;
+/// [`Entry::flags`]: changed since it was last written.
+const DIRTY: u8 = 8;
+/// [`Entry::flags`]: taken by a write that has not finished (never evicted meanwhile).
+const WRITING: u8 = 16;
+/// [`Entry::flags`]: used since the CLOCK hand last passed it.
+const REFERENCED: u8 = 32;
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are personal data: only the key's kind and length are shown.
+        f.debug_struct("Entry")
+            .field(
+                "key",
+                &format_args!("{}…{}", &self.key()[..2], self.key_len - 2),
+            )
+            .field("len", &self.len)
+            .field("timer", &self.timer())
+            .field("stored", &self.stored())
+            .field("flags", &self.flags)
+            .finish()
+    }
+}
 
 impl Entry {
-    fn new(key: LeadKey, blob: &[u8], timer: Option<Millis>, stored: Stored, dirty: bool) -> Entry {
+    fn new(key: &str, blob: &[u8], timer: Option<Millis>, stored: Stored, dirty: bool) -> Entry {
         let mut e = Entry {
-            key,
             data: Box::default(),
             timer_at: 0,
             stored_at: 0,
-            times: 0,
             len: 0,
-            dirty,
-            writing: false,
-            referenced: true,
+            key_len: u16::try_from(key.len()).expect("keys are at most MAX_ID_LEN + 2 bytes"),
+            flags: REFERENCED,
         };
+        e.set_flag(DIRTY, dirty);
         e.set_timer(timer);
         e.set_stored(stored);
-        e.set_blob(blob);
+        e.store(key.as_bytes(), blob);
         e
+    }
+
+    fn flag(&self, bit: u8) -> bool {
+        self.flags & bit != 0
+    }
+
+    fn set_flag(&mut self, bit: u8, on: bool) {
+        self.flags = if on {
+            self.flags | bit
+        } else {
+            self.flags & !bit
+        };
+    }
+
+    /// Its key, as stored (`l:…` or `a:…`).
+    pub fn key(&self) -> &str {
+        std::str::from_utf8(self.key_bytes()).expect("keys are stored from text")
+    }
+
+    fn key_bytes(&self) -> &[u8] {
+        &self.data[..usize::from(self.key_len)]
     }
 
     /// Its state, in the stored binary form.
     pub fn blob(&self) -> &[u8] {
-        &self.data[..self.len as usize]
+        let at = usize::from(self.key_len);
+        &self.data[at..at + self.len as usize]
     }
 
-    /// Bytes its state's allocation takes.
+    /// Changed since it was last written.
+    pub fn dirty(&self) -> bool {
+        self.flag(DIRTY)
+    }
+
+    /// Bytes its allocation takes.
     fn room(&self) -> usize {
         self.data.len()
     }
 
-    /// Replaces its state, in place when it fits the allocation's size
-    /// class; returns the change in bytes allocated.
+    /// Replaces its state, in place when key and state still fit the
+    /// allocation's size class; returns the change in bytes allocated.
     fn set_blob(&mut self, blob: &[u8]) -> isize {
-        let before = self.data.len();
-        let room = room_for(blob.len());
-        if before == room {
-            self.data[..blob.len()].copy_from_slice(blob);
-        } else {
-            // Copied once, with only the class's spare tail zeroed.
-            let mut data = Vec::with_capacity(room);
-            data.extend_from_slice(blob);
-            data.resize(room, 0);
-            self.data = data.into_boxed_slice();
+        let at = usize::from(self.key_len);
+        if room_for(at + blob.len()) == self.data.len() {
+            self.data[at..at + blob.len()].copy_from_slice(blob);
+            self.len = Self::state_len(blob);
+            return 0;
         }
-        self.len = u32::try_from(blob.len()).expect("a lead's state is far below 4 GiB");
+        let before = self.data.len();
+        let key = std::mem::take(&mut self.data);
+        self.store(&key[..at], blob);
         self.data.len() as isize - before as isize
+    }
+
+    /// Writes key and state into a new allocation of their size class,
+    /// copied once with only the class's spare tail zeroed.
+    fn store(&mut self, key: &[u8], blob: &[u8]) {
+        let room = room_for(key.len() + blob.len());
+        let mut data = Vec::with_capacity(room);
+        data.extend_from_slice(key);
+        data.extend_from_slice(blob);
+        data.resize(room, 0);
+        self.data = data.into_boxed_slice();
+        self.len = Self::state_len(blob);
+    }
+
+    fn state_len(blob: &[u8]) -> u32 {
+        u32::try_from(blob.len()).expect("a lead's state is far below 4 GiB")
     }
 
     /// Its next timer.
     pub fn timer(&self) -> Option<Millis> {
-        (self.times & HAS_TIMER != 0).then_some(self.timer_at)
+        self.flag(HAS_TIMER).then_some(self.timer_at)
     }
 
     fn set_timer(&mut self, timer: Option<Millis>) {
         self.timer_at = timer.unwrap_or(0);
-        self.times = (self.times & !HAS_TIMER) | if timer.is_some() { HAS_TIMER } else { 0 };
+        self.set_flag(HAS_TIMER, timer.is_some());
     }
 
     /// The timer the store holds for it (see [`TimerWrite`]).
     fn stored(&self) -> Stored {
-        if self.times & STORED_UNKNOWN != 0 {
+        if self.flag(STORED_UNKNOWN) {
             Stored::Unknown
         } else {
-            Stored::Known((self.times & STORED_TIMER != 0).then_some(self.stored_at))
+            Stored::Known(self.flag(STORED_TIMER).then_some(self.stored_at))
         }
     }
 
     fn set_stored(&mut self, stored: Stored) {
-        let (bits, at) = match stored {
-            Stored::Unknown => (STORED_UNKNOWN, 0),
-            Stored::Known(None) => (0, 0),
-            Stored::Known(Some(t)) => (STORED_TIMER, t),
+        let (timer, unknown, at) = match stored {
+            Stored::Unknown => (false, true, 0),
+            Stored::Known(None) => (false, false, 0),
+            Stored::Known(Some(t)) => (true, false, t),
         };
         self.stored_at = at;
-        self.times = (self.times & HAS_TIMER) | bits;
+        self.set_flag(STORED_TIMER, timer);
+        self.set_flag(STORED_UNKNOWN, unknown);
     }
 }
 
-/// The allocation a state of `len` bytes gets: `len` rounded up to the
-/// small size classes of the allocator (mimalloc: multiples of 8 to 64
-/// bytes, then four classes per power of two), so it costs no memory the
-/// allocator would not take anyway. States change length by a byte or two
-/// as their numbers grow; most changes then stay within the allocation,
-/// where an exact-length one was freed and allocated again.
+/// The allocation `len` bytes get: `len` rounded up to the small size
+/// classes of the allocator (mimalloc: multiples of 8 to 64 bytes, then
+/// four classes per power of two), so it costs no memory the allocator
+/// would not take anyway. States change length by a byte or two as their
+/// numbers grow; most changes then stay within the allocation, where an
+/// exact-length one was freed and allocated again.
 fn room_for(len: usize) -> usize {
     let step = (len.next_power_of_two() / 8).max(8);
     len.div_ceil(step) * step
@@ -287,14 +352,11 @@ impl Limit {
     };
 }
 
-/// Bookkeeping bytes per entry beyond its state and key (slab entry, table slot).
+/// Bookkeeping bytes per entry beyond its key and state (slab entry, table slot).
 const OVERHEAD: usize = std::mem::size_of::<Option<Entry>>() + 8;
 
-/// Bytes a key's shared allocation takes: its text after the two counts of
-/// an `Arc`, in the allocator's size class.
-fn key_bytes(key: &LeadKey) -> usize {
-    room_for(2 * std::mem::size_of::<usize>() + key.0.len())
-}
+/// Bytes a lead's next timer adds: its place in the cache's due heap.
+const DUE_SLOT: usize = std::mem::size_of::<Reverse<(Millis, u32)>>();
 
 /// The cache.
 pub struct LeadCache {
@@ -302,8 +364,16 @@ pub struct LeadCache {
     free: Vec<u32>,
     table: HashTable<u32>,
     hasher: foldhash::fast::RandomState,
+    /// The next timers of the leads held, earliest first, by slot: an
+    /// entry whose slot no longer has that timer is stale and dropped as it
+    /// surfaces (a slot reused by a lead with the very same timer makes it
+    /// that lead's, which is due then too).
+    due: BinaryHeap<Reverse<(Millis, u32)>>,
+    /// Leads held with a next timer.
+    timers: usize,
     hand: usize,
     len: usize,
+    /// Bytes of the entries (key and state allocations and bookkeeping).
     bytes: usize,
     limit: Limit,
     dirty: Vec<u32>,
@@ -313,7 +383,8 @@ impl std::fmt::Debug for LeadCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeadCache")
             .field("len", &self.len)
-            .field("bytes", &self.bytes)
+            .field("bytes", &self.bytes())
+            .field("timers", &self.timers)
             .finish_non_exhaustive()
     }
 }
@@ -326,6 +397,8 @@ impl LeadCache {
             free: Vec::new(),
             table: HashTable::new(),
             hasher: foldhash::fast::RandomState::default(),
+            due: BinaryHeap::new(),
+            timers: 0,
             hand: 0,
             len: 0,
             bytes: 0,
@@ -344,9 +417,15 @@ impl LeadCache {
         self.len == 0
     }
 
-    /// Bytes held (states, keys, bookkeeping).
+    /// Bytes held: each lead's key and state as allocated, its slot and
+    /// table entry, and its place in the due heap if it has a timer.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.timers * DUE_SLOT
+    }
+
+    /// Leads held with a next timer.
+    pub fn timers_len(&self) -> usize {
+        self.timers
     }
 
     /// Leads changed since their last write.
@@ -354,84 +433,90 @@ impl LeadCache {
         self.dirty.len()
     }
 
-    fn hash(&self, key: &LeadKey) -> u64 {
-        self.hasher.hash_one(key.as_str())
-    }
-
-    fn find(&self, key: &LeadKey) -> Option<u32> {
-        self.find_str(key.as_str())
-    }
-
-    /// Where a key given as its stored text (`l:…`, `a:…`) is held. A
-    /// [`LeadKey`] hashes as its text, so this finds what `find` finds.
+    /// Where a key (as stored: `l:…`, `a:…`) is held.
     pub fn find_str(&self, key: &str) -> Option<u32> {
         let slab = &self.slab;
         self.table
             .find(self.hasher.hash_one(key), |&i| {
                 slab[i as usize]
                     .as_ref()
-                    .is_some_and(|e| e.key.as_str() == key)
+                    .is_some_and(|e| e.key_bytes() == key.as_bytes())
             })
             .copied()
     }
 
-    /// The key held in a slot (shared, not copied).
-    pub fn key_at(&self, slot: u32) -> Option<&LeadKey> {
-        self.slab.get(slot as usize)?.as_ref().map(|e| &e.key)
+    fn find(&self, key: impl AsRef<str>) -> Option<u32> {
+        self.find_str(key.as_ref())
+    }
+
+    /// The key held in a slot.
+    pub fn key_at(&self, slot: u32) -> Option<&str> {
+        self.slab.get(slot as usize)?.as_ref().map(Entry::key)
     }
 
     /// The entry of a key, marking it used.
-    pub fn get(&mut self, key: &LeadKey) -> Option<&Entry> {
-        let i = self.find(key)? as usize;
-        let e = self.slab[i].as_mut()?;
-        e.referenced = true;
-        Some(e)
+    pub fn get(&mut self, key: impl AsRef<str>) -> Option<&Entry> {
+        let i = self.find(key)?;
+        self.touch(i)
     }
 
     /// The entry in a slot, marking it used.
     pub fn touch(&mut self, slot: u32) -> Option<&Entry> {
         let e = self.slab.get_mut(slot as usize)?.as_mut()?;
-        e.referenced = true;
+        e.set_flag(REFERENCED, true);
         Some(e)
     }
 
     /// Whether a key is held (without marking it used).
-    pub fn contains(&self, key: &LeadKey) -> bool {
+    pub fn contains(&self, key: impl AsRef<str>) -> bool {
         self.find(key).is_some()
     }
 
     /// A copy of a lead's state, without marking it used.
-    pub fn peek(&self, key: &LeadKey) -> Option<Vec<u8>> {
+    pub fn peek(&self, key: impl AsRef<str>) -> Option<Vec<u8>> {
         let i = self.find(key)? as usize;
         self.slab[i].as_ref().map(|e| e.blob().to_vec())
     }
 
+    /// A lead's next timer, if it is held with one.
+    pub fn timer(&self, key: impl AsRef<str>) -> Option<Millis> {
+        let i = self.find(key)? as usize;
+        self.slab[i].as_ref().and_then(Entry::timer)
+    }
+
     /// Sets a lead's state and timer, marking it dirty (inserted if absent,
     /// as a lead the store holds no timer for).
-    pub fn put(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
-        self.put_with(key, blob, timer, true, None);
+    pub fn put(&mut self, key: impl AsRef<str>, blob: &[u8], timer: Option<Millis>) {
+        self.put_with(key.as_ref(), blob, timer, true, None);
     }
 
     /// Where a key is held: a slot valid until the key is removed or evicted.
-    pub fn slot(&self, key: &LeadKey) -> Option<u32> {
+    pub fn slot(&self, key: impl AsRef<str>) -> Option<u32> {
         self.find(key)
     }
 
     /// The state in a slot, if it holds `key`.
-    pub fn blob_at(&self, slot: u32, key: &LeadKey) -> Option<&[u8]> {
-        self.entry_at(slot, key).map(Entry::blob)
+    pub fn blob_at(&self, slot: u32, key: impl AsRef<str>) -> Option<&[u8]> {
+        self.entry_at(slot, key.as_ref()).map(Entry::blob)
     }
 
-    fn entry_at(&self, slot: u32, key: &LeadKey) -> Option<&Entry> {
+    fn entry_at(&self, slot: u32, key: &str) -> Option<&Entry> {
         self.slab
             .get(slot as usize)?
             .as_ref()
-            .filter(|e| std::sync::Arc::ptr_eq(&e.key.0, &key.0) || e.key == *key)
+            .filter(|e| e.key_bytes() == key.as_bytes())
     }
 
     /// [`LeadCache::put`] with the slot the key was read from, which saves
     /// looking it up again (any slot that no longer holds it is ignored).
-    pub fn put_at(&mut self, slot: Option<u32>, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
+    pub fn put_at(
+        &mut self,
+        slot: Option<u32>,
+        key: impl AsRef<str>,
+        blob: &[u8],
+        timer: Option<Millis>,
+    ) {
+        let key = key.as_ref();
         match slot.filter(|s| self.entry_at(*s, key).is_some()) {
             Some(i) => self.update(i, blob, timer, true),
             None => self.put_with(key, blob, timer, true, None),
@@ -443,11 +528,72 @@ impl LeadCache {
             .as_mut()
             .expect("indexed entries exist");
         self.bytes = self.bytes.saturating_add_signed(e.set_blob(blob));
-        e.set_timer(timer);
-        e.referenced = true;
-        if dirty && !e.dirty {
-            e.dirty = true;
+        e.set_flag(REFERENCED, true);
+        if dirty && !e.dirty() {
+            e.set_flag(DIRTY, true);
             self.dirty.push(i);
+        }
+        self.retime(i, timer);
+    }
+
+    /// Sets the next timer of the lead in slot `i`, keeping the due heap
+    /// and the count of timers in step.
+    fn retime(&mut self, i: u32, timer: Option<Millis>) {
+        let e = self.slab[i as usize]
+            .as_mut()
+            .expect("indexed entries exist");
+        let old = e.timer();
+        if old == timer {
+            return;
+        }
+        e.set_timer(timer);
+        match (old, timer) {
+            (None, Some(_)) => self.timers += 1,
+            (Some(_), None) => self.timers -= 1,
+            _ => {}
+        }
+        if let Some(t) = timer {
+            self.due.push(Reverse((t, i)));
+            if self.due.len() > 2 * self.timers + 4096 {
+                self.rebuild_due();
+            }
+        }
+    }
+
+    /// The due heap with only its live entries.
+    fn rebuild_due(&mut self) {
+        self.due = (self.slab.iter().enumerate())
+            .filter_map(|(i, e)| Some(Reverse((e.as_ref()?.timer()?, i as u32))))
+            .collect();
+    }
+
+    /// Whether a due heap entry is still its slot's timer.
+    fn live(&self, t: Millis, i: u32) -> bool {
+        self.slab[i as usize]
+            .as_ref()
+            .is_some_and(|e| e.timer() == Some(t))
+    }
+
+    /// The earliest timer of a lead held, if due at or before `until`: its
+    /// time and slot.
+    pub fn peek_due(&mut self, until: Millis) -> Option<(Millis, u32)> {
+        while let Some(&Reverse((t, i))) = self.due.peek() {
+            if self.live(t, i) {
+                return (t <= until).then_some((t, i));
+            }
+            self.due.pop();
+        }
+        None
+    }
+
+    /// Takes the timer [`LeadCache::peek_due`] returned: the lead in `slot`
+    /// has no next timer until it is stored again.
+    pub fn take_due(&mut self, t: Millis, slot: u32) {
+        if self.due.peek() == Some(&Reverse((t, slot))) {
+            self.due.pop();
+        }
+        if self.live(t, slot) {
+            self.retime(slot, None);
         }
     }
 
@@ -456,67 +602,77 @@ impl LeadCache {
     /// remapped to these rules).
     pub fn put_loaded(
         &mut self,
-        key: &LeadKey,
+        key: impl AsRef<str>,
         blob: &[u8],
         timer: Option<Millis>,
         stored: Option<Millis>,
         dirty: bool,
     ) {
-        self.put_with(key, blob, timer, dirty, stored);
+        self.put_with(key.as_ref(), blob, timer, dirty, stored);
     }
 
     /// [`LeadCache::put_loaded`] of a clean lead whose stored timer is `timer`.
-    pub fn put_clean(&mut self, key: &LeadKey, blob: &[u8], timer: Option<Millis>) {
-        self.put_with(key, blob, timer, false, timer);
+    pub fn put_clean(&mut self, key: impl AsRef<str>, blob: &[u8], timer: Option<Millis>) {
+        self.put_with(key.as_ref(), blob, timer, false, timer);
     }
 
     fn put_with(
         &mut self,
-        key: &LeadKey,
+        key: &str,
         blob: &[u8],
         timer: Option<Millis>,
         dirty: bool,
         stored: Option<Millis>,
     ) {
-        match self.find(key) {
-            Some(i) => self.update(i, blob, timer, dirty),
-            None => {
-                let entry = Entry::new(key.clone(), blob, timer, Stored::Known(stored), dirty);
-                self.bytes += entry.room() + key_bytes(key) + OVERHEAD;
-                let i = match self.free.pop() {
-                    Some(i) => {
-                        self.slab[i as usize] = Some(entry);
-                        i
-                    }
-                    None => {
-                        self.slab.push(Some(entry));
-                        (self.slab.len() - 1) as u32
-                    }
-                };
-                let hash = self.hash(key);
-                let (slab, hasher) = (&self.slab, &self.hasher);
-                self.table.insert_unique(hash, i, |&j| {
-                    hasher.hash_one(slab[j as usize].as_ref().expect("indexed").key.as_str())
-                });
-                self.len += 1;
-                if dirty {
-                    self.dirty.push(i);
-                }
-            }
+        if let Some(i) = self.find_str(key) {
+            self.update(i, blob, timer, dirty);
+            return;
         }
+        let entry = Entry::new(key, blob, None, Stored::Known(stored), dirty);
+        self.bytes += entry.room() + OVERHEAD;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(entry);
+                i
+            }
+            None => {
+                self.slab.push(Some(entry));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let hash = self.hasher.hash_one(key);
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        self.table.insert_unique(hash, i, |&j| {
+            hasher.hash_one(slab[j as usize].as_ref().expect("indexed").key())
+        });
+        self.len += 1;
+        if dirty {
+            self.dirty.push(i);
+        }
+        self.retime(i, timer);
     }
 
-    /// Removes a key (a deleted lead); returns its entry.
-    pub fn remove(&mut self, key: &LeadKey) -> Option<Entry> {
-        let i = self.find(key)?;
-        let hash = self.hash(key);
+    /// Removes a key (a deleted lead); returns whether it was held.
+    pub fn remove(&mut self, key: impl AsRef<str>) -> bool {
+        let Some(i) = self.find(key.as_ref()) else {
+            return false;
+        };
+        self.remove_at(i, key.as_ref());
+        true
+    }
+
+    fn remove_at(&mut self, i: u32, key: &str) -> Option<Entry> {
+        let hash = self.hasher.hash_one(key);
         if let Ok(slot) = self.table.find_entry(hash, |&j| j == i) {
             slot.remove();
         }
         let e = self.slab[i as usize].take()?;
         self.free.push(i);
         self.len -= 1;
-        self.bytes -= e.room() + key_bytes(&e.key) + OVERHEAD;
+        self.bytes -= e.room() + OVERHEAD;
+        if e.timer().is_some() {
+            self.timers -= 1;
+        }
         Some(e)
     }
 
@@ -529,11 +685,12 @@ impl LeadCache {
         write.leads.reserve(self.dirty.len());
         for i in std::mem::take(&mut self.dirty) {
             if let Some(e) = self.slab.get_mut(i as usize).and_then(Option::as_mut)
-                && e.dirty
+                && e.dirty()
             {
-                e.dirty = false;
-                e.writing = true;
-                write.push_lead(e.key.clone(), e.blob(), e.stored().write(e.timer(), clock));
+                e.set_flag(DIRTY, false);
+                e.set_flag(WRITING, true);
+                let op = e.stored().write(e.timer(), clock);
+                write.push_lead(LeadKey::from_stored(e.key()), e.blob(), op);
                 slots.push(i);
             }
         }
@@ -547,15 +704,15 @@ impl LeadCache {
             let slot = slots
                 .get(n)
                 .copied()
-                .filter(|s| self.entry_at(*s, key).is_some())
+                .filter(|s| self.entry_at(*s, key.as_str()).is_some())
                 .or_else(|| self.find(key));
             if let Some(i) = slot
                 && let Some(e) = self.slab[i as usize].as_mut()
             {
-                e.writing = false;
+                e.set_flag(WRITING, false);
                 e.set_stored(e.stored().after(*op, ok));
-                if !ok && !e.dirty {
-                    e.dirty = true;
+                if !ok && !e.dirty() {
+                    e.set_flag(DIRTY, true);
                     self.dirty.push(i);
                 }
             }
@@ -567,9 +724,9 @@ impl LeadCache {
         for key in keys {
             if let Some(i) = self.find(&key)
                 && let Some(e) = self.slab[i as usize].as_mut()
-                && !e.dirty
+                && !e.dirty()
             {
-                e.dirty = true;
+                e.set_flag(DIRTY, true);
                 self.dirty.push(i);
             }
         }
@@ -583,7 +740,7 @@ impl LeadCache {
 
     /// Whether the cache holds more than its limit.
     pub fn over_limit(&self) -> bool {
-        self.len > self.limit.leads || self.bytes > self.limit.bytes
+        self.len > self.limit.leads || self.bytes() > self.limit.bytes
     }
 
     /// Evicts clean leads in CLOCK order until within the limit (or nothing
@@ -605,11 +762,11 @@ impl LeadCache {
             let Some(e) = self.slab[self.hand].as_mut() else {
                 continue;
             };
-            if e.dirty || e.writing {
+            if e.dirty() || e.flag(WRITING) {
                 continue;
             }
-            if e.referenced {
-                e.referenced = false;
+            if e.flag(REFERENCED) {
+                e.set_flag(REFERENCED, false);
                 continue;
             }
             let stored = match (e.stored(), e.timer()) {
@@ -617,22 +774,25 @@ impl LeadCache {
                 (Stored::Known(Some(s)), Some(t)) if s <= t => Some(s),
                 _ => {
                     e.set_stored(Stored::Unknown);
-                    e.dirty = true;
+                    e.set_flag(DIRTY, true);
                     self.dirty.push(self.hand as u32);
                     continue;
                 }
             };
-            let key = e.key.clone();
-            if let Some(e) = self.remove(&key) {
-                out.push((e.key, stored));
+            let key = LeadKey::from_stored(e.key());
+            if self.remove_at(self.hand as u32, key.as_str()).is_some() {
+                out.push((key, stored));
             }
+        }
+        if self.due.len() > 2 * self.timers + 4096 {
+            self.rebuild_due();
         }
         out
     }
 
-    /// Every key held (for dropping a shard's timers).
-    pub fn keys(&self) -> impl Iterator<Item = &LeadKey> {
-        self.slab.iter().flatten().map(|e| &e.key)
+    /// Every key held.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.slab.iter().flatten().map(Entry::key)
     }
 }
 
@@ -640,12 +800,13 @@ impl LeadCache {
 mod tests {
     use super::*;
 
-    /// An entry's two instants and their presence bits: every timer and
-    /// stored state reads back as set, each independently of the other,
-    /// extremes included, in an entry of 56 bytes (72 with `Option`s).
+    /// An entry's two instants and their flags: every timer and stored
+    /// state reads back as set, each independently of the other and of the
+    /// key and state beside them, extremes included, in an entry of 40 bytes
+    /// (72 with `Option`s, a shared key and a boxed state).
     #[test]
     fn an_entry_keeps_every_timer_and_stored_timer_compactly() {
-        assert!(std::mem::size_of::<Option<Entry>>() <= 56);
+        assert!(std::mem::size_of::<Option<Entry>>() <= 40);
         let timers = [None, Some(0), Some(-5), Some(i64::MIN), Some(i64::MAX)];
         let stored = [
             Stored::Unknown,
@@ -656,8 +817,9 @@ mod tests {
         ];
         for t in timers {
             for st in stored {
-                let mut e = Entry::new(LeadKey::lead("a"), &[], t, st, false);
+                let mut e = Entry::new("l:a", b"xy", t, st, true);
                 assert_eq!((e.timer(), e.stored()), (t, st));
+                assert_eq!((e.key(), e.blob(), e.dirty()), ("l:a", &b"xy"[..], true));
                 for t2 in timers {
                     e.set_timer(t2);
                     assert_eq!((e.timer(), e.stored()), (t2, st));
@@ -666,14 +828,18 @@ mod tests {
                     e.set_stored(st2);
                     assert_eq!((e.timer(), e.stored()), (timers[4], st2));
                 }
+                e.set_flag(DIRTY, false);
+                assert_eq!((e.key(), e.blob(), e.dirty()), ("l:a", &b"xy"[..], false));
+                assert_eq!(e.stored(), stored[4]);
             }
         }
     }
 
-    /// A state is held in its allocator size class: one that changes length
-    /// within the class is rewritten in place (the allocation it had), one
-    /// that leaves it gets the new class, and the cache counts the bytes
-    /// allocated, not the state's length.
+    /// A key and its state are held in one allocation of the allocator's
+    /// size class: a state that changes length within the class is
+    /// rewritten in place (the allocation it had), one that leaves it gets
+    /// the new class, and the cache counts the bytes allocated, not the
+    /// state's length.
     #[test]
     fn a_state_that_changes_length_within_its_size_class_stays_in_place() {
         assert_eq!(
@@ -689,27 +855,85 @@ mod tests {
         }
         let mut c = LeadCache::new(Limit::NONE);
         let a = LeadKey::lead("a");
-        // `l:a` after an `Arc`'s two counts: 19 bytes, in the 24-byte class.
-        let fixed = 24 + OVERHEAD;
+        // `l:a` (3 bytes) then the state.
+        let fixed = OVERHEAD;
         c.put(&a, &[7; 66], None);
         assert_eq!(c.bytes(), 80 + fixed);
         let at = c.get(&a).map(|e| e.data.as_ptr()).unwrap();
-        for len in [67, 80, 65, 70] {
+        for len in [67, 77, 62, 70] {
             let slot = c.slot(&a);
             c.put_at(slot, &a, &vec![len as u8; len], None);
             let e = c.get(&a).unwrap();
             assert_eq!(e.blob(), &vec![len as u8; len][..]);
-            assert_eq!(e.data.as_ptr(), at, "{len} bytes fit the 80-byte class");
+            assert_eq!(e.data.as_ptr(), at, "3 + {len} bytes fit the 80-byte class");
+            assert_eq!(e.key(), "l:a");
             assert_eq!(c.bytes(), 80 + fixed);
         }
         c.put(&a, &[1; 81], None);
         assert_eq!(c.get(&a).unwrap().blob(), &[1; 81][..]);
+        assert_eq!(c.get(&a).unwrap().key(), "l:a");
         assert_eq!(c.bytes(), 96 + fixed);
+        // A timer adds its place in the due heap.
+        c.put(&a, &[1; 81], Some(5));
+        assert_eq!(c.bytes(), 96 + fixed + DUE_SLOT);
+        c.put(&a, &[1; 81], None);
         c.put(&a, &[2; 3], None);
         assert_eq!(c.bytes(), 8 + fixed);
         assert_eq!(c.get(&a).unwrap().blob(), &[2; 3][..]);
         c.remove(&a);
         assert_eq!(c.bytes(), 0);
+    }
+
+    /// The timers of the leads held come due earliest first, each once:
+    /// one rescheduled, cleared, taken or removed with its lead is not due
+    /// at its old time, a slot reused by another lead is due at that lead's
+    /// time, and stale entries do not pile up.
+    #[test]
+    fn the_timers_of_the_leads_held_come_due_in_order_and_once() {
+        let mut c = LeadCache::new(Limit::NONE);
+        let due = |c: &mut LeadCache, until| {
+            let mut out = Vec::new();
+            while let Some((t, slot)) = c.peek_due(until) {
+                out.push((t, c.key_at(slot).unwrap().to_owned()));
+                c.take_due(t, slot);
+            }
+            out
+        };
+        c.put("l:a", b"s", Some(30));
+        c.put("l:b", b"s", Some(10));
+        c.put("l:c", b"s", Some(20));
+        c.put("l:d", b"s", Some(40));
+        c.put("l:b", b"s", Some(50)); // rescheduled
+        c.put("l:c", b"s", None); // cleared
+        c.put("l:d", b"s", Some(35));
+        c.put("l:d", b"s", Some(40)); // back to its first time: one firing
+        assert_eq!(c.timers_len(), 3);
+        assert_eq!(due(&mut c, 29), vec![]);
+        assert_eq!(
+            due(&mut c, 45),
+            vec![(30, "l:a".to_owned()), (40, "l:d".to_owned())]
+        );
+        assert_eq!(
+            c.timers_len(),
+            1,
+            "taken timers are gone until stored again"
+        );
+        assert_eq!(c.timer("l:a"), None);
+        // b leaves; its slot goes to e, with b's very time and a later one.
+        assert!(c.remove("l:b"));
+        c.put("l:e", b"s", Some(50));
+        c.put("l:f", b"s", Some(60));
+        assert_eq!(
+            due(&mut c, i64::MAX),
+            vec![(50, "l:e".to_owned()), (60, "l:f".to_owned())]
+        );
+        assert_eq!(c.timers_len(), 0);
+        // Rescheduling one lead over and over keeps the heap bounded.
+        for t in 0..100_000 {
+            c.put("l:a", b"s", Some(t));
+        }
+        assert!(c.due.len() <= 2 + 4096 + 1, "{}", c.due.len());
+        assert_eq!(due(&mut c, i64::MAX), vec![(99_999, "l:a".to_owned())]);
     }
 
     #[test]
@@ -733,8 +957,9 @@ mod tests {
         assert_eq!(taken(&mut c).leads.len(), 0);
         c.mark_dirty([a.clone()]);
         assert_eq!(taken(&mut c).leads.len(), 1);
-        assert!(c.remove(&a).is_some());
-        assert!(c.is_empty() && c.bytes() == 0);
+        assert!(c.remove(&a));
+        assert!(!c.remove(&a));
+        assert!(c.is_empty() && c.bytes() == 0 && c.timers_len() == 0);
         assert!(LeadKey::visitor("c").as_str() == "a:c" && !LeadKey::visitor("c").is_lead());
     }
 
@@ -784,6 +1009,7 @@ mod tests {
         assert_eq!(w.leads[0].timer, TimerWrite::Set(50));
         c.written(&[(a.clone(), w.leads[0].timer)], &slots, true);
         assert_eq!(c.evict(), vec![(a, Some(50))]);
+        assert_eq!((c.timers_len(), c.bytes()), (0, 0));
     }
 
     #[test]
@@ -793,21 +1019,21 @@ mod tests {
             bytes: usize::MAX,
         });
         for i in 0..3 {
-            c.put_clean(&LeadKey::lead(&i.to_string()), b"s", None);
+            c.put_clean(LeadKey::lead(&i.to_string()), b"s", None);
         }
-        c.put(&LeadKey::lead("dirty"), b"s", Some(9));
-        let _ = c.get(&LeadKey::lead("1"));
+        c.put(LeadKey::lead("dirty"), b"s", Some(9));
+        let _ = c.get(LeadKey::lead("1"));
         let evicted = c.evict();
         assert_eq!(evicted.len(), 1);
-        assert!(c.contains(&LeadKey::lead("dirty")));
+        assert!(c.contains(LeadKey::lead("dirty")));
         assert_eq!(c.len(), 3);
         // All dirty: nothing can go.
         let mut d = LeadCache::new(Limit {
             leads: 1,
             bytes: usize::MAX,
         });
-        d.put(&LeadKey::lead("x"), b"s", None);
-        d.put(&LeadKey::lead("y"), b"s", None);
+        d.put(LeadKey::lead("x"), b"s", None);
+        d.put(LeadKey::lead("y"), b"s", None);
         assert!(d.evict().is_empty());
         assert!(d.over_limit());
     }
@@ -819,7 +1045,7 @@ mod tests {
             bytes: 64 * 1024,
         });
         for i in 0..10_000 {
-            c.put_clean(&LeadKey::lead(&format!("lead-{i}")), &[0u8; 40], None);
+            c.put_clean(LeadKey::lead(&format!("lead-{i}")), &[0u8; 40], None);
             c.evict();
             assert!(c.len() <= 100 && c.bytes() <= 64 * 1024);
         }

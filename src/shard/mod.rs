@@ -275,6 +275,10 @@ pub struct Shard {
     wanted: KeySet,
     /// Keys written out for lookups (scratch).
     keys: KeyBuf,
+    /// The key of the lead an event is applied to (scratch).
+    current: String,
+    /// The key of the lead a timer fires for (scratch).
+    firing: String,
     /// A finished write's buffers, for the next one.
     spare: Spare,
 }
@@ -345,6 +349,8 @@ impl Shard {
             absent: KeySet::default(),
             wanted: KeySet::default(),
             keys: KeyBuf::default(),
+            current: String::new(),
+            firing: String::new(),
             spare: Spare::default(),
         }
     }
@@ -398,15 +404,23 @@ impl Shard {
         self.merge.queued_in(input)
     }
 
-    /// Timers in memory.
-    pub fn timers_pending(&self) -> usize {
-        self.timers.len()
+    /// Timers in memory: those of the leads held (in this shard's cache,
+    /// locked by the caller) and of the store's window.
+    pub fn timers_pending(&self, cache: &LeadCache) -> usize {
+        self.timers.len() + cache.timers_len()
     }
 
     /// A lead's timer in memory, and how far the store's timers are paged in.
     #[cfg(test)]
-    fn timer_in_memory(&self, key: &LeadKey) -> (Option<Millis>, Option<Millis>) {
-        (self.timers.get(key), self.timers.window())
+    fn timer_in_memory(
+        &self,
+        cache: &LeadCache,
+        key: &LeadKey,
+    ) -> (Option<Millis>, Option<Millis>) {
+        (
+            cache.timer(key).or(self.timers.get(key)),
+            self.timers.window(),
+        )
     }
 
     /// Leads per segment in this shard (all of them, not only those in memory).
@@ -500,7 +514,9 @@ impl Shard {
                     None => break,
                 }
             }
-            let due_any = self.timers.peek_due(self.timers_until()).is_some();
+            let until = self.timers_until();
+            let due_any = self.timers.peek_due(until).is_some()
+                || self.cache.lock().peek_due(until).is_some();
             if self.ready.is_empty() && !due_any {
                 break;
             }
@@ -664,7 +680,7 @@ impl Shard {
                         &found.state[..]
                     };
                     cache.put_loaded(key, blob, timer, found.timer, remapped);
-                    self.timers.set(key, timer);
+                    self.timers.forget(key.as_str());
                 }
                 Err(error) => {
                     tracing::warn!(%error, shard = self.id, "Stored lead state unreadable; the lead starts afresh.");
@@ -805,25 +821,46 @@ impl Shard {
         until: Millis,
         fired: &mut usize,
     ) -> Result<bool, ShardError> {
-        while let Some((due, key)) = self.timers.peek_due(until) {
-            let key = key.clone();
-            let held = self.cache.lock().contains(&key);
-            if !held && self.absent.contains(&key) {
-                // Its lead was not in the store when the round loaded and
-                // was not created since: a stale timer. (A lead created in
-                // the round is held, and its timer is live.)
-                self.timers.pop_due(due);
-                continue;
+        loop {
+            let held = self.cache.lock().peek_due(until);
+            let paged = self.timers.peek_due(until).map(|(t, k)| (t, k.clone()));
+            // The earlier of the two, a lead held first at the same instant.
+            let held = held.filter(|(due, _)| paged.as_ref().is_none_or(|(t, _)| due <= t));
+            match (held, paged) {
+                (None, None) => return Ok(true),
+                (Some((due, slot)), _) => {
+                    if *fired >= self.config.round {
+                        return Ok(false);
+                    }
+                    let mut key = std::mem::take(&mut self.firing);
+                    {
+                        let mut cache = self.cache.lock();
+                        key.clear();
+                        key.push_str(
+                            cache
+                                .key_at(slot)
+                                .expect("a live timer's slot holds its lead"),
+                        );
+                        cache.take_due(due, slot);
+                    }
+                    self.clock = self.clock.max(due);
+                    let done = self.fire(ctx, &key, due);
+                    self.firing = key;
+                    done?;
+                    *fired += 1;
+                }
+                (None, Some((due, key))) => {
+                    // A timer from the store's pages whose lead is held now
+                    // (the cache's timer is authoritative), or was not in
+                    // the store when the round loaded and was not created
+                    // since: stale. Otherwise its lead was not loaded.
+                    if !self.cache.lock().contains(&key) && !self.absent.contains(&key) {
+                        return Ok(false);
+                    }
+                    self.timers.pop_due(due);
+                }
             }
-            if !held || *fired >= self.config.round {
-                return Ok(false);
-            }
-            self.timers.pop_due(due);
-            self.clock = self.clock.max(due);
-            self.fire(ctx, &key, due)?;
-            *fired += 1;
         }
-        Ok(true)
     }
 
     /// Decodes a cached lead (its key as stored text) into `into`. Every key
@@ -848,16 +885,8 @@ impl Shard {
         found
     }
 
-    /// The shared key of a lead read from `slot` (no allocation), or a new
-    /// one for a lead not held.
-    fn shared_key(cache: &Mutex<LeadCache>, slot: Option<u32>, stored: &str) -> LeadKey {
-        slot.and_then(|s| cache.lock().key_at(s).cloned())
-            .filter(|k| k.as_str() == stored)
-            .unwrap_or_else(|| LeadKey::from_stored(stored))
-    }
-
     /// Stores a lead's state back (`slot`: where it was read from, if it was).
-    fn store_state(&mut self, engine: &Engine, key: &LeadKey, which: Which, slot: Option<u32>) {
+    fn store_state(&mut self, engine: &Engine, key: &str, which: Which, slot: Option<u32>) {
         let state = match which {
             Which::Main => &self.state,
             Which::Other => &self.other,
@@ -865,13 +894,16 @@ impl Shard {
         let timer = engine.next_transition(state);
         engine.encode(state, &mut self.buf);
         self.cache.lock().put_at(slot, key, &self.buf, timer);
-        self.timers.set(key, timer);
+        if slot.is_none() {
+            // Held now: the cache has its timer.
+            self.timers.forget(key);
+        }
     }
 
-    fn delete(&mut self, key: &LeadKey) {
+    fn delete(&mut self, key: &str) {
         self.cache.lock().remove(key);
-        self.timers.set(key, None);
-        self.deletes.insert(key.clone());
+        self.timers.forget(key);
+        self.deletes.insert(LeadKey::from_stored(key));
     }
 
     fn count_segment(&mut self, rules: &crate::engine::Rules, segment: Segment, delta: i64) {
@@ -927,7 +959,10 @@ impl Shard {
             *ctx.stats.duplicates.entry(input).or_default() += 1;
             return Ok(false);
         }
-        let key = Self::shared_key(&self.cache, slot, stored);
+        // The key outlives `stored` (the lookup buffer is written again below).
+        let mut key = std::mem::take(&mut self.current);
+        key.clear();
+        key.push_str(stored);
         // Link the anonymous id: merge a visitor's history once, then alias it.
         if let Route::Lead {
             id,
@@ -952,8 +987,8 @@ impl Shard {
                     state.linked.push((*anon).to_owned());
                 }
                 self.other = alias;
-                let vkey = Self::shared_key(&self.cache, visitor_slot, self.keys.visitor(anon));
-                self.store_state(engine, &vkey, Which::Other, visitor_slot);
+                let vkey = LeadKey::visitor(anon);
+                self.store_state(engine, vkey.as_str(), Which::Other, visitor_slot);
             }
         }
         if let (Route::Aliased { .. }, Some(anon)) = (&route, e.anonymous_id.as_deref())
@@ -961,8 +996,8 @@ impl Shard {
         {
             self.other.last_event_at = e.occurred_at;
             self.other.as_of = self.other.as_of.max(e.occurred_at);
-            let vkey = Self::shared_key(&self.cache, visitor_slot, self.keys.visitor(anon));
-            self.store_state(engine, &vkey, Which::Other, visitor_slot);
+            let vkey = LeadKey::visitor(anon);
+            self.store_state(engine, vkey.as_str(), Which::Other, visitor_slot);
         }
         let was_new = state.is_new();
         let before = Segment::of(&state);
@@ -990,23 +1025,22 @@ impl Shard {
         }
         self.state = state;
         self.store_state(engine, &key, Which::Main, slot);
-        if publish {
-            self.publish(ctx, key.id())?;
-        }
-        Ok(true)
+        let published = if publish {
+            self.publish(ctx, &key[2..])
+        } else {
+            Ok(())
+        };
+        self.current = key;
+        published.map(|()| true)
     }
 
     /// Fires one lead's due timer.
-    fn fire(&mut self, ctx: &mut Ctx<'_>, key: &LeadKey, due: Millis) -> Result<(), ShardError> {
+    fn fire(&mut self, ctx: &mut Ctx<'_>, key: &str, due: Millis) -> Result<(), ShardError> {
         let engine = ctx.engine;
         let rules = engine.rules().clone();
-        let kind = if key.is_lead() {
-            Kind::Lead
-        } else {
-            Kind::Visitor
-        };
-        let Some(slot) = Self::read(&self.cache, engine, key.as_str(), kind, &mut self.state)
-        else {
+        let lead = key.starts_with("l:");
+        let kind = if lead { Kind::Lead } else { Kind::Visitor };
+        let Some(slot) = Self::read(&self.cache, engine, key, kind, &mut self.state) else {
             return Ok(());
         };
         let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
@@ -1017,15 +1051,15 @@ impl Shard {
         self.state = state;
         if expired {
             ctx.stats.expired += 1;
-            if key.is_lead() {
+            if lead {
                 self.count_segment(&rules, before, -1);
             }
             self.delete(key);
             return Ok(());
         }
         self.store_state(engine, key, Which::Main, Some(slot));
-        if key.is_lead() {
-            self.publish(ctx, key.id())?;
+        if lead {
+            self.publish(ctx, &key[2..])?;
         }
         Ok(())
     }
@@ -1048,10 +1082,10 @@ impl Shard {
             self.count_segment(&rules, segment, -1);
             let linked = std::mem::take(&mut self.state.linked);
             for anon in &linked {
-                self.delete(&LeadKey::visitor(anon));
+                self.delete(LeadKey::visitor(anon).as_str());
             }
         }
-        self.delete(&key);
+        self.delete(key.as_str());
         ctx.stats.erased += 1;
     }
 

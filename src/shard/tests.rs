@@ -170,7 +170,7 @@ impl Harness {
                 "{key}: stored timer {timer:?}, next transition {next}"
             );
             let k = LeadKey::parse(&key).unwrap();
-            let (in_memory, window) = self.shard.timer_in_memory(&k);
+            let (in_memory, window) = self.shard.timer_in_memory(&cache, &k);
             if !cache.contains(&k) && in_memory.is_none() {
                 assert!(
                     window.is_none_or(|w| timer.is_some_and(|t| t > w)),
@@ -1117,7 +1117,7 @@ fn timers_in_memory_stay_bounded_and_every_lead_still_decays() {
             h.deliver(0, 100);
             h.step();
             h.write();
-            most = most.max(h.shard.timers_pending());
+            most = most.max(h.shard.timers_pending(&h.shard.cache().lock()));
         }
         h.finish();
         (h.state(), h.output_ids(), most)

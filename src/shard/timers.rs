@@ -1,9 +1,10 @@
-//! A shard's decay timers: for each lead, the instant time alone will next
-//! change it, ordered by time. The store holds every timer; memory holds the
-//! timers of the leads in the cache (authoritative for them) and a window of
-//! the store's earliest timers, loaded a page at a time as the shard's clock
-//! reaches the end of the window. A restart therefore reads one page, never
-//! every timer of a shard.
+//! A shard's decay timers not held with their leads: for each lead, the
+//! instant time alone will next change it, ordered by time. The store holds
+//! every timer; the cache holds those of the leads in memory (authoritative
+//! for them, see [`super::cache::LeadCache::peek_due`]), and this holds a
+//! window of the store's earliest timers of the other leads, loaded a page
+//! at a time as the shard's clock reaches the end of the window. A restart
+//! therefore reads one page, never every timer of a shard.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -13,7 +14,7 @@ type KeyMap<V> = HashMap<LeadKey, V, foldhash::fast::RandomState>;
 use super::cache::LeadKey;
 use crate::event::Millis;
 
-/// Timers of one shard: each key's timer in a map, and a min-heap by
+/// Timers of one shard's leads not in memory: each key's timer in a map, and a min-heap by
 /// (time, key) whose entries a later `set` makes stale instead of removing
 /// them (cheap to reschedule; stale entries are dropped as they surface, and
 /// the heap is rebuilt when they outnumber the live ones).
@@ -28,7 +29,13 @@ pub struct Timers {
 }
 
 impl Timers {
-    /// Sets (or clears) the timer of a lead held in memory.
+    /// Drops a lead's timer: the lead is now held, and the cache holds its
+    /// timer (or it was deleted).
+    pub fn forget(&mut self, key: &str) {
+        self.by_key.remove(key);
+    }
+
+    /// Sets (or clears) a lead's timer.
     pub fn set(&mut self, key: &LeadKey, at: Option<Millis>) {
         match at {
             Some(new) => match self.by_key.get_mut(key) {
@@ -71,7 +78,7 @@ impl Timers {
     /// page brings it in again; memory thus holds the timers of the leads in
     /// the cache and of one window, however many leads pass through.
     pub fn evicted(&mut self, key: &LeadKey, stored: Option<Millis>) {
-        self.set(key, None);
+        self.forget(key.as_str());
         if let (Some(s), Some(w)) = (stored, self.loaded_until)
             && s <= w
         {

@@ -159,17 +159,14 @@ pub fn score(lines: &[String], rules: Arc<Rules>, config: EngineConfig) -> Score
     let cache = shard.cache().lock();
     let mut state = LeadState::new(Kind::Lead);
     for key in cache.keys() {
-        if !key.is_lead() {
+        let Some(id) = key.strip_prefix("l:") else {
             continue;
-        }
+        };
         if let Some(blob) = cache.peek(key)
             && engine.decode_into(&blob, &mut state).is_ok()
             && !state.is_new()
         {
-            segments.insert(
-                key.id().to_owned(),
-                Segment::of(&state).name(&rules).to_owned(),
-            );
+            segments.insert(id.to_owned(), Segment::of(&state).name(&rules).to_owned());
         }
     }
     drop(cache);
