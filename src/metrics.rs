@@ -80,7 +80,7 @@ pub struct Metrics {
     pub merge_buffered: IntGauge,
     /// Leads held in memory.
     pub leads_in_memory: IntGauge,
-    /// Bytes the lead cache takes (states and keys as allocated, and bookkeeping).
+    /// Bytes the lead cache takes (keys and states as allocated, bookkeeping and decay timers).
     pub cache_bytes: IntGauge,
     /// Leads changed since their last write.
     pub dirty_leads: IntGauge,
@@ -340,7 +340,7 @@ impl Metrics {
             cache_bytes: gauge(
                 &r,
                 "leadscore_lead_cache_bytes",
-                "Bytes the lead cache takes: states and keys in the allocator's size classes, and bookkeeping.",
+                "Bytes the lead cache takes: each lead's key and state in the allocator's size class, its bookkeeping, and its decay timer.",
             ),
             dirty_leads: gauge(
                 &r,
