@@ -560,6 +560,13 @@ fn rolling_restart(
             std::thread::sleep(Duration::from_millis(2000));
             positions.sample(&redis, &names.prefix);
             if step == 0 {
+                // The first members have written leads before the first is
+                // replaced (a slow start of the group may take longer than
+                // the 2 s above).
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while redis.leads(&names.prefix).is_empty() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 for state in redis.leads(&names.prefix).values() {
                     let version = state.first().copied().unwrap_or_default();
                     *formats.entry(version).or_default() += 1;

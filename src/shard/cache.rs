@@ -554,17 +554,23 @@ impl LeadCache {
         }
         if let Some(t) = timer {
             self.due.push(Reverse((t, i)));
-            if self.due.len() > 2 * self.timers + 4096 {
-                self.rebuild_due();
-            }
+            self.tidy_due();
         }
     }
 
-    /// The due heap with only its live entries.
-    fn rebuild_due(&mut self) {
-        self.due = (self.slab.iter().enumerate())
-            .filter_map(|(i, e)| Some(Reverse((e.as_ref()?.timer()?, i as u32))))
-            .collect();
+    /// Keeps the due heap's stale entries and spare room bounded: rebuilt
+    /// with only its live entries once stale ones outnumber them (and a
+    /// quarter of the slots, so that a rebuild, which reads every slot, is
+    /// paid for by as many reschedules), shrunk once mostly empty.
+    fn tidy_due(&mut self) {
+        let stale = self.due.len().saturating_sub(self.timers);
+        if stale > self.timers + 4096.max(self.slab.len() / 4) {
+            self.due = (self.slab.iter().enumerate())
+                .filter_map(|(i, e)| Some(Reverse((e.as_ref()?.timer()?, i as u32))))
+                .collect();
+        } else if self.due.capacity() > 4 * self.due.len() + 4096 {
+            self.due.shrink_to(2 * self.due.len());
+        }
     }
 
     /// Whether a due heap entry is still its slot's timer.
@@ -750,6 +756,7 @@ impl LeadCache {
     /// store does not hold yet is written first, and may go at a later
     /// eviction.
     pub fn evict(&mut self) -> Vec<(LeadKey, Option<Millis>)> {
+        self.tidy_due();
         let mut out = Vec::new();
         if !self.over_limit() || self.slab.is_empty() {
             return out;
@@ -783,9 +790,6 @@ impl LeadCache {
             if self.remove_at(self.hand as u32, key.as_str()).is_some() {
                 out.push((key, stored));
             }
-        }
-        if self.due.len() > 2 * self.timers + 4096 {
-            self.rebuild_due();
         }
         out
     }
@@ -934,6 +938,13 @@ mod tests {
         }
         assert!(c.due.len() <= 2 + 4096 + 1, "{}", c.due.len());
         assert_eq!(due(&mut c, i64::MAX), vec![(99_999, "l:a".to_owned())]);
+        // Once the timers have fired, the heap gives its room back.
+        for i in 0..50_000 {
+            c.put(format!("l:{i}"), b"s", Some(i));
+        }
+        assert_eq!(due(&mut c, i64::MAX).len(), 50_000);
+        c.evict();
+        assert!(c.due.capacity() <= 4096, "{}", c.due.capacity());
     }
 
     #[test]
