@@ -53,7 +53,12 @@ impl LeadKey {
 
     /// Whether it names an identified lead.
     pub fn is_lead(&self) -> bool {
-        self.0.starts_with("l:")
+        Self::lead_id(&self.0).is_some()
+    }
+
+    /// The lead id in a key as stored, if it names an identified lead.
+    pub fn lead_id(stored: &str) -> Option<&str> {
+        stored.strip_prefix("l:")
     }
 
     /// The id without its kind.

@@ -823,9 +823,9 @@ impl Shard {
     ) -> Result<bool, ShardError> {
         loop {
             let held = self.cache.lock().peek_due(until);
-            let paged = self.timers.peek_due(until).map(|(t, k)| (t, k.clone()));
+            let paged = self.timers.peek_due(until).map(|(t, _)| t);
             // The earlier of the two, a lead held first at the same instant.
-            let held = held.filter(|(due, _)| paged.as_ref().is_none_or(|(t, _)| due <= t));
+            let held = held.filter(|(due, _)| paged.is_none_or(|t| *due <= t));
             match (held, paged) {
                 (None, None) => return Ok(true),
                 (Some((due, slot)), _) => {
@@ -849,7 +849,9 @@ impl Shard {
                     done?;
                     *fired += 1;
                 }
-                (None, Some((due, key))) => {
+                (None, Some(due)) => {
+                    let key = self.timers.peek_due(due).map(|(_, k)| k.clone());
+                    let key = key.expect("peeked above");
                     // A timer from the store's pages whose lead is held now
                     // (the cache's timer is authoritative), or was not in
                     // the store when the round loaded and was not created
@@ -1025,10 +1027,9 @@ impl Shard {
         }
         self.state = state;
         self.store_state(engine, &key, Which::Main, slot);
-        let published = if publish {
-            self.publish(ctx, &key[2..])
-        } else {
-            Ok(())
+        let published = match LeadKey::lead_id(&key) {
+            Some(id) if publish => self.publish(ctx, id),
+            _ => Ok(()),
         };
         self.current = key;
         published.map(|()| true)
@@ -1038,8 +1039,12 @@ impl Shard {
     fn fire(&mut self, ctx: &mut Ctx<'_>, key: &str, due: Millis) -> Result<(), ShardError> {
         let engine = ctx.engine;
         let rules = engine.rules().clone();
-        let lead = key.starts_with("l:");
-        let kind = if lead { Kind::Lead } else { Kind::Visitor };
+        let lead = LeadKey::lead_id(key);
+        let kind = if lead.is_some() {
+            Kind::Lead
+        } else {
+            Kind::Visitor
+        };
         let Some(slot) = Self::read(&self.cache, engine, key, kind, &mut self.state) else {
             return Ok(());
         };
@@ -1051,15 +1056,15 @@ impl Shard {
         self.state = state;
         if expired {
             ctx.stats.expired += 1;
-            if lead {
+            if lead.is_some() {
                 self.count_segment(&rules, before, -1);
             }
             self.delete(key);
             return Ok(());
         }
         self.store_state(engine, key, Which::Main, Some(slot));
-        if lead {
-            self.publish(ctx, &key[2..])?;
+        if let Some(id) = lead {
+            self.publish(ctx, id)?;
         }
         Ok(())
     }

@@ -988,7 +988,9 @@ proptest! {
     }
 }
 
-/// Four time-ordered topic streams for a few leads (web, ads, email, CRM).
+/// Four time-ordered topic streams for a few leads (web, ads, email, CRM);
+/// on the web, anonymous visitors beside identified leads, and events that
+/// carry both ids (which link a visitor to its lead).
 fn streams(raw: &[(u8, u8, u16)]) -> Vec<Vec<Vec<u8>>> {
     let mut out = vec![Vec::new(); 4];
     let mut clock = [T0; 4];
@@ -997,7 +999,24 @@ fn streams(raw: &[(u8, u8, u16)]) -> Vec<Vec<Vec<u8>>> {
         clock[t] += Millis::from(*gap) * 1000;
         let lead = format!("L{}", lead % 6);
         let id = format!("e{i}");
+        let anon = format!("c{}", gap % 4);
         let payload = match t {
+            0 if gap % 5 == 1 => json(
+                &id,
+                None,
+                Some(&anon),
+                clock[t],
+                "page_view",
+                serde_json::json!({"url": "/pricing"}),
+            ),
+            0 if gap % 5 == 2 => json(
+                &id,
+                Some(&lead),
+                Some(&anon),
+                clock[t],
+                "page_view",
+                serde_json::json!({"url": "/menu"}),
+            ),
             0 => json(
                 &id,
                 Some(&lead),
@@ -1051,6 +1070,7 @@ proptest! {
         raw in proptest::collection::vec((any::<u8>(), any::<u8>(), 0u16..600), 1..80),
         arrival in proptest::collection::vec((0usize..4, 1usize..6), 0..60),
         restarts in proptest::collection::vec(0usize..60, 0..3),
+        tight in any::<bool>(),
     ) {
         let logs = streams(&raw);
         let reference = {
@@ -1059,7 +1079,14 @@ proptest! {
             h.finish();
             (h.state(), h.output_ids())
         };
-        let mut h = Harness::new(engine(), ShardConfig::default());
+        // A cache of two leads with pages of one timer: leads and their
+        // timers leave memory and come back all the time, slots are reused.
+        let config = if tight {
+            ShardConfig { cache: Limit { leads: 2, bytes: usize::MAX }, timer_page: 1, round: 3, ..ShardConfig::default() }
+        } else {
+            ShardConfig::default()
+        };
+        let mut h = Harness::new(engine(), config);
         h.logs = logs;
         for (n, (input, count)) in arrival.iter().enumerate() {
             h.deliver(*input, *count);

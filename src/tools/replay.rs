@@ -19,6 +19,7 @@ use leadscore::engine::{Engine, EngineConfig, Kind, LeadState, Rules, Segment};
 use leadscore::event::Source;
 use leadscore::output::{Encoder, Record};
 use leadscore::settings::Settings;
+use leadscore::shard::cache::LeadKey;
 use leadscore::shard::{Ctx, InMessage, Shard, ShardConfig, StepStats};
 use leadscore::sink::MemorySink;
 use leadscore::store::Store;
@@ -159,7 +160,7 @@ pub fn score(lines: &[String], rules: Arc<Rules>, config: EngineConfig) -> Score
     let cache = shard.cache().lock();
     let mut state = LeadState::new(Kind::Lead);
     for key in cache.keys() {
-        let Some(id) = key.strip_prefix("l:") else {
+        let Some(id) = LeadKey::lead_id(key) else {
             continue;
         };
         if let Some(blob) = cache.peek(key)
