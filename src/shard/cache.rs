@@ -755,17 +755,19 @@ impl LeadCache {
     }
 
     /// Evicts clean leads in CLOCK order until within the limit (or nothing
-    /// clean is left). Returns the evicted keys with the timers the store
-    /// holds for them: their timers leave memory with them, and the shard
-    /// finds them again in the store's pages. A lead whose next timer the
-    /// store does not hold yet is written first, and may go at a later
-    /// eviction.
-    pub fn evict(&mut self) -> Vec<(LeadKey, Option<Millis>)> {
+    /// clean is left), and returns how many went. Each evicted key is handed
+    /// to `evicted` with the timer the store holds for it: its timer leaves
+    /// memory with it, and the shard finds it again in the store's pages. A
+    /// lead whose next timer the store does not hold yet is written first,
+    /// and may go at a later eviction.
+    pub fn evict(&mut self, mut evicted: impl FnMut(&str, Option<Millis>)) -> usize {
         self.tidy_due();
-        let mut out = Vec::new();
+        let mut n = 0;
         if !self.over_limit() || self.slab.is_empty() {
-            return out;
+            return n;
         }
+        // The key is copied out before its entry goes (one buffer a call).
+        let mut key = String::new();
         // Two full turns: one to clear reference bits, one to evict.
         let mut budget = self.slab.len() * 2;
         while self.over_limit() && budget > 0 {
@@ -791,12 +793,14 @@ impl LeadCache {
                     continue;
                 }
             };
-            let key = LeadKey::from_stored(e.key());
-            if self.remove_at(self.hand as u32, key.as_str()).is_some() {
-                out.push((key, stored));
+            key.clear();
+            key.push_str(e.key());
+            if self.remove_at(self.hand as u32, &key).is_some() {
+                evicted(&key, stored);
+                n += 1;
             }
         }
-        out
+        n
     }
 
     /// Every key held.
@@ -948,7 +952,7 @@ mod tests {
             c.put(format!("l:{i}"), b"s", Some(i));
         }
         assert_eq!(due(&mut c, i64::MAX).len(), 50_000);
-        c.evict();
+        c.evict(|_, _| {});
         assert!(c.due.capacity() <= 4096, "{}", c.due.capacity());
     }
 
@@ -1008,6 +1012,14 @@ mod tests {
         assert_eq!(Stored::Known(Some(5)).after(Set(7), false), Stored::Unknown);
     }
 
+    /// What `evict` hands over, collected.
+    fn evicted(c: &mut LeadCache) -> Vec<(String, Option<Millis>)> {
+        let mut out = Vec::new();
+        let n = c.evict(|k, t| out.push((k.to_owned(), t)));
+        assert_eq!(n, out.len());
+        out
+    }
+
     #[test]
     fn a_lead_whose_timer_the_store_lacks_is_written_before_it_is_evicted() {
         let mut c = LeadCache::new(Limit {
@@ -1017,14 +1029,14 @@ mod tests {
         let a = LeadKey::lead("a");
         c.put_loaded(&a, b"s", Some(50), None, false);
         assert!(
-            c.evict().is_empty(),
+            evicted(&mut c).is_empty(),
             "not evicted: the store has no timer for it"
         );
         let mut w = ShardWrite::default();
         let slots = c.take_dirty(0, &mut w);
         assert_eq!(w.leads[0].timer, TimerWrite::Set(50));
         c.written(&[(a.clone(), w.leads[0].timer)], &slots, true);
-        assert_eq!(c.evict(), vec![(a, Some(50))]);
+        assert_eq!(evicted(&mut c), vec![("l:a".to_owned(), Some(50))]);
         assert_eq!((c.timers_len(), c.bytes()), (0, 0));
     }
 
@@ -1039,8 +1051,7 @@ mod tests {
         }
         c.put(LeadKey::lead("dirty"), b"s", Some(9));
         let _ = c.get(LeadKey::lead("1"));
-        let evicted = c.evict();
-        assert_eq!(evicted.len(), 1);
+        assert_eq!(c.evict(|_, _| {}), 1);
         assert!(c.contains(LeadKey::lead("dirty")));
         assert_eq!(c.len(), 3);
         // All dirty: nothing can go.
@@ -1050,7 +1061,7 @@ mod tests {
         });
         d.put(LeadKey::lead("x"), b"s", None);
         d.put(LeadKey::lead("y"), b"s", None);
-        assert!(d.evict().is_empty());
+        assert!(evicted(&mut d).is_empty());
         assert!(d.over_limit());
     }
 
@@ -1062,7 +1073,7 @@ mod tests {
         });
         for i in 0..10_000 {
             c.put_clean(LeadKey::lead(&format!("lead-{i}")), &[0u8; 40], None);
-            c.evict();
+            c.evict(|_, _| {});
             assert!(c.len() <= 100 && c.bytes() <= 64 * 1024);
         }
     }

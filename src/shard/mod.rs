@@ -1122,11 +1122,12 @@ impl Shard {
     }
 
     fn evict(&mut self, stats: &mut StepStats) {
-        let evicted = self.cache.lock().evict();
-        stats.evicted += evicted.len() as u64;
-        for (key, stored) in evicted {
-            self.timers.evicted(&key, stored);
-        }
+        let timers = &mut self.timers;
+        let n = self
+            .cache
+            .lock()
+            .evict(|key, stored| timers.evicted(key, stored));
+        stats.evicted += n as u64;
     }
 
     /// Whether anything awaits a write.

@@ -35,22 +35,17 @@ impl Timers {
         self.by_key.remove(key);
     }
 
-    /// Sets (or clears) a lead's timer.
-    pub fn set(&mut self, key: &LeadKey, at: Option<Millis>) {
-        match at {
-            Some(new) => match self.by_key.get_mut(key) {
-                Some(old) if *old == new => {}
-                Some(old) => {
-                    *old = new;
-                    self.heap.push(Reverse((new, key.clone())));
-                }
-                None => {
-                    self.by_key.insert(key.clone(), new);
-                    self.heap.push(Reverse((new, key.clone())));
-                }
-            },
+    /// Sets a lead's timer (`forget` clears it).
+    pub fn set(&mut self, key: &LeadKey, at: Millis) {
+        match self.by_key.get_mut(key) {
+            Some(old) if *old == at => {}
+            Some(old) => {
+                *old = at;
+                self.heap.push(Reverse((at, key.clone())));
+            }
             None => {
-                self.by_key.remove(key);
+                self.by_key.insert(key.clone(), at);
+                self.heap.push(Reverse((at, key.clone())));
             }
         }
         if self.heap.len() > 2 * self.by_key.len() + 4096 {
@@ -77,8 +72,8 @@ impl Timers {
     /// past that already, it moves back to just before it, so that a later
     /// page brings it in again; memory thus holds the timers of the leads in
     /// the cache and of one window, however many leads pass through.
-    pub fn evicted(&mut self, key: &LeadKey, stored: Option<Millis>) {
-        self.forget(key.as_str());
+    pub fn evicted(&mut self, key: &str, stored: Option<Millis>) {
+        self.forget(key);
         if let (Some(s), Some(w)) = (stored, self.loaded_until)
             && s <= w
         {
@@ -122,7 +117,7 @@ impl Timers {
         };
         for (key, at) in page {
             if at <= until && !held(&key) && !self.by_key.contains_key(&key) {
-                self.set(&key, Some(at));
+                self.set(&key, at);
             }
         }
         self.loaded_until = Some(self.loaded_until.map_or(until, |w| w.max(until)));
@@ -245,8 +240,8 @@ mod tests {
             None,
             "exhausted store: the window is everything"
         );
-        t.set(&k("a"), Some(100));
-        t.evicted(&k("a"), Some(90));
+        t.set(&k("a"), 100);
+        t.evicted("l:a", Some(90));
         assert_eq!(
             t.get(&k("a")),
             None,
@@ -264,8 +259,8 @@ mod tests {
         let mut t = Timers::default();
         assert!(t.add_page(Millis::MIN, 1, vec![(k("x"), 50)], |_| false));
         assert_eq!(t.window(), Some(49));
-        t.set(&k("b"), Some(500));
-        t.evicted(&k("b"), Some(400));
+        t.set(&k("b"), 500);
+        t.evicted("l:b", Some(400));
         assert_eq!((t.window(), t.get(&k("b"))), (Some(49), None));
     }
 }
