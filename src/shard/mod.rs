@@ -850,13 +850,12 @@ impl Shard {
                     *fired += 1;
                 }
                 (None, Some(due)) => {
-                    let key = self.timers.peek_due(due).map(|(_, k)| k.clone());
-                    let key = key.expect("peeked above");
+                    let (_, key) = self.timers.peek_due(due).expect("peeked above");
                     // A timer from the store's pages whose lead is held now
                     // (the cache's timer is authoritative), or was not in
                     // the store when the round loaded and was not created
                     // since: stale. Otherwise its lead was not loaded.
-                    if !self.cache.lock().contains(&key) && !self.absent.contains(&key) {
+                    if !self.cache.lock().contains(key) && !self.absent.contains(key) {
                         return Ok(false);
                     }
                     self.timers.pop_due(due);
