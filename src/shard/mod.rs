@@ -32,7 +32,7 @@ use crate::event::{Event, EventType, Millis, Source};
 use crate::output::Encoder;
 use crate::sink::{DeadLetter, Sink, SinkError};
 use crate::store::{ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written};
-use cache::{KeyBuf, LeadCache, LeadKey, Limit};
+use cache::{KeyBuf, KeyList, LeadCache, LeadKey, Limit};
 use merge::{Merge, Released};
 use timers::Timers;
 
@@ -143,6 +143,11 @@ enum Item {
     /// A tombstone on the CRM topic: erase the lead.
     Erase(String),
 }
+
+/// Items a round applies between two checks of their lookups' slots
+/// ([`LeadCache::recheck`]): few enough that the entries a check brings
+/// into the CPU's cache are still there when their events are applied.
+const RECHECK: usize = 256;
 
 /// Shard settings.
 #[derive(Debug, Clone, Copy)]
@@ -275,6 +280,13 @@ pub struct Shard {
     wanted: KeySet,
     /// Keys written out for lookups (scratch).
     keys: KeyBuf,
+    /// The ready items' keys as the round's lookup saw them: for the item
+    /// `i` places from the front, its lead's at `2 i` and its visitor's at
+    /// `2 i + 1` (empty for none).
+    lookups: KeyList,
+    /// Where the round's lookup found each of [`Shard::lookups`]: a hint,
+    /// checked before it is used, that spares the apply a second lookup.
+    hints: Vec<Option<u32>>,
     /// The key of the lead an event is applied to (scratch).
     current: String,
     /// The key of the lead a timer fires for (scratch).
@@ -349,6 +361,8 @@ impl Shard {
             absent: KeySet::default(),
             wanted: KeySet::default(),
             keys: KeyBuf::default(),
+            lookups: KeyList::default(),
+            hints: Vec::new(),
             current: String::new(),
             firing: String::new(),
             spare: Spare::default(),
@@ -583,29 +597,29 @@ impl Shard {
         wanted.clear();
         {
             let cache = self.cache.lock();
-            let keys = &mut self.keys;
-            // Keys are written out to look them up; a shared key is made
-            // only for one the cache does not hold.
-            let mut want = |k: &str| {
-                if cache.find_str(k).is_none() && !wanted.contains(k) {
-                    wanted.insert(LeadKey::from_stored(k));
-                }
-            };
             for (_, key) in self.timers.due(until, self.config.round) {
-                want(key.as_str());
+                if cache.find_str(key.as_str()).is_none() && !wanted.contains(key.as_str()) {
+                    wanted.insert(key.clone());
+                }
             }
+            // The ready items' keys, looked up together; a shared key is
+            // made only for one the cache does not hold.
+            let lookups = &mut self.lookups;
+            lookups.clear();
             for r in &self.ready {
-                match &r.item {
-                    Item::Event(e) => {
-                        if let Some(id) = e.lead_id.as_deref() {
-                            want(keys.lead(id));
-                        }
-                        if let Some(anon) = e.anonymous_id.as_deref() {
-                            want(keys.visitor(anon));
-                        }
-                    }
-                    Item::Erase(id) => want(keys.lead(id)),
-                    Item::Poison { .. } => {}
+                let (lead, visitor) = match &r.item {
+                    Item::Event(e) => (e.lead_id.as_deref(), e.anonymous_id.as_deref()),
+                    Item::Erase(id) => (Some(id.as_str()), None),
+                    Item::Poison { .. } => (None, None),
+                };
+                lookups.lead(lead);
+                lookups.visitor(visitor);
+            }
+            cache.find_all(lookups, &mut self.hints);
+            for (i, slot) in self.hints.iter().enumerate() {
+                let k = lookups.get(i);
+                if slot.is_none() && !k.is_empty() && !wanted.contains(k) {
+                    wanted.insert(LeadKey::from_stored(k));
                 }
             }
         }
@@ -697,6 +711,10 @@ impl Shard {
         let ceiling = crate::event::wall_clock_ms().saturating_add(self.config.future_tolerance_ms);
         let mut applied = 0;
         let mut fired = 0;
+        // Items taken from the front since the round's lookup (see [`Shard::hints`]).
+        let mut taken = 0;
+        // Items before this one had their slots checked again (RECHECK).
+        let mut rechecked = 0;
         while let Some(r) = self.ready.front() {
             // Timers due before the event fire first, at their own instants
             // (only those: an event behind the clock must not find the
@@ -743,7 +761,15 @@ impl Shard {
                     let Item::Event(event) = r.item else {
                         unreachable!("matched above")
                     };
-                    match self.apply_event(ctx, input, &event) {
+                    if taken >= rechecked {
+                        rechecked = taken + RECHECK;
+                        let range = 2 * taken..2 * rechecked;
+                        (self.cache.lock()).recheck(&self.lookups, &mut self.hints, range);
+                    }
+                    let hint = |i: usize| self.hints.get(i).copied().flatten();
+                    let hints = (hint(2 * taken), hint(2 * taken + 1));
+                    taken += 1;
+                    match self.apply_event(ctx, input, &event, hints) {
                         // Late counts what the late event changed: once, and
                         // not for a duplicate, which changed nothing.
                         Ok(counted) => {
@@ -775,6 +801,7 @@ impl Shard {
                 }
             }
             self.ready.pop_front();
+            taken += 1;
             self.positions[input] = Some(offset + 1);
             applied += 1;
         }
@@ -844,7 +871,7 @@ impl Shard {
                         cache.take_due(due, slot);
                     }
                     self.clock = self.clock.max(due);
-                    let done = self.fire(ctx, &key, due);
+                    let done = self.fire(ctx, (&key, Some(slot)), due);
                     self.firing = key;
                     done?;
                     *fired += 1;
@@ -864,18 +891,19 @@ impl Shard {
         }
     }
 
-    /// Decodes a cached lead (its key as stored text) into `into`. Every key
-    /// a round needs was loaded (or found absent from the store) before it
-    /// ran, so a key absent from the cache is a new lead.
+    /// Decodes a cached lead (its key as stored text, and where the round's
+    /// lookup found it) into `into`. Every key a round needs was loaded (or
+    /// found absent from the store) before it ran, so a key absent from the
+    /// cache is a new lead.
     fn read(
         cache: &Mutex<LeadCache>,
         engine: &Engine,
-        key: &str,
+        (key, hint): (&str, Option<u32>),
         kind: Kind,
         into: &mut LeadState,
     ) -> Option<u32> {
         let mut cache = cache.lock();
-        let found = cache.find_str(key).filter(|slot| {
+        let found = cache.find_hinted(hint, key).filter(|slot| {
             cache
                 .touch(*slot)
                 .is_some_and(|e| engine.decode_into(e.blob(), into).is_ok())
@@ -913,11 +941,13 @@ impl Shard {
     }
 
     /// Applies one released event; false if it was a duplicate (skipped).
+    /// `hints`: where the round's lookup found its lead and its visitor.
     fn apply_event(
         &mut self,
         ctx: &mut Ctx<'_>,
         input: usize,
         e: &Event<'static>,
+        hints: (Option<u32>, Option<u32>),
     ) -> Result<bool, ShardError> {
         let engine = ctx.engine;
         let rules = engine.rules().clone();
@@ -933,7 +963,7 @@ impl Shard {
             Some(anon) => Self::read(
                 &self.cache,
                 engine,
-                self.keys.visitor(anon),
+                (self.keys.visitor(anon), hints.1),
                 Kind::Visitor,
                 &mut self.other,
             ),
@@ -946,12 +976,13 @@ impl Shard {
             Route::Visitor { .. } => (Kind::Visitor, false),
         };
         let stored = match &route {
-            Route::Lead { id, .. } => self.keys.lead(id),
-            Route::Visitor { anon } => self.keys.visitor(anon),
-            Route::Aliased { lead, .. } => self.keys.lead(lead),
+            Route::Lead { id, .. } => (self.keys.lead(id), hints.0),
+            Route::Visitor { anon } => (self.keys.visitor(anon), hints.1),
+            Route::Aliased { lead, .. } => (self.keys.lead(lead), None),
         };
         let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
         let slot = Self::read(&self.cache, engine, stored, kind, &mut state);
+        let stored = stored.0;
         if slot.is_some() {
             ctx.stats.hits += 1;
         }
@@ -1034,8 +1065,13 @@ impl Shard {
         published.map(|()| true)
     }
 
-    /// Fires one lead's due timer.
-    fn fire(&mut self, ctx: &mut Ctx<'_>, key: &str, due: Millis) -> Result<(), ShardError> {
+    /// Fires one lead's due timer (its key, and the slot it is held in).
+    fn fire(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        (key, hint): (&str, Option<u32>),
+        due: Millis,
+    ) -> Result<(), ShardError> {
         let engine = ctx.engine;
         let rules = engine.rules().clone();
         let lead = LeadKey::lead_id(key);
@@ -1044,7 +1080,7 @@ impl Shard {
         } else {
             Kind::Visitor
         };
-        let Some(slot) = Self::read(&self.cache, engine, key, kind, &mut self.state) else {
+        let Some(slot) = Self::read(&self.cache, engine, (key, hint), kind, &mut self.state) else {
             return Ok(());
         };
         let mut state = std::mem::replace(&mut self.state, LeadState::new(Kind::Lead));
@@ -1076,7 +1112,7 @@ impl Shard {
         if Self::read(
             &self.cache,
             engine,
-            key.as_str(),
+            (key.as_str(), None),
             Kind::Lead,
             &mut self.state,
         )
