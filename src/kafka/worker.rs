@@ -280,8 +280,17 @@ impl Worker {
         let mut busy = false;
         let mut registry_down: Option<String> = None;
         let mut failures: Vec<(usize, ShardError)> = Vec::new();
+        let writing = self.writer.busy();
         for (n, o) in self.shards.iter_mut().enumerate() {
             if o.blocked_until.is_some_and(|t| now < t) {
+                continue;
+            }
+            // Changed leads cannot be evicted until written: a shard over
+            // its share of the memory limit takes nothing in while a write
+            // is in flight (the write makes its leads evictable, and the
+            // next one is due at once), so the limit is passed by at most
+            // a round's leads, however slow the store.
+            if writing && o.shard.cache().lock().over_limit() {
                 continue;
             }
             if o.blocked_until.take().is_some() {

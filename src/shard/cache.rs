@@ -863,6 +863,17 @@ impl LeadCache {
         self.limit = limit;
     }
 
+    /// About how many leads the limit allows: its count, or its bytes at
+    /// the size of the leads held now (the count alone while none is held).
+    pub fn leads_allowed(&self) -> usize {
+        let by_bytes = if self.len > 0 {
+            self.limit.bytes / (self.bytes() / self.len).max(1)
+        } else {
+            usize::MAX
+        };
+        self.limit.leads.min(by_bytes)
+    }
+
     /// Whether the cache holds more than its limit.
     pub fn over_limit(&self) -> bool {
         self.len > self.limit.leads || self.bytes() > self.limit.bytes

@@ -128,26 +128,35 @@ impl ShardError {
     }
 }
 
-/// A queued input message, owned.
+/// A queued input message, owned. Boxed, so that an item, moved into the
+/// merge, out of it and through the round, is a few words (a rejected
+/// message's fields inline made every item over a hundred bytes).
 #[derive(Debug)]
 enum Item {
     Event(Box<Event<'static>>),
     /// Rejected: dead-lettered when it reaches the head of its queue.
-    Poison {
-        key: Option<Vec<u8>>,
-        payload: Option<Vec<u8>>,
-        original_size: usize,
-        original_hash: Option<String>,
-        error: DecodeError,
-    },
+    Poison(Box<Poison>),
     /// A tombstone on the CRM topic: erase the lead.
-    Erase(String),
+    Erase(Box<str>),
+}
+
+/// A rejected message, as its dead letter will carry it.
+#[derive(Debug)]
+struct Poison {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    original_size: usize,
+    original_hash: Option<String>,
+    error: DecodeError,
 }
 
 /// Items a round applies between two checks of their lookups' slots
 /// ([`LeadCache::recheck`]): few enough that the entries a check brings
 /// into the CPU's cache are still there when their events are applied.
 const RECHECK: usize = 256;
+
+/// The fewest events a round takes however small the memory limit.
+const MIN_ROUND: usize = 32;
 
 /// Shard settings.
 #[derive(Debug, Clone, Copy)]
@@ -485,7 +494,7 @@ impl Shard {
                     && msg.key.is_some_and(|k| !k.is_empty()) =>
             {
                 // A tombstone has no event time of its own: its broker timestamp orders it.
-                let lead = String::from_utf8_lossy(msg.key.unwrap_or_default()).into_owned();
+                let lead = String::from_utf8_lossy(msg.key.unwrap_or_default()).into();
                 (msg.timestamp.filter(|t| *t > 0), Item::Erase(lead))
             }
             Err(error) => {
@@ -494,7 +503,7 @@ impl Shard {
                 let cut = size > self.config.dead_letter_max_bytes;
                 (
                     None,
-                    Item::Poison {
+                    Item::Poison(Box::new(Poison {
                         key: msg
                             .key
                             .map(|k| k[..k.len().min(self.config.dead_letter_max_bytes)].to_vec()),
@@ -508,7 +517,7 @@ impl Shard {
                             )
                         }),
                         error,
-                    },
+                    })),
                 )
             }
         };
@@ -522,7 +531,8 @@ impl Shard {
         let mut done = 0;
         while done < budget {
             self.page_timers(ctx)?;
-            while self.ready.len() < self.config.round {
+            let round = self.round();
+            while self.ready.len() < round {
                 match self.merge.pop() {
                     Some(r) => self.ready.push_back(r),
                     None => break,
@@ -540,9 +550,31 @@ impl Shard {
             if applied == 0 && self.ready.is_empty() {
                 break;
             }
+            // Over the memory limit after a round: evict now, and if
+            // changed leads still keep the shard over it, stop until they
+            // are written (the worker writes at once for a shard over its
+            // limit), rather than take in a whole budget's leads more.
+            if self.cache.lock().over_limit() {
+                self.evict(ctx.stats);
+                if self.cache.lock().over_limit() {
+                    break;
+                }
+            }
         }
         self.evict(ctx.stats);
         Ok(done)
+    }
+
+    /// Most events a round takes: [`ShardConfig::round`], or as many as the
+    /// shard may hold leads if that is fewer (at least [`MIN_ROUND`]). A
+    /// round's leads are all in memory while it runs, and the ones it
+    /// changed until they are written, so a round larger than the cache
+    /// would carry the shard far past its limit. Timers keep the full
+    /// round: a round of them per write would make a small cache fire a
+    /// backlog of paged timers one write at a time.
+    fn round(&self) -> usize {
+        let allowed = self.cache.lock().leads_allowed();
+        self.config.round.min(allowed.max(MIN_ROUND))
     }
 
     /// When every input is idle, moves the shard's clock with the wall clock
@@ -609,8 +641,8 @@ impl Shard {
             for r in &self.ready {
                 let (lead, visitor) = match &r.item {
                     Item::Event(e) => (e.lead_id.as_deref(), e.anonymous_id.as_deref()),
-                    Item::Erase(id) => (Some(id.as_str()), None),
-                    Item::Poison { .. } => (None, None),
+                    Item::Erase(id) => (Some(&**id), None),
+                    Item::Poison(_) => (None, None),
                 };
                 lookups.lead(lead);
                 lookups.visitor(visitor);
@@ -728,13 +760,14 @@ impl Shard {
             let r = self.ready.front().expect("peeked above");
             let (input, offset, at, late) = (r.input, r.offset, r.at, r.late);
             match &r.item {
-                Item::Poison {
-                    key,
-                    payload,
-                    original_size,
-                    original_hash,
-                    error,
-                } => {
+                Item::Poison(poison) => {
+                    let Poison {
+                        key,
+                        payload,
+                        original_size,
+                        original_hash,
+                        error,
+                    } = &**poison;
                     ctx.sink.dead_letter(&DeadLetter {
                         topic: &self.topics[input],
                         partition: self.id,
