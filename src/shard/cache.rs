@@ -20,15 +20,22 @@ use crate::store::{ShardWrite, TimerWrite};
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeadKey(std::sync::Arc<str>);
 
+/// What a stored key starts with when it names an identified lead.
+const LEAD: &str = "l:";
+/// What a stored key starts with when it names an anonymous visitor.
+const VISITOR: &str = "a:";
+// [`LeadKey::id`] cuts either kind off at the same length.
+const _: () = assert!(LEAD.len() == VISITOR.len());
+
 impl LeadKey {
     /// The key of a lead.
     pub fn lead(id: &str) -> LeadKey {
-        LeadKey(Self::join("l:", id))
+        LeadKey(Self::join(LEAD, id))
     }
 
     /// The key of an anonymous visitor (or of its alias).
     pub fn visitor(anonymous_id: &str) -> LeadKey {
-        LeadKey(Self::join("a:", anonymous_id))
+        LeadKey(Self::join(VISITOR, anonymous_id))
     }
 
     /// `kind` and `id` in one allocation (a `String` turned into an `Arc<str>`
@@ -48,7 +55,7 @@ impl LeadKey {
 
     /// A key as stored (`l:…` or `a:…`), if well formed.
     pub fn parse(stored: &str) -> Option<LeadKey> {
-        (stored.starts_with("l:") || stored.starts_with("a:")).then(|| LeadKey(stored.into()))
+        (stored.starts_with(LEAD) || stored.starts_with(VISITOR)).then(|| LeadKey(stored.into()))
     }
 
     /// Whether it names an identified lead.
@@ -58,12 +65,12 @@ impl LeadKey {
 
     /// The lead id in a key as stored, if it names an identified lead.
     pub fn lead_id(stored: &str) -> Option<&str> {
-        stored.strip_prefix("l:")
+        stored.strip_prefix(LEAD)
     }
 
     /// The id without its kind.
     pub fn id(&self) -> &str {
-        &self.0[2..]
+        &self.0[LEAD.len()..]
     }
 
     /// The key as stored.
@@ -81,12 +88,12 @@ pub struct KeyBuf(String);
 impl KeyBuf {
     /// The key of a lead, as stored (`l:<id>`).
     pub fn lead(&mut self, id: &str) -> &str {
-        self.join("l:", id)
+        self.join(LEAD, id)
     }
 
     /// The key of an anonymous visitor (`a:<anonymous id>`).
     pub fn visitor(&mut self, anonymous_id: &str) -> &str {
-        self.join("a:", anonymous_id)
+        self.join(VISITOR, anonymous_id)
     }
 
     fn join(&mut self, kind: &str, id: &str) -> &str {
@@ -115,12 +122,12 @@ impl KeyList {
 
     /// Adds a lead's key (`l:<id>`), or none.
     pub fn lead(&mut self, id: Option<&str>) {
-        self.push("l:", id);
+        self.push(LEAD, id);
     }
 
     /// Adds an anonymous visitor's key (`a:<anonymous id>`), or none.
     pub fn visitor(&mut self, anonymous_id: Option<&str>) {
-        self.push("a:", anonymous_id);
+        self.push(VISITOR, anonymous_id);
     }
 
     fn push(&mut self, kind: &str, id: Option<&str>) {
@@ -526,14 +533,7 @@ impl LeadCache {
                 .find(self.hasher.hash_one(key), |_| true)
                 .copied()
         }));
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if let Some(s) = *slot {
-                let key = keys.get(i);
-                if self.entry_at(s, key).is_none() {
-                    *slot = self.find_str(key);
-                }
-            }
-        }
+        self.recheck(keys, slots, 0..keys.len());
     }
 
     /// The key held in a slot.
@@ -587,10 +587,12 @@ impl LeadCache {
         self.entry_at(slot, key.as_ref()).map(Entry::blob)
     }
 
-    /// Checks the slots [`LeadCache::find_all`] found for `keys[range]`
-    /// still hold their keys, forgetting those that do not. Run over the
-    /// next few hundred of a round's items just before they are applied,
-    /// it brings their entries back into the CPU's cache, the reads of
+    /// Checks the slots found for `keys[range]` still hold their keys, and
+    /// looks up in full each key whose slot holds another (a probe's tag
+    /// matched another key, or the key was removed and its slot reused).
+    /// It is [`LeadCache::find_all`]'s second pass; run again over the next
+    /// few hundred of a round's items just before they are applied, it
+    /// brings their entries back into the CPU's cache, the reads of
     /// different keys in flight together (a round of thousands of events
     /// touches more memory than stays cached between its lookup and the
     /// apply).
@@ -603,8 +605,11 @@ impl LeadCache {
         let end = range.end.min(slots.len()).min(keys.len());
         let start = range.start.min(end);
         for (i, slot) in (start..end).zip(&mut slots[start..end]) {
-            if slot.is_some_and(|s| self.entry_at(s, keys.get(i)).is_none()) {
-                *slot = None;
+            if let Some(s) = *slot {
+                let key = keys.get(i);
+                if self.entry_at(s, key).is_none() {
+                    *slot = self.find_str(key);
+                }
             }
         }
     }
@@ -981,7 +986,7 @@ mod tests {
         assert_eq!(keys.get(keys.len() - 1), "");
 
         // Leads removed after the lookup, their slots reused by others: a
-        // recheck forgets exactly the slots that no longer hold their key.
+        // recheck finds each key again where its slot no longer holds it.
         for i in (1..20_000).step_by(3) {
             c.remove(format!("l:{i}"));
         }
@@ -994,10 +999,8 @@ mod tests {
         for (i, (was, now)) in before.iter().zip(&slots).enumerate() {
             let key = keys.get(i);
             let alone = (!key.is_empty()).then(|| c.find_str(key)).flatten();
-            match now {
-                Some(s) => assert_eq!(Some(*s), alone, "{key:?}"),
-                None => forgotten += usize::from(was.is_some()),
-            }
+            assert_eq!(*now, alone, "{key:?}");
+            forgotten += usize::from(was.is_some() && now.is_none());
             assert_eq!(c.find_hinted(*now, key), alone);
         }
         assert_eq!(forgotten, 6_667);

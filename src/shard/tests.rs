@@ -114,6 +114,18 @@ impl Harness {
         }
     }
 
+    /// One step of the shard, as the worker makes it between writes.
+    fn step_once(&mut self, budget: usize) -> usize {
+        let mut ctx = Ctx {
+            engine: &self.engine,
+            store: &*self.store,
+            sink: &mut self.sink,
+            encoder: &self.encoder,
+            stats: &mut self.stats,
+        };
+        self.shard.step(&mut ctx, budget).unwrap()
+    }
+
     /// As the worker does when every input is idle: the clock follows `wall`.
     fn idle_tick(&mut self, wall: Millis) {
         let mut ctx = Ctx {
@@ -1169,6 +1181,79 @@ fn timers_in_memory_stay_bounded_and_every_lead_still_decays() {
         decays >= leads as usize,
         "every lead decayed ({decays} changes by time)"
     );
+    assert_eq!(tight.0, roomy.0);
+    assert_eq!(tight.1, roomy.1);
+}
+
+/// Changed leads stay in memory until they are written, so a shard over its
+/// memory limit must not take in more of them: a round takes no more events
+/// than the shard may hold leads, and a step stops once unwritten leads keep
+/// it over the limit. One step with a budget for the whole backlog takes two
+/// rounds (the second one carries it over the limit), however large the
+/// configured round; each write then lets one more step through, and the
+/// end state is the one a cache with room for every lead reaches.
+#[test]
+fn a_step_stays_within_a_round_of_the_memory_limit_until_it_writes() {
+    let n = 1000;
+    // Visitors and identified leads mixed in one batch, one key each.
+    let events: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let (lead, anon) = if i % 3 == 0 {
+                (None, Some(format!("v{i}")))
+            } else {
+                (Some(format!("L{i}")), None)
+            };
+            json(
+                &format!("e{i}"),
+                lead.as_deref(),
+                anon.as_deref(),
+                T0 + i * 1000,
+                "page_view",
+                serde_json::json!({"url": "/menu"}),
+            )
+        })
+        .collect();
+    let run = |config: ShardConfig| {
+        let mut h = Harness::new(engine(), config);
+        for e in &events {
+            h.produce(0, e.clone());
+        }
+        for i in 1..4 {
+            h.shard.set_idle(i, true);
+        }
+        h.deliver(0, n as usize);
+        let mut steps = Vec::new();
+        loop {
+            let taken = h.step_once(1 << 20);
+            if taken == 0 {
+                break;
+            }
+            steps.push((taken, h.shard.cache().lock().len()));
+            h.write();
+        }
+        h.finish();
+        (h.state(), h.output_ids(), steps)
+    };
+    let roomy = run(ShardConfig::default());
+    assert_eq!(roomy.2, [(n as usize, n as usize)]);
+    let limit = 100;
+    let small = ShardConfig {
+        cache: Limit {
+            leads: limit,
+            bytes: usize::MAX,
+        },
+        ..ShardConfig::default()
+    };
+    assert!(small.round >= 10 * limit);
+    let tight = run(small);
+    let (first_taken, first_held) = tight.2[0];
+    assert_eq!(first_taken, 2 * limit, "{:?}", tight.2);
+    assert_eq!(first_held, 2 * limit);
+    for &(taken, held) in &tight.2 {
+        assert!(taken <= 2 * limit, "{:?}", tight.2);
+        assert!(held <= 2 * limit, "{:?}", tight.2);
+    }
+    assert!(tight.2.len() >= 4, "{:?}", tight.2);
     assert_eq!(tight.0, roomy.0);
     assert_eq!(tight.1, roomy.1);
 }
