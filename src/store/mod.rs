@@ -13,6 +13,7 @@
 
 pub mod memory;
 pub mod redis;
+mod resp;
 
 use std::collections::HashMap;
 

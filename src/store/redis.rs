@@ -23,8 +23,10 @@ use parking_lot::Mutex;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Client, Connection, ConnectionLike, Script, TlsCertificates, Value};
 
+use super::resp::{self, Packed};
 use super::{
-    Health, Loaded, ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written,
+    Health, LeadWrite, Loaded, ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite,
+    Written,
 };
 use crate::engine::layout::Layout;
 use crate::event::Millis;
@@ -153,6 +155,8 @@ pub struct RedisStore {
     /// calls of this many keys, and a single-server write into commands of
     /// this many keys inside its one transaction.
     batch: usize,
+    /// The last write's commands: its buffer is reused by the next one.
+    packed: Mutex<Packed>,
     take: Script,
     load: Script,
     write: Script,
@@ -225,6 +229,7 @@ impl RedisStore {
             clients,
             batch: batch.max(1),
             conn: Mutex::new(None),
+            packed: Mutex::new(Packed::default()),
             prefix: prefix.to_owned(),
             timeout,
             take: Script::new(TAKE),
@@ -286,7 +291,6 @@ impl RedisStore {
         meta: &[(String, String)],
     ) -> Result<Written, StoreError> {
         let meta_key = self.shard_key(w.shard, "meta");
-        let timers_key = self.shard_key(w.shard, "timers");
         let positions: Vec<&(String, String)> =
             meta.iter().filter(|(f, _)| f.starts_with("pos:")).collect();
         self.with_conn(|c| {
@@ -325,58 +329,26 @@ impl RedisStore {
                 redis::cmd("UNWATCH").exec(c)?;
                 return Ok(refusal);
             }
-            let mut tx = redis::pipe();
-            tx.atomic();
-            for chunk in w.deletes.chunks(self.batch) {
-                let mut del = redis::cmd("DEL");
-                let mut zrem = redis::cmd("ZREM");
-                zrem.arg(&timers_key);
-                for d in chunk {
-                    del.arg(self.lead_key(w.shard, d));
-                    zrem.arg(d.as_str());
+            let mut packed = self.packed.lock();
+            let keys = self.shard_key(w.shard, "");
+            resp::transaction(&mut packed, |p| pack_write(p, w, keys.as_bytes(), meta, self.batch));
+            let mut reply = c.req_packed_commands(packed.bytes(), packed.commands() - 1, 1)?;
+            packed.shrink(KEEP_PACKED);
+            drop(packed);
+            match reply.pop() {
+                // Each command's own error (none is expected) fails the write.
+                Some(done @ Value::Array(_)) => {
+                    done.extract_error()?;
+                    return Ok(Written::Ok);
                 }
-                tx.add_command(del).ignore().add_command(zrem).ignore();
-            }
-            for chunk in w.leads.chunks(self.batch) {
-                let mut mset = redis::cmd("MSET");
-                let (mut zadd, mut zrem) = (redis::cmd("ZADD"), redis::cmd("ZREM"));
-                zadd.arg(&timers_key);
-                zrem.arg(&timers_key);
-                let (mut adds, mut rems) = (0, 0);
-                for lead in chunk {
-                    let k = &lead.key;
-                    mset.arg(self.lead_key(w.shard, k)).arg(w.state(lead));
-                    match lead.timer {
-                        TimerWrite::Set(t) => {
-                            zadd.arg(t).arg(k.as_str());
-                            adds += 1;
-                        }
-                        TimerWrite::Clear => {
-                            zrem.arg(k.as_str());
-                            rems += 1;
-                        }
-                        TimerWrite::Keep => {}
-                    }
+                Some(Value::Nil) => {}
+                other => {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::ResponseError,
+                        "EXEC answered neither results nor nil",
+                        format!("{other:?}"),
+                    )));
                 }
-                tx.add_command(mset).ignore();
-                if adds > 0 {
-                    tx.add_command(zadd).ignore();
-                }
-                if rems > 0 {
-                    tx.add_command(zrem).ignore();
-                }
-            }
-            if !meta.is_empty() {
-                let mut hset = redis::cmd("HSET");
-                hset.arg(&meta_key);
-                for (f, v) in meta {
-                    hset.arg(f).arg(v);
-                }
-                tx.add_command(hset).ignore();
-            }
-            let done: Option<()> = tx.query(c)?;
-            if done.is_some() {
-                return Ok(Written::Ok);
             }
             // EXEC refused: the record changed under the watch.
             let epoch: Option<String> = redis::cmd("HGET").arg(&meta_key).arg("epoch").query(c)?;
@@ -431,6 +403,59 @@ impl RedisStore {
 
     fn lead_key(&self, shard: ShardId, key: &LeadKey) -> String {
         self.shard_key(shard, key.as_str())
+    }
+}
+
+/// The largest packed write a store keeps its buffer after (64 MiB: a
+/// flush of `redis.flush_max_dirty` typical leads fits).
+const KEEP_PACKED: usize = 64 << 20;
+
+/// A single server's shard write, as commands of at most `batch` keys each:
+/// the deleted leads and their timers, the changed leads' states and
+/// timers, then the shard record's fields. `keys` is the shard's key prefix
+/// (`leadscore:{pN}:`).
+fn pack_write(p: &mut Packed, w: &ShardWrite, keys: &[u8], meta: &[(String, String)], batch: usize) {
+    let timers: &[&[u8]] = &[keys, b"timers"];
+    for chunk in w.deletes.chunks(batch) {
+        p.command(1 + chunk.len()).arg(b"DEL");
+        for d in chunk {
+            p.arg_parts(&[keys, d.as_str().as_bytes()]);
+        }
+        p.command(2 + chunk.len()).arg(b"ZREM").arg_parts(timers);
+        for d in chunk {
+            p.arg(d.as_str().as_bytes());
+        }
+    }
+    for chunk in w.leads.chunks(batch) {
+        p.command(1 + 2 * chunk.len()).arg(b"MSET");
+        for lead in chunk {
+            p.arg_parts(&[keys, lead.key.as_str().as_bytes()])
+                .arg(w.state(lead));
+        }
+        let set = |l: &&LeadWrite| matches!(l.timer, TimerWrite::Set(_));
+        let adds = chunk.iter().filter(set).count();
+        if adds > 0 {
+            p.command(2 + 2 * adds).arg(b"ZADD").arg_parts(timers);
+            for lead in chunk {
+                if let TimerWrite::Set(t) = lead.timer {
+                    p.arg_int(t).arg(lead.key.as_str().as_bytes());
+                }
+            }
+        }
+        let clear = |l: &&LeadWrite| matches!(l.timer, TimerWrite::Clear);
+        let rems = chunk.iter().filter(clear).count();
+        if rems > 0 {
+            p.command(2 + rems).arg(b"ZREM").arg_parts(timers);
+            for lead in chunk.iter().filter(clear) {
+                p.arg(lead.key.as_str().as_bytes());
+            }
+        }
+    }
+    if !meta.is_empty() {
+        p.command(2 + 2 * meta.len()).arg(b"HSET").arg_parts(&[keys, b"meta"]);
+        for (f, v) in meta {
+            p.arg(f.as_bytes()).arg(v.as_bytes());
+        }
     }
 }
 
