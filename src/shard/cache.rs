@@ -871,11 +871,8 @@ impl LeadCache {
     /// About how many leads the limit allows: its count, or its bytes at
     /// the size of the leads held now (the count alone while none is held).
     pub fn leads_allowed(&self) -> usize {
-        let by_bytes = if self.len > 0 {
-            self.limit.bytes / (self.bytes() / self.len).max(1)
-        } else {
-            usize::MAX
-        };
+        let per_lead = self.bytes().checked_div(self.len).map(|b| b.max(1));
+        let by_bytes = per_lead.map_or(usize::MAX, |b| self.limit.bytes / b);
         self.limit.leads.min(by_bytes)
     }
 

@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use crate::decode::DecodeError;
 use crate::engine::identity::{self, Link, Route};
 use crate::engine::{Applied, Decision, Engine, Kind, LeadState, Segment};
-use crate::event::{Event, EventType, Millis, Source};
+use crate::event::{Event, EventType, Millis, PackedEvent, Source};
 use crate::output::Encoder;
 use crate::sink::{DeadLetter, Sink, SinkError};
 use crate::store::{ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written};
@@ -133,7 +133,7 @@ impl ShardError {
 /// message's fields inline made every item over a hundred bytes).
 #[derive(Debug)]
 enum Item {
-    Event(Box<Event<'static>>),
+    Event(Box<PackedEvent>),
     /// Rejected: dead-lettered when it reaches the head of its queue.
     Poison(Box<Poison>),
     /// A tombstone on the CRM topic: erase the lead.
@@ -487,7 +487,10 @@ impl Shard {
             stats.latency_samples.push(ts);
         }
         let (at, item) = match decoded {
-            Ok(e) => (Some(e.occurred_at), Item::Event(Box::new(e.into_owned()))),
+            Ok(e) => (
+                Some(e.occurred_at),
+                Item::Event(Box::new(PackedEvent::new(&e))),
+            ),
             Err(DecodeError::Empty)
                 if msg.payload.is_none()
                     && self.sources[i] == Source::Crm
@@ -640,7 +643,7 @@ impl Shard {
             lookups.clear();
             for r in &self.ready {
                 let (lead, visitor) = match &r.item {
-                    Item::Event(e) => (e.lead_id.as_deref(), e.anonymous_id.as_deref()),
+                    Item::Event(e) => (e.lead_id(), e.anonymous_id()),
                     Item::Erase(id) => (Some(&**id), None),
                     Item::Poison(_) => (None, None),
                 };
@@ -665,8 +668,8 @@ impl Shard {
             let keys = &mut self.keys;
             for r in &self.ready {
                 if let Item::Event(e) = &r.item
-                    && e.lead_id.is_none()
-                    && let Some(anon) = e.anonymous_id.as_deref()
+                    && e.lead_id().is_none()
+                    && let Some(anon) = e.anonymous_id()
                     && let Some(slot) = cache.find_str(keys.visitor(anon))
                     && let Some(entry) = cache.touch(slot)
                     && let Some(lead) = LeadState::alias_target(entry.blob())
@@ -802,7 +805,7 @@ impl Shard {
                     let hint = |i: usize| self.hints.get(i).copied().flatten();
                     let hints = (hint(2 * taken), hint(2 * taken + 1));
                     taken += 1;
-                    match self.apply_event(ctx, input, &event, hints) {
+                    match self.apply_event(ctx, input, &event.event(), hints) {
                         // Late counts what the late event changed: once, and
                         // not for a duplicate, which changed nothing.
                         Ok(counted) => {
@@ -979,7 +982,7 @@ impl Shard {
         &mut self,
         ctx: &mut Ctx<'_>,
         input: usize,
-        e: &Event<'static>,
+        e: &Event<'_>,
         hints: (Option<u32>, Option<u32>),
     ) -> Result<bool, ShardError> {
         let engine = ctx.engine;

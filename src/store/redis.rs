@@ -331,7 +331,9 @@ impl RedisStore {
             }
             let mut packed = self.packed.lock();
             let keys = self.shard_key(w.shard, "");
-            resp::transaction(&mut packed, |p| pack_write(p, w, keys.as_bytes(), meta, self.batch));
+            resp::transaction(&mut packed, |p| {
+                pack_write(p, w, keys.as_bytes(), meta, self.batch)
+            });
             let mut reply = c.req_packed_commands(packed.bytes(), packed.commands() - 1, 1)?;
             packed.shrink(KEEP_PACKED);
             drop(packed);
@@ -414,7 +416,13 @@ const KEEP_PACKED: usize = 64 << 20;
 /// the deleted leads and their timers, the changed leads' states and
 /// timers, then the shard record's fields. `keys` is the shard's key prefix
 /// (`leadscore:{pN}:`).
-fn pack_write(p: &mut Packed, w: &ShardWrite, keys: &[u8], meta: &[(String, String)], batch: usize) {
+fn pack_write(
+    p: &mut Packed,
+    w: &ShardWrite,
+    keys: &[u8],
+    meta: &[(String, String)],
+    batch: usize,
+) {
     let timers: &[&[u8]] = &[keys, b"timers"];
     for chunk in w.deletes.chunks(batch) {
         p.command(1 + chunk.len()).arg(b"DEL");
@@ -452,7 +460,9 @@ fn pack_write(p: &mut Packed, w: &ShardWrite, keys: &[u8], meta: &[(String, Stri
         }
     }
     if !meta.is_empty() {
-        p.command(2 + 2 * meta.len()).arg(b"HSET").arg_parts(&[keys, b"meta"]);
+        p.command(2 + 2 * meta.len())
+            .arg(b"HSET")
+            .arg_parts(&[keys, b"meta"]);
         for (f, v) in meta {
             p.arg(f.as_bytes()).arg(v.as_bytes());
         }

@@ -124,7 +124,10 @@ mod tests {
         // Cleared, it packs the next write from the start.
         p.clear();
         p.command(2).arg(b"DEL").arg_int(7);
-        assert_eq!(p.bytes(), &redis::cmd("DEL").arg(7).get_packed_command()[..]);
+        assert_eq!(
+            p.bytes(),
+            &redis::cmd("DEL").arg(7).get_packed_command()[..]
+        );
         assert_eq!(p.commands(), 1);
     }
 }
