@@ -71,6 +71,19 @@ impl Harness {
         }
     }
 
+    /// A shard whose events all come on the first input, in `events`'
+    /// order, the other three idle; none delivered yet.
+    fn on_one_input(config: ShardConfig, events: &[Vec<u8>]) -> Harness {
+        let mut h = Harness::new(engine(), config);
+        for e in events {
+            h.produce(0, e.clone());
+        }
+        for i in 1..4 {
+            h.shard.set_idle(i, true);
+        }
+        h
+    }
+
     /// Appends to an input's log (the broker), without delivering it.
     fn produce(&mut self, input: usize, payload: Vec<u8>) {
         self.logs[input].push(payload);
@@ -96,17 +109,24 @@ impl Harness {
         }
     }
 
+    /// Runs `f` on the shard with a context over the harness's engine,
+    /// store, sink and stats.
+    fn with_ctx<T>(&mut self, f: impl FnOnce(&mut Shard, &mut Ctx<'_>) -> T) -> T {
+        let mut ctx = Ctx {
+            engine: &self.engine,
+            store: &*self.store,
+            sink: &mut self.sink,
+            encoder: &self.encoder,
+            stats: &mut self.stats,
+        };
+        f(&mut self.shard, &mut ctx)
+    }
+
+    /// Steps until nothing more can be applied.
     fn step(&mut self) -> usize {
         let mut total = 0;
         loop {
-            let mut ctx = Ctx {
-                engine: &self.engine,
-                store: &*self.store,
-                sink: &mut self.sink,
-                encoder: &self.encoder,
-                stats: &mut self.stats,
-            };
-            let n = self.shard.step(&mut ctx, 1 << 20).unwrap();
+            let n = self.step_once(1 << 20);
             total += n;
             if n == 0 {
                 return total;
@@ -116,26 +136,12 @@ impl Harness {
 
     /// One step of the shard, as the worker makes it between writes.
     fn step_once(&mut self, budget: usize) -> usize {
-        let mut ctx = Ctx {
-            engine: &self.engine,
-            store: &*self.store,
-            sink: &mut self.sink,
-            encoder: &self.encoder,
-            stats: &mut self.stats,
-        };
-        self.shard.step(&mut ctx, budget).unwrap()
+        self.with_ctx(|shard, ctx| shard.step(ctx, budget).unwrap())
     }
 
     /// As the worker does when every input is idle: the clock follows `wall`.
     fn idle_tick(&mut self, wall: Millis) {
-        let mut ctx = Ctx {
-            engine: &self.engine,
-            store: &*self.store,
-            sink: &mut self.sink,
-            encoder: &self.encoder,
-            stats: &mut self.stats,
-        };
-        self.shard.idle_tick(&mut ctx, wall, 1000).unwrap();
+        self.with_ctx(|shard, ctx| shard.idle_tick(ctx, wall, 1000).unwrap());
     }
 
     /// Delivers everything, declares every input idle, and steps to the end.
@@ -1144,13 +1150,7 @@ fn timers_in_memory_stay_bounded_and_every_lead_still_decays() {
         serde_json::json!({"url": "/menu"}),
     ));
     let run = |config: ShardConfig| {
-        let mut h = Harness::new(engine(), config);
-        for e in &events {
-            h.produce(0, e.clone());
-        }
-        for i in 1..4 {
-            h.shard.set_idle(i, true);
-        }
+        let mut h = Harness::on_one_input(config, &events);
         let mut most = 0;
         while h.read[0] < events.len() {
             h.deliver(0, 100);
@@ -1214,13 +1214,7 @@ fn a_step_stays_within_a_round_of_the_memory_limit_until_it_writes() {
         })
         .collect();
     let run = |config: ShardConfig| {
-        let mut h = Harness::new(engine(), config);
-        for e in &events {
-            h.produce(0, e.clone());
-        }
-        for i in 1..4 {
-            h.shard.set_idle(i, true);
-        }
+        let mut h = Harness::on_one_input(config, &events);
         h.deliver(0, n as usize);
         let mut steps = Vec::new();
         loop {
