@@ -66,8 +66,8 @@ impl Packed {
         self.commands
     }
 
-    /// Gives back the buffer's memory beyond `bytes` (after an unusually
-    /// large write), so one burst does not stay held for good.
+    /// Gives the buffer back if it grew beyond `bytes` (an unusually large
+    /// write), so one burst does not stay held for good.
     pub fn shrink(&mut self, bytes: usize) {
         if self.buf.capacity() > bytes {
             self.buf = Vec::new();
