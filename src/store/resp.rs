@@ -20,7 +20,8 @@ impl Packed {
     }
 
     /// Starts a command of `args` arguments, its name included; exactly
-    /// that many [`Packed::arg`] calls must follow.
+    /// that many arguments ([`Packed::arg`], [`Packed::arg_parts`],
+    /// [`Packed::arg_int`]) must follow.
     pub fn command(&mut self, args: usize) -> &mut Self {
         self.commands += 1;
         self.header(b'*', args);
