@@ -10,6 +10,9 @@
 pub struct Packed {
     buf: Vec<u8>,
     commands: usize,
+    /// Arguments the command being packed still expects (a miscount would
+    /// make Redis read the rest of the stream wrongly: checked in tests).
+    pending: usize,
 }
 
 impl Packed {
@@ -17,13 +20,19 @@ impl Packed {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.commands = 0;
+        self.pending = 0;
     }
 
     /// Starts a command of `args` arguments, its name included; exactly
     /// that many arguments ([`Packed::arg`], [`Packed::arg_parts`],
     /// [`Packed::arg_int`]) must follow.
     pub fn command(&mut self, args: usize) -> &mut Self {
+        debug_assert_eq!(
+            self.pending, 0,
+            "a command got fewer arguments than it announced"
+        );
         self.commands += 1;
+        self.pending = args;
         self.header(b'*', args);
         self
     }
@@ -36,6 +45,11 @@ impl Packed {
     /// One argument made of `parts` end to end (a key and its prefix),
     /// without joining them first.
     pub fn arg_parts(&mut self, parts: &[&[u8]]) -> &mut Self {
+        debug_assert!(
+            self.pending > 0,
+            "a command got more arguments than it announced"
+        );
+        self.pending = self.pending.saturating_sub(1);
         self.header(b'$', parts.iter().map(|p| p.len()).sum());
         for p in parts {
             self.buf.extend_from_slice(p);
@@ -59,6 +73,10 @@ impl Packed {
 
     /// The commands, packed.
     pub fn bytes(&self) -> &[u8] {
+        debug_assert_eq!(
+            self.pending, 0,
+            "a command got fewer arguments than it announced"
+        );
         &self.buf
     }
 
@@ -130,5 +148,29 @@ mod tests {
             &redis::cmd("DEL").arg(7).get_packed_command()[..]
         );
         assert_eq!(p.commands(), 1);
+    }
+
+    /// A miscounted command is caught where it is packed (in tests and
+    /// debug builds), not by Redis misreading everything after it.
+    #[cfg(debug_assertions)]
+    #[test]
+    fn a_miscounted_command_is_caught_where_it_is_packed() {
+        let fewer = std::panic::catch_unwind(|| {
+            let mut p = Packed::default();
+            p.command(3).arg(b"DEL").arg(b"k");
+            p.command(1).arg(b"EXEC");
+        });
+        assert!(fewer.is_err());
+        let more = std::panic::catch_unwind(|| {
+            let mut p = Packed::default();
+            p.command(2).arg(b"DEL").arg(b"k").arg(b"extra");
+        });
+        assert!(more.is_err());
+        let unfinished = std::panic::catch_unwind(|| {
+            let mut p = Packed::default();
+            p.command(2).arg(b"DEL");
+            p.bytes().len()
+        });
+        assert!(unfinished.is_err());
     }
 }
