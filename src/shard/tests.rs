@@ -71,19 +71,6 @@ impl Harness {
         }
     }
 
-    /// A shard whose events all come on the first input, in `events`'
-    /// order, the other three idle; none delivered yet.
-    fn on_one_input(config: ShardConfig, events: &[Vec<u8>]) -> Harness {
-        let mut h = Harness::new(engine(), config);
-        for e in events {
-            h.produce(0, e.clone());
-        }
-        for i in 1..4 {
-            h.shard.set_idle(i, true);
-        }
-        h
-    }
-
     /// Appends to an input's log (the broker), without delivering it.
     fn produce(&mut self, input: usize, payload: Vec<u8>) {
         self.logs[input].push(payload);
@@ -1150,7 +1137,13 @@ fn timers_in_memory_stay_bounded_and_every_lead_still_decays() {
         serde_json::json!({"url": "/menu"}),
     ));
     let run = |config: ShardConfig| {
-        let mut h = Harness::on_one_input(config, &events);
+        let mut h = Harness::new(engine(), config);
+        for e in &events {
+            h.produce(0, e.clone());
+        }
+        for i in 1..4 {
+            h.shard.set_idle(i, true);
+        }
         let mut most = 0;
         while h.read[0] < events.len() {
             h.deliver(0, 100);
