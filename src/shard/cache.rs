@@ -689,9 +689,16 @@ impl LeadCache {
     fn tidy_due(&mut self) {
         let stale = self.due.len().saturating_sub(self.timers);
         if stale > self.timers + 4096.max(self.slab.len() / 4) {
-            self.due = (self.slab.iter().enumerate())
-                .filter_map(|(i, e)| Some(Reverse((e.as_ref()?.timer()?, i as u32))))
-                .collect();
+            // Rebuilt in its own allocation: a fresh one would grow from
+            // nothing, copying and touching new pages, several times a
+            // second on a busy shard.
+            let mut live = std::mem::take(&mut self.due).into_vec();
+            live.clear();
+            live.extend(
+                (self.slab.iter().enumerate())
+                    .filter_map(|(i, e)| Some(Reverse((e.as_ref()?.timer()?, i as u32)))),
+            );
+            self.due = BinaryHeap::from(live);
         } else if self.due.capacity() > 4 * self.due.len() + 4096 {
             self.due.shrink_to(2 * self.due.len());
         }
@@ -813,7 +820,9 @@ impl LeadCache {
     pub fn take_dirty(&mut self, clock: Millis, write: &mut ShardWrite) -> Vec<u32> {
         let mut slots = Vec::with_capacity(self.dirty.len());
         write.leads.reserve(self.dirty.len());
-        for i in std::mem::take(&mut self.dirty) {
+        // The list keeps its capacity for the next round's changes.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &i in &dirty {
             if let Some(e) = self.slab.get_mut(i as usize).and_then(Option::as_mut)
                 && e.dirty()
             {
@@ -824,6 +833,8 @@ impl LeadCache {
                 slots.push(i);
             }
         }
+        dirty.clear();
+        self.dirty = dirty;
         slots
     }
 
