@@ -276,6 +276,12 @@ pub struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
+    /// Its attribute list, emptied, for the next event (see
+    /// [`PackedEvent::event_in`]).
+    pub fn into_spare(self) -> SpareAttributes {
+        relist(self.attributes)
+    }
+
     /// Checks the contract rules shared by every decoder.
     pub fn validate(self) -> Result<Self, ContractError> {
         if self.event_id.is_empty() {
@@ -487,10 +493,20 @@ impl PackedEvent {
 
     /// The event, its strings borrowed from here.
     pub fn event(&self) -> Event<'_> {
-        let attributes = (PACKED_FIELDS..self.ends.len())
-            .step_by(2)
-            .map(|i| (self.string(i).into(), self.string(i + 1).into()))
-            .collect();
+        self.event_in(Vec::new())
+    }
+
+    /// The event, its strings borrowed from here and its attributes listed
+    /// in `spare`'s allocation: a shard applying events one after another
+    /// gives each event's list back ([`Event::into_spare`]) for the next,
+    /// rather than allocating one per event.
+    pub fn event_in(&self, spare: SpareAttributes) -> Event<'_> {
+        let mut attributes = relist(spare);
+        attributes.extend(
+            (PACKED_FIELDS..self.ends.len())
+                .step_by(2)
+                .map(|i| (self.string(i).into(), self.string(i + 1).into())),
+        );
         Event {
             event_id: self.string(0).into(),
             lead_id: self.lead_id().map(Cow::Borrowed),
@@ -502,6 +518,19 @@ impl PackedEvent {
             attributes,
         }
     }
+}
+
+/// An empty list of attributes kept for its allocation (see
+/// [`PackedEvent::event_in`]).
+pub type SpareAttributes = Vec<(Cow<'static, str>, Cow<'static, str>)>;
+
+/// Empties a list of attributes and gives its allocation back as a list of
+/// another lifetime (nothing of the old one is left in it). The standard
+/// library collects a mapped `into_iter` of the same layout in place, so
+/// this keeps the allocation; were that to change, it would allocate
+/// afresh, and `attribute_lists_keep_their_allocation` would say so.
+fn relist<'b>(list: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<(Cow<'b, str>, Cow<'b, str>)> {
+    list.into_iter().filter_map(|_| None).collect()
 }
 
 fn check_len(field: &'static str, value: &str) -> Result<(), ContractError> {
@@ -752,6 +781,21 @@ mod tests {
             assert_eq!(packed.anonymous_id(), e.anonymous_id.as_deref());
             assert_eq!(packed.clone().event().attribute("a"), e.attribute("a"));
         }
+    }
+
+    /// Events applied one after another reuse one attribute list.
+    #[test]
+    fn attribute_lists_keep_their_allocation() {
+        let packed = PackedEvent::new(&sample());
+        let e = packed.event_in(SpareAttributes::with_capacity(8));
+        assert_eq!(e, sample());
+        let ptr = e.attributes.as_ptr() as usize;
+        let spare = e.into_spare();
+        assert!(spare.is_empty());
+        assert_eq!((spare.as_ptr() as usize, spare.capacity()), (ptr, 8));
+        let e = packed.event_in(spare);
+        assert_eq!(e.attributes.as_ptr() as usize, ptr);
+        assert_eq!(e, sample());
     }
 
     #[test]

@@ -319,13 +319,7 @@ fn decode_json(source: Source, bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 occurred_at: str(f.occurred_at),
                 kind: str(f.kind),
                 channel: str(f.channel),
-                attributes: f.attributes.map(|a| {
-                    Attributes(
-                        a.into_iter()
-                            .map(|(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v)))
-                            .collect(),
-                    )
-                }),
+                attributes: f.attributes.map(Attributes),
             }
         }
         None => serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?,

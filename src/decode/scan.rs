@@ -11,7 +11,11 @@
 //! same fields (a property test checks this), and every rejection reads the
 //! same as before.
 
-/// The contract's fields as found in the payload, borrowed from it.
+use std::borrow::Cow;
+
+/// The contract's fields as found in the payload, borrowed from it (the
+/// attributes already in the event's form, so that they are not copied
+/// into another list).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Fields<'a> {
     pub event_id: Option<&'a str>,
@@ -20,7 +24,7 @@ pub(super) struct Fields<'a> {
     pub occurred_at: Option<&'a str>,
     pub kind: Option<&'a str>,
     pub channel: Option<&'a str>,
-    pub attributes: Option<Vec<(&'a str, &'a str)>>,
+    pub attributes: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
 }
 
 /// Scans `text`; `None` means "not the simple shape: ask serde_json".
@@ -138,7 +142,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// An object of string values, or `null`.
-    fn attributes(&mut self) -> Option<Option<Vec<(&'a str, &'a str)>>> {
+    fn attributes(&mut self) -> Option<Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>> {
         if self.peek()? == b'n' {
             self.literal_null()?;
             return Some(None);
@@ -153,7 +157,7 @@ impl<'a> Scanner<'a> {
             let key = self.string()?;
             self.expect(b':')?;
             let value = self.string()?;
-            out.push((key, value));
+            out.push((Cow::Borrowed(key), Cow::Borrowed(value)));
             match self.next()? {
                 b',' => continue,
                 b'}' => return Some(Some(out)),
@@ -205,7 +209,10 @@ mod tests {
         assert_eq!(f.kind, Some("page_view"));
         assert_eq!(
             f.attributes,
-            Some(vec![("url", "https://example.com/ä"), ("k", "")])
+            Some(vec![
+                ("url".into(), "https://example.com/ä".into()),
+                ("k".into(), "".into())
+            ])
         );
         assert_eq!(scan("{}"), Some(Fields::default()));
     }

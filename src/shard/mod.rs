@@ -288,6 +288,8 @@ pub struct Shard {
     absent: KeySet,
     /// Keys a round wants from the store (scratch).
     wanted: KeySet,
+    /// The attribute list events are applied with, kept for its allocation.
+    attributes: crate::event::SpareAttributes,
     /// Keys written out for lookups (scratch).
     keys: KeyBuf,
     /// The ready items' keys as the round's lookup saw them: for the item
@@ -370,6 +372,7 @@ impl Shard {
             record: crate::output::Record::default(),
             absent: KeySet::default(),
             wanted: KeySet::default(),
+            attributes: Vec::new(),
             keys: KeyBuf::default(),
             lookups: KeyList::default(),
             hints: Vec::new(),
@@ -803,7 +806,10 @@ impl Shard {
                     let hint = |i: usize| self.hints.get(i).copied().flatten();
                     let hints = (hint(2 * taken), hint(2 * taken + 1));
                     taken += 1;
-                    match self.apply_event(ctx, input, &event.event(), hints) {
+                    let e = event.event_in(std::mem::take(&mut self.attributes));
+                    let applied_event = self.apply_event(ctx, input, &e, hints);
+                    self.attributes = e.into_spare();
+                    match applied_event {
                         // Late counts what the late event changed: once, and
                         // not for a duplicate, which changed nothing.
                         Ok(counted) => {
