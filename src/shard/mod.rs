@@ -131,7 +131,7 @@ impl ShardError {
 /// A queued input message, owned. An event is held inline (its text is
 /// its one allocation; the queues it waits in are read in order, so the
 /// round finds it without a miss of the CPU's caches of its own); a rarer
-/// rejected message is boxed, so that an item stays under a hundred bytes.
+/// rejected message is boxed, so that an item stays at 72 bytes.
 #[derive(Debug)]
 enum Item {
     Event(PackedEvent),
