@@ -272,7 +272,7 @@ pub struct Event<'a> {
     /// Messaging channel (messaging topic only; `None` is the first configured channel).
     pub channel: Option<Cow<'a, str>>,
     /// String attributes, in message order.
-    pub attributes: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    pub attributes: AttributeList<'a>,
 }
 
 impl<'a> Event<'a> {
@@ -522,14 +522,19 @@ impl PackedEvent {
 
 /// An empty list of attributes kept for its allocation (see
 /// [`PackedEvent::event_in`]).
-pub type SpareAttributes = Vec<(Cow<'static, str>, Cow<'static, str>)>;
+pub type SpareAttributes = AttributeList<'static>;
+
+/// An event's attributes: (key, value) in the order given.
+pub type AttributeList<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 
 /// Empties a list of attributes and gives its allocation back as a list of
 /// another lifetime (nothing of the old one is left in it). The standard
 /// library collects a mapped `into_iter` of the same layout in place, so
 /// this keeps the allocation; were that to change, it would allocate
 /// afresh, and `attribute_lists_keep_their_allocation` would say so.
-fn relist<'b>(list: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<(Cow<'b, str>, Cow<'b, str>)> {
+// `filter` would keep the old lifetime: only a map can change it.
+#[allow(clippy::unnecessary_filter_map)]
+fn relist<'b>(list: AttributeList<'_>) -> AttributeList<'b> {
     list.into_iter().filter_map(|_| None).collect()
 }
 

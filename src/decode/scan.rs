@@ -13,6 +13,8 @@
 
 use std::borrow::Cow;
 
+use crate::event::AttributeList;
+
 /// The contract's fields as found in the payload, borrowed from it (the
 /// attributes already in the event's form, so that they are not copied
 /// into another list).
@@ -24,7 +26,7 @@ pub(super) struct Fields<'a> {
     pub occurred_at: Option<&'a str>,
     pub kind: Option<&'a str>,
     pub channel: Option<&'a str>,
-    pub attributes: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+    pub attributes: Option<AttributeList<'a>>,
 }
 
 /// Scans `text`; `None` means "not the simple shape: ask serde_json".
@@ -142,7 +144,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// An object of string values, or `null`.
-    fn attributes(&mut self) -> Option<Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>> {
+    fn attributes(&mut self) -> Option<Option<AttributeList<'a>>> {
         if self.peek()? == b'n' {
             self.literal_null()?;
             return Some(None);
