@@ -39,10 +39,9 @@ use leadscore::sink::{Barrier, DeadLetter, Sink, SinkError};
 use leadscore::store::Store;
 use leadscore::store::memory::MemoryStore;
 
-#[allow(dead_code)]
 // Its unit tests compile here without the test harness that runs them,
 // which leaves their imports unused.
-#[allow(unused_imports)]
+#[allow(dead_code, unused_imports)]
 #[path = "../src/tools/synth.rs"]
 mod synth;
 

@@ -405,20 +405,22 @@ enum Ends {
 }
 
 impl Ends {
-    /// The ends of `n` strings.
-    fn new(n: usize, ends: impl Iterator<Item = usize>) -> Ends {
+    /// The ends of the strings, in order.
+    fn new(ends: impl Iterator<Item = usize>) -> Ends {
         let mut inline = [0u16; INLINE_ENDS];
+        let mut n = 0;
         let mut all = Vec::new();
-        for (i, end) in ends.enumerate() {
-            match inline.get_mut(i).zip(u16::try_from(end).ok()) {
+        for end in ends {
+            match inline.get_mut(n).zip(u16::try_from(end).ok()) {
                 Some((slot, end)) if all.is_empty() => *slot = end,
                 _ => {
                     if all.is_empty() {
-                        all.extend(inline[..i].iter().map(|&e| u32::from(e)));
+                        all.extend(inline[..n].iter().map(|&e| u32::from(e)));
                     }
                     all.push(u32::try_from(end).expect("an event's strings fit a message"));
                 }
             }
+            n += 1;
         }
         match u8::try_from(n) {
             Ok(n) if all.is_empty() => Ends::Inline { n, ends: inline },
@@ -456,13 +458,10 @@ impl PackedEvent {
                 .chain(e.attributes.iter().flat_map(|(k, v)| [&**k, &**v]))
         };
         let mut text = String::with_capacity(strings().map(str::len).sum());
-        let ends = Ends::new(
-            PACKED_FIELDS + 2 * e.attributes.len(),
-            strings().map(|s| {
-                text.push_str(s);
-                text.len()
-            }),
-        );
+        let ends = Ends::new(strings().map(|s| {
+            text.push_str(s);
+            text.len()
+        }));
         PackedEvent {
             text: text.into_boxed_str(),
             ends,
