@@ -397,7 +397,10 @@ const INLINE_ENDS: usize = PACKED_FIELDS + 2 * 4;
 
 /// Where each string of a packed event's text ends: inline for the usual
 /// event (at most [`INLINE_ENDS`] strings in its first 64 KiB), in an
-/// allocation of its own otherwise.
+/// allocation of its own otherwise. A decoded event's text is never longer
+/// than its message, which the decoder caps at 64 KiB
+/// (`decode::MAX_PAYLOAD_BYTES`), so only more than four attributes take the
+/// boxed form in the service; longer text is handled all the same.
 #[derive(Debug, Clone, PartialEq)]
 enum Ends {
     Inline { n: u8, ends: [u16; INLINE_ENDS] },

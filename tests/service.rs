@@ -205,9 +205,26 @@ fn a_malformed_message_is_dead_lettered_and_the_offset_moves_past_it() {
     assert!(service.terminate().success());
 }
 
+/// What a web tracker sends with a page view: more attributes than an event
+/// waiting in a shard keeps beside it inline.
+const TRACKER: &[(&str, &str)] = &[
+    ("url", "/pricing"),
+    ("referrer", "https://www.google.com/"),
+    ("title", "Pricing"),
+    ("utm_source", "google"),
+    ("utm_medium", "cpc"),
+    ("utm_campaign", "spring"),
+    ("utm_content", "ad-7"),
+    (
+        "user_agent",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    ),
+];
+
 /// A deterministic stream for a few leads across the web and email topics,
 /// dated in the last hours (so that no decay timer falls due while a stopped
-/// service's shards are idle and their clocks follow the wall clock).
+/// service's shards are idle and their clocks follow the wall clock); every
+/// other pricing page view carries the whole [`TRACKER`] set.
 fn stream(from: usize, to: usize) -> Vec<(Source, String, Vec<u8>)> {
     let start = leadscore::event::wall_clock_ms() / 60_000 * 60_000 - 3 * 3_600_000;
     (from..to)
@@ -224,7 +241,13 @@ fn stream(from: usize, to: usize) -> Vec<(Source, String, Vec<u8>)> {
                 1 => (
                     Source::Web,
                     lead.clone(),
-                    event(&id, &lead, &at, "page_view", &[("url", "/pricing")]),
+                    event(
+                        &id,
+                        &lead,
+                        &at,
+                        "page_view",
+                        if i % 2 == 0 { TRACKER } else { &TRACKER[..1] },
+                    ),
                 ),
                 2 => (
                     Source::Email,
