@@ -391,6 +391,11 @@ impl Curve {
     /// `threshold`, if ever. The curve never rises, so Newton's method on
     /// it, started left of the root, converges from below without
     /// overshooting; the result is then pinned to the millisecond.
+    ///
+    /// Every reading at or above the threshold also says that the whole
+    /// milliseconds up to it are (the curve never rises, and neither does
+    /// its floating-point reading), so the pinning starts after the last
+    /// one: usually a single reading, the millisecond after it, settles it.
     fn first_below(&self, from: Millis, threshold: f64) -> Option<Millis> {
         let at = |t: Millis| self.value(t as f64);
         let v0 = at(from);
@@ -415,12 +420,15 @@ impl Curve {
             .map(|(v, h)| h * libm::log2(v / need))
             .fold(0.0_f64, f64::max);
         let mut t = (self.t0 + start).clamp(from as f64, from as f64 + span);
+        // The last whole millisecond known to be at or above the threshold.
+        let mut above = from;
         for _ in 0..100 {
             let (v, slope) = self.value_and_slope(t);
             let excess = v - threshold;
             if excess <= 0.0 || slope >= 0.0 {
                 break;
             }
+            above = above.max(t.floor() as Millis);
             let step = -excess / slope;
             if !step.is_finite() || t + step > from as f64 + span * 4.0 {
                 break;
@@ -430,21 +438,28 @@ impl Curve {
                 break;
             }
         }
-        let mut t = (t.floor() as Millis).max(from);
-        while t > from && at(t - 1) < threshold {
-            t -= 1;
-        }
-        let mut steps = 0;
-        while at(t) >= threshold {
-            t += 1;
-            steps += 1;
-            if steps > 64 {
-                return self.bisect_below(t, threshold, span);
+        let mut t = (t.floor() as Millis).max(above);
+        if t > above {
+            if at(t) < threshold {
+                while t > above + 1 && at(t - 1) < threshold {
+                    t -= 1;
+                }
+                return Some(t);
             }
+            above = t;
         }
-        Some(t)
+        for _ in 0..64 {
+            t = above + 1;
+            if at(t) < threshold {
+                return Some(t);
+            }
+            above = t;
+        }
+        self.bisect_below(above, threshold, span)
     }
 
+    /// The first integer instant after `lo` (which is at or above
+    /// `threshold`) at which the curve is below it.
     fn bisect_below(&self, mut lo: Millis, threshold: f64, span: f64) -> Option<Millis> {
         let at = |t: Millis| self.value(t as f64);
         let step = span as Millis + 1;
