@@ -402,6 +402,8 @@ pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
     }
 }
 
+// Its error is the response sent as is, like every handler's; once per request.
+#[allow(clippy::result_large_err)]
 fn check_id(id: &str) -> Result<(), Response> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(error(

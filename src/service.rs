@@ -43,6 +43,8 @@ pub struct Running {
 }
 
 /// Makes stores: one per user, each with its own connection.
+// Made once per process: the larger variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Stores {
     /// Redis (connections are opened lazily).
     Redis(RedisStore),

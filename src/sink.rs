@@ -90,13 +90,17 @@ impl std::fmt::Debug for Barrier {
     }
 }
 
+/// A dead letter as [`MemorySink`] keeps it: topic, partition, offset,
+/// reason, and how many payload bytes were kept.
+pub type KeptDeadLetter = (String, i32, i64, String, usize);
+
 /// A sink that keeps everything in memory (tests, `replay`, benchmarks).
 #[derive(Debug, Default, Clone)]
 pub struct MemorySink {
     /// Output records in order.
     pub records: std::sync::Arc<parking_lot::Mutex<Vec<Record>>>,
-    /// Dead letters: (topic, partition, offset, reason, kept payload bytes).
-    pub dead: std::sync::Arc<parking_lot::Mutex<Vec<(String, i32, i64, String, usize)>>>,
+    /// Dead letters, in order.
+    pub dead: std::sync::Arc<parking_lot::Mutex<Vec<KeptDeadLetter>>>,
 }
 
 impl Sink for MemorySink {

@@ -821,7 +821,10 @@ fn e_apply_all(e: &Engine, s: &mut LeadState, events: &[Event<'static>], out: &m
 
 const KINDS: usize = 16;
 
-fn kinds() -> [(Source, EventType, &'static [(&'static str, &'static str)]); KINDS] {
+/// An event kind of the properties: its input, its type, its attributes.
+type EventKind = (Source, EventType, &'static [(&'static str, &'static str)]);
+
+fn kinds() -> [EventKind; KINDS] {
     [
         (Source::Web, EventType::PageView, &[("url", "/pricing")]),
         (

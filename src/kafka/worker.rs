@@ -104,11 +104,16 @@ struct Owned {
     /// Per input: when its queue was last polled.
     last_poll: Vec<Instant>,
     blocked_until: Option<Instant>,
-    written: Option<(Vec<(Arc<str>, i64)>, i64)>,
+    /// The positions and clock of the last durable write.
+    written: Option<Durable>,
     /// A message per input that could not be decoded yet (the Schema
     /// Registry was unreachable): it is retried before that input is read on.
     held: Vec<Option<OwnedMessage>>,
 }
+
+/// What a durable write covered: the next offset per input topic, and the
+/// shard's clock.
+type Durable = (Vec<(Arc<str>, i64)>, i64);
 
 /// One worker.
 pub struct Worker {

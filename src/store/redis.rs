@@ -130,6 +130,9 @@ enum Clients {
     Cluster(ClusterClient),
 }
 
+// One per store's thread, made once: the larger variant costs nothing
+// worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Conn {
     Single(Connection),
     Cluster(ClusterConnection),

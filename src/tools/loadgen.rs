@@ -581,7 +581,7 @@ fn read(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
             m?;
             started.get_or_insert_with(Instant::now);
             n += 1;
-            if n % 1024 == 0 {
+            if n.is_multiple_of(1024) {
                 progress.saw(Instant::now(), n);
             }
         }
