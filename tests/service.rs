@@ -305,6 +305,16 @@ fn a_restarted_service_continues_from_redis_with_identical_scores() {
     produce_stream(&broker, &names, second);
     let service = Service::start(&broker, &redis, &names, &[]);
     service.wait_consumed(second.len() as u64, WAIT);
+    // Lead-6's first event is a page view with the whole tracker set: its
+    // source and campaign, the fourth and sixth of eight attributes, are
+    // read from an event that waited with its string ends boxed.
+    let (status, body) = service
+        .get("/v1/leads/lead-6")
+        .expect("the lead API answers");
+    assert_eq!(status, 200, "{body}");
+    let lead: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(lead["first_touch_source"], "google", "{body}");
+    assert_eq!(lead["first_touch_campaign"], "spring", "{body}");
     assert!(service.terminate().success());
 
     let want = redis.leads(&reference.prefix);
