@@ -1104,7 +1104,9 @@ pub type Msg = (usize, i32, String, Vec<u8>);
 /// identifies and later cookie-only events follow the alias; for the other
 /// half, to another partition, where the visitor stays a separate, silent
 /// visitor (README, known limitations). Anonymous and identified events
-/// share every web batch.
+/// share every web batch. A fifth of the events are page views with what a
+/// web tracker sends beside the URL (title, referrer, three UTM
+/// parameters): more attributes than a waiting event keeps inline.
 pub fn skewed_workload(events: usize, leads: usize, partitions: i32, seed: u64) -> Vec<Msg> {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
@@ -1123,7 +1125,10 @@ pub fn skewed_workload(events: usize, leads: usize, partitions: i32, seed: u64) 
                 0..20 => (
                     0,
                     "page_view",
-                    serde_json::json!({"url": "/menu", "utm_source": "google"}),
+                    serde_json::json!({
+                        "url": "/menu", "title": "Menu", "referrer": "https://www.google.com/",
+                        "utm_source": "google", "utm_medium": "cpc", "utm_campaign": "spring",
+                    }),
                     None,
                 ),
                 20..32 => (0, "page_view", serde_json::json!({"url": "/pricing"}), None),
