@@ -57,7 +57,7 @@ struct Taken {
     resume: Vec<(Arc<str>, Offset)>,
 }
 
-type Queue = rdkafka::consumer::base_consumer::PartitionQueue<GroupContext>;
+type Queue = super::batch::BatchQueue<GroupContext>;
 
 /// The consumer's callbacks.
 pub struct GroupContext {
@@ -202,7 +202,7 @@ impl GroupContext {
         let mut queues = Vec::with_capacity(self.rt.inputs.len());
         let mut resume = Vec::with_capacity(self.rt.inputs.len());
         for (i, t) in self.rt.inputs.iter().enumerate() {
-            let Some(q) = me.split_partition_queue(t, p) else {
+            let Some(q) = Queue::split(&me, t, p) else {
                 self.rt.fail(format!("cannot split the queue of {t}/{p}"));
                 return None;
             };

@@ -1,8 +1,10 @@
 //! Kafka plumbing: client configuration and topic creation here; the
 //! consumer group and its rebalances ([`consumer`]), the worker threads that
 //! read partition queues and step shards ([`worker`]), what they share
-//! ([`runtime`]), and the producer ([`sink`]).
+//! ([`runtime`]), the producer ([`sink`]), and partition queues read a
+//! batch at a time ([`batch`], the crate's only unsafe code).
 
+pub mod batch;
 pub mod consumer;
 pub mod runtime;
 pub mod sink;

@@ -4,17 +4,18 @@
 //! before storing the offsets those writes cover. Workers share nothing but
 //! the producer and the consumer handle; a slow shard holds up only its worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use super::batch::RawMessage;
 use super::consumer::GroupContext;
 use crate::decode::Decoder;
 use crate::engine::Engine;
@@ -28,7 +29,7 @@ use crate::writer::{Action, Job, Policy, WriteBehind};
 use super::runtime::Runtime;
 use super::sink::WorkerSink;
 
-type Queue = rdkafka::consumer::base_consumer::PartitionQueue<GroupContext>;
+type Queue = super::batch::BatchQueue<GroupContext>;
 
 /// What the consumer thread asks of a worker.
 pub enum Control {
@@ -106,9 +107,11 @@ struct Owned {
     blocked_until: Option<Instant>,
     /// The positions and clock of the last durable write.
     written: Option<Durable>,
-    /// A message per input that could not be decoded yet (the Schema
-    /// Registry was unreachable): it is retried before that input is read on.
-    held: Vec<Option<OwnedMessage>>,
+    /// Per input, the messages that could not be decoded yet (the Schema
+    /// Registry was unreachable), in offset order: the first is retried
+    /// before that input is read on. More than one when the failure came
+    /// mid-batch: the rest of the batch waits behind it.
+    held: Vec<VecDeque<OwnedMessage>>,
 }
 
 /// What a durable write covered: the next offset per input topic, and the
@@ -136,6 +139,8 @@ pub struct Worker {
     write_blocked_until: Option<Instant>,
     /// This worker holds inputs back until the Schema Registry answers.
     registry_held: bool,
+    /// The batch being read from a queue (empty between reads).
+    batch: Vec<RawMessage>,
 }
 
 impl Worker {
@@ -175,6 +180,7 @@ impl Worker {
             next_write: Instant::now(),
             write_blocked_until: None,
             registry_held: false,
+            batch: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("leadscore-worker-{id}"))
@@ -237,7 +243,7 @@ impl Worker {
                     last_poll: vec![Instant::now(); n],
                     blocked_until: None,
                     written: None,
-                    held: (0..n).map(|_| None).collect(),
+                    held: (0..n).map(|_| VecDeque::new()).collect(),
                 });
             }
             Control::Drain {
@@ -314,7 +320,10 @@ impl Worker {
                 if o.shard.queued_in(input) >= batch {
                     continue;
                 }
-                if let Some(m) = o.held[input].take() {
+                // Held messages first, in order; the input is read on only
+                // once they all decode.
+                let mut holding = false;
+                while let Some(m) = o.held[input].front() {
                     let msg = InMessage {
                         input,
                         offset: m.offset(),
@@ -324,36 +333,41 @@ impl Worker {
                     };
                     match self.decoders[input].decode(msg.payload, msg.timestamp) {
                         Err(e) if e.retryable() => {
-                            o.held[input] = Some(m);
                             registry_down = Some(e.to_string());
-                            continue;
+                            holding = true;
+                            break;
                         }
                         decoded => o.shard.push(&msg, decoded, &mut self.stats),
                     }
+                    o.held[input].pop_front();
                 }
-                let mut read = 0;
-                while read < batch {
-                    match q.poll(Duration::ZERO) {
-                        Some(Ok(m)) => {
-                            read += 1;
-                            if let Some(error) = push(
-                                &mut o.shard,
-                                &self.decoders[input],
-                                input,
-                                &m,
-                                &mut self.stats,
-                            ) {
-                                // Not poison: keep it, and read this input on only once it decodes.
-                                o.held[input] = Some(m.detach());
-                                registry_down = Some(error);
-                                break;
-                            }
+                if holding {
+                    continue;
+                }
+                let read = q.read(&mut self.batch, batch);
+                for m in self.batch.drain(..) {
+                    if !o.held[input].is_empty() {
+                        // Not poison: kept, with the rest of the batch behind it.
+                        o.held[input].push_back(m.detach(&self.rt.inputs[input]));
+                        continue;
+                    }
+                    if let Some(e) = m.error() {
+                        warn!(error = %e, shard = o.shard.id(), input, "Consumer error.");
+                        continue;
+                    }
+                    let msg = InMessage {
+                        input,
+                        offset: m.offset(),
+                        key: m.key(),
+                        payload: m.payload(),
+                        timestamp: m.timestamp_ms(),
+                    };
+                    match self.decoders[input].decode(msg.payload, msg.timestamp) {
+                        Err(e) if e.retryable() => {
+                            registry_down = Some(e.to_string());
+                            o.held[input].push_back(m.detach(&self.rt.inputs[input]));
                         }
-                        Some(Err(e)) => {
-                            warn!(error = %e, shard = o.shard.id(), input, "Consumer error.");
-                            break;
-                        }
-                        None => break,
+                        decoded => o.shard.push(&msg, decoded, &mut self.stats),
                     }
                 }
                 if read > 0 {
@@ -409,7 +423,7 @@ impl Worker {
         let held = self
             .shards
             .iter()
-            .any(|o| o.held.iter().any(Option::is_some));
+            .any(|o| o.held.iter().any(|h| !h.is_empty()));
         match (&registry_down, self.registry_held) {
             (Some(error), false) => {
                 self.registry_held = true;
@@ -736,31 +750,6 @@ impl Worker {
                     population: o.shard.population().clone(),
                 },
             );
-        }
-    }
-}
-
-/// Decodes and queues one message; a retryable decoding failure (the Schema
-/// Registry is unreachable) queues nothing and is returned.
-fn push(
-    shard: &mut Shard,
-    decoder: &Decoder,
-    input: usize,
-    m: &BorrowedMessage<'_>,
-    stats: &mut StepStats,
-) -> Option<String> {
-    let msg = InMessage {
-        input,
-        offset: m.offset(),
-        key: m.key(),
-        payload: m.payload(),
-        timestamp: m.timestamp().to_millis(),
-    };
-    match decoder.decode(msg.payload, msg.timestamp) {
-        Err(e) if e.retryable() => Some(e.to_string()),
-        decoded => {
-            shard.push(&msg, decoded, stats);
-            None
         }
     }
 }
