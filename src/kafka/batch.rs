@@ -3,8 +3,8 @@
 //! rdkafka's `PartitionQueue::poll` hands out one message per call, and each
 //! call reads the clock three or four times (its own timeout, librdkafka's
 //! poll timeout and its "application polled" mark), takes the queue's lock
-//! and wraps the message in an event. In a drain that was 6–8 % of the
-//! service's samples (`perf`, 2026-12-07; `docs/benchmarks.md`).
+//! and wraps the message in an event. In a drain that was 7 % of the
+//! workers' samples (`perf`, 2026-12-07; `docs/benchmarks.md`).
 //! librdkafka's `rd_kafka_consume_batch_queue` takes up to a batch of
 //! messages in one call: the clock and the poll marks once per batch, and no
 //! event around each message. rdkafka does not wrap it, so this module calls
