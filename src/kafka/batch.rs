@@ -187,3 +187,109 @@ impl Drop for RawMessage {
         unsafe { rd::rd_kafka_message_destroy(self.0.as_ptr()) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rdkafka::consumer::DefaultConsumerContext;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+    use super::*;
+
+    /// What a test reads of a message: offset, key, payload, timestamp.
+    type Seen = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Option<i64>);
+
+    #[test]
+    fn a_batch_read_gives_each_message_in_order_as_produced() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let brokers = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        // A keyed event, a tombstone (key, no payload), an empty payload
+        // without a key, then enough to take several batches.
+        let to = || BaseRecord::<str, str>::to("t").partition(0);
+        producer
+            .send(to().key("k1").payload("p1").timestamp(1_000))
+            .unwrap();
+        producer.send(to().key("gone").timestamp(2_000)).unwrap();
+        producer.send(to().payload("").timestamp(3_000)).unwrap();
+        let keys: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+        for k in &keys {
+            producer
+                .send(to().key(k.as_str()).payload("x").timestamp(4_000))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+
+        let consumer: Arc<BaseConsumer<DefaultConsumerContext>> = Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "batch-test")
+                .set("fetch.wait.max.ms", "10")
+                .create()
+                .unwrap(),
+        );
+        let queue = BatchQueue::split(&consumer, "t", 0).unwrap();
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset("t", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&assignment).unwrap();
+
+        let mut seen: Vec<Seen> = Vec::new();
+        let mut detached = Vec::new();
+        let mut batch = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.len() < 13 {
+            assert!(Instant::now() < deadline, "read only {seen:?}");
+            // Nothing of this partition reaches the consumer's own queue.
+            assert!(consumer.poll(Duration::from_millis(5)).is_none());
+            let n = queue.read(&mut batch, 4);
+            assert!(n <= 4 && batch.len() == n, "{n} messages for a batch of 4");
+            for m in batch.drain(..) {
+                assert!(m.error().is_none(), "{:?}", m.error());
+                seen.push((
+                    m.offset(),
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec),
+                    m.timestamp_ms(),
+                ));
+                detached.push(m.detach("t"));
+            }
+        }
+        let mut want: Vec<Seen> = vec![
+            (0, Some(b"k1".to_vec()), Some(b"p1".to_vec()), Some(1_000)),
+            (1, Some(b"gone".to_vec()), None, Some(2_000)),
+            (2, None, Some(Vec::new()), Some(3_000)),
+        ];
+        want.extend(keys.iter().zip(3..).map(|(k, o)| {
+            (
+                o,
+                Some(k.clone().into_bytes()),
+                Some(b"x".to_vec()),
+                Some(4_000),
+            )
+        }));
+        assert_eq!(seen, want);
+        // An owned copy says the same.
+        for (m, (offset, key, payload, at)) in detached.iter().zip(&want) {
+            assert_eq!(m.offset(), *offset);
+            assert_eq!(m.key(), key.as_deref());
+            assert_eq!(m.payload(), payload.as_deref());
+            assert_eq!(m.timestamp().to_millis(), *at);
+            assert_eq!((m.topic(), m.partition()), ("t", 0));
+        }
+        // Nothing more, and reading an empty queue does not wait.
+        let started = Instant::now();
+        assert_eq!(queue.read(&mut batch, 4), 0);
+        assert!(batch.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}
