@@ -19,7 +19,7 @@ use super::batch::RawMessage;
 use super::consumer::GroupContext;
 use crate::decode::Decoder;
 use crate::engine::Engine;
-use crate::event::wall_clock_ms;
+use crate::event::{Millis, wall_clock_ms};
 use crate::output::Encoder;
 use crate::shard::{Ctx, InMessage, Pending, Shard, ShardError, StepStats};
 use crate::sink::Sink;
@@ -116,7 +116,7 @@ struct Owned {
 
 /// What a durable write covered: the next offset per input topic, and the
 /// shard's clock.
-type Durable = (Vec<(Arc<str>, i64)>, i64);
+type Durable = (Vec<(Arc<str>, i64)>, Millis);
 
 /// One worker.
 pub struct Worker {
