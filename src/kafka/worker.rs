@@ -269,13 +269,7 @@ impl Worker {
                 let Some(input) = self.rt.inputs.iter().position(|t| **t == *m.topic()) else {
                     return;
                 };
-                let msg = InMessage {
-                    input,
-                    offset: m.offset(),
-                    key: m.key(),
-                    payload: m.payload(),
-                    timestamp: m.timestamp().to_millis(),
-                };
+                let msg = owned_message(input, &m);
                 let decoded = self.decoders[input].decode(msg.payload, msg.timestamp);
                 o.shard.push(&msg, decoded, &mut self.stats);
             }
@@ -324,13 +318,7 @@ impl Worker {
                 // once they all decode.
                 let mut holding = false;
                 while let Some(m) = o.held[input].front() {
-                    let msg = InMessage {
-                        input,
-                        offset: m.offset(),
-                        key: m.key(),
-                        payload: m.payload(),
-                        timestamp: m.timestamp().to_millis(),
-                    };
+                    let msg = owned_message(input, m);
                     match self.decoders[input].decode(msg.payload, msg.timestamp) {
                         Err(e) if e.retryable() => {
                             registry_down = Some(e.to_string());
@@ -751,5 +739,16 @@ impl Worker {
                 },
             );
         }
+    }
+}
+
+/// A kept message of input `input`, as a shard takes it.
+fn owned_message(input: usize, m: &OwnedMessage) -> InMessage<'_> {
+    InMessage {
+        input,
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+        timestamp: m.timestamp().to_millis(),
     }
 }
