@@ -49,14 +49,21 @@ enum Command {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // rdkafka's second close of a consumer the service closed itself.
+    let redundant = filter_fn(|m| !leadscore::kafka::consumer::is_redundant_close_error(m));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry
+            .with(layer.json().with_filter(filter).with_filter(redundant))
+            .init(),
+        LogFormat::Text => registry
+            .with(layer.with_filter(filter).with_filter(redundant))
+            .init(),
     }
 }
 

@@ -18,6 +18,7 @@
 //! * Shutdown: unsubscribe (the revocation drains and commits), let the
 //!   LeaveGroup go out, close the consumer: the group rebalances at once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,24 @@ pub enum ConsumerError {
     /// A part of the service stopped on an error.
     #[error("{0}")]
     Fatal(String),
+}
+
+/// Set once the service has begun closing its consumer itself, at shutdown
+/// (bounded by a deadline). rdkafka's `BaseConsumer` closes once more when
+/// its last handle drops, and logs librdkafka's refusal at ERROR ("Failed to
+/// close consumer queue on drop: … BrokerDestroy"): on every clean shutdown,
+/// an error that is not one. [`is_redundant_close_error`] lets the log
+/// filter drop it.
+static CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a log event is rdkafka's complaint that a consumer the service
+/// has already closed cannot be closed again on drop. ERROR is the level of
+/// that one message in rdkafka's consumer module (0.39), and it is dropped
+/// only after the service closed its consumer.
+pub fn is_redundant_close_error(meta: &tracing::Metadata<'_>) -> bool {
+    CLOSED.load(Ordering::Relaxed)
+        && *meta.level() == tracing::Level::ERROR
+        && meta.target() == "rdkafka::consumer::base_consumer"
 }
 
 /// A shard taken in the store, with its split queues and where to resume.
@@ -633,6 +652,7 @@ pub fn run(
     // process may exit first).
     match consumer.close_queue() {
         Ok(()) => {
+            CLOSED.store(true, Ordering::Relaxed);
             let until = Instant::now() + Duration::from_secs(10);
             while !consumer.closed() && Instant::now() < until {
                 let _ = consumer.poll(Duration::from_millis(50));

@@ -896,6 +896,18 @@ impl Service {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> ExitStatus {
+        self.sigterm()
+    }
+
+    /// Sends SIGTERM, checks that the service exits 0 and returns its log.
+    pub fn stop_cleanly(mut self) -> String {
+        let status = self.sigterm();
+        let log = self.logs();
+        assert!(status.success(), "SIGTERM exits 0; log:\n{log}");
+        log
+    }
+
+    fn sigterm(&mut self) -> ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let deadline = Instant::now() + Duration::from_secs(40);
