@@ -25,8 +25,9 @@ use rdkafka::message::OwnedMessage;
 
 /// A partition's queue, split off the consumer, read in batches.
 pub struct BatchQueue<C: ConsumerContext + 'static> {
-    /// librdkafka's handle to the partition's fetch queue, destroyed before
-    /// `split` (fields drop in order), which keeps the consumer alive.
+    /// librdkafka's handle to the partition's fetch queue, destroyed by
+    /// this value's `Drop`, which runs before `split` (keeping the consumer
+    /// alive) is dropped.
     raw: NonNull<rd::rd_kafka_queue_t>,
     /// The split queue: it keeps the queue cut off the consumer's and the
     /// consumer alive, and carries the wake-up callback.
