@@ -319,13 +319,12 @@ impl Worker {
                 let mut holding = false;
                 while let Some(m) = o.held[input].front() {
                     let msg = owned_message(input, m);
-                    match self.decoders[input].decode(msg.payload, msg.timestamp) {
-                        Err(e) if e.retryable() => {
-                            registry_down = Some(e.to_string());
-                            holding = true;
-                            break;
-                        }
-                        decoded => o.shard.push(&msg, decoded, &mut self.stats),
+                    if let Some(error) =
+                        push(&mut o.shard, &self.decoders[input], &msg, &mut self.stats)
+                    {
+                        registry_down = Some(error);
+                        holding = true;
+                        break;
                     }
                     o.held[input].pop_front();
                 }
@@ -350,12 +349,11 @@ impl Worker {
                         payload: m.payload(),
                         timestamp: m.timestamp_ms(),
                     };
-                    match self.decoders[input].decode(msg.payload, msg.timestamp) {
-                        Err(e) if e.retryable() => {
-                            registry_down = Some(e.to_string());
-                            o.held[input].push_back(m.detach(&self.rt.inputs[input]));
-                        }
-                        decoded => o.shard.push(&msg, decoded, &mut self.stats),
+                    if let Some(error) =
+                        push(&mut o.shard, &self.decoders[input], &msg, &mut self.stats)
+                    {
+                        registry_down = Some(error);
+                        o.held[input].push_back(m.detach(&self.rt.inputs[input]));
                     }
                 }
                 if read > 0 {
@@ -738,6 +736,23 @@ impl Worker {
                     population: o.shard.population().clone(),
                 },
             );
+        }
+    }
+}
+
+/// Decodes and queues one message; a retryable decoding failure (the Schema
+/// Registry is unreachable) queues nothing and is returned.
+fn push(
+    shard: &mut Shard,
+    decoder: &Decoder,
+    msg: &InMessage<'_>,
+    stats: &mut StepStats,
+) -> Option<String> {
+    match decoder.decode(msg.payload, msg.timestamp) {
+        Err(e) if e.retryable() => Some(e.to_string()),
+        decoded => {
+            shard.push(msg, decoded, stats);
+            None
         }
     }
 }
