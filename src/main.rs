@@ -55,7 +55,12 @@ fn init_logging(level: &str, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // rdkafka's second close of a consumer the service closed itself.
     let redundant = filter_fn(|m| !leadscore::kafka::consumer::is_redundant_close_error(m));
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a pipe or file (a pod's log, a collector)
+    // gets plain text, not escape codes around every level and target.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let registry = tracing_subscriber::registry();
     match format {
         LogFormat::Json => registry
