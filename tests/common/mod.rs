@@ -899,11 +899,16 @@ impl Service {
         self.sigterm()
     }
 
-    /// Sends SIGTERM, checks that the service exits 0 and returns its log.
-    pub fn stop_cleanly(mut self) -> String {
+    /// Sends SIGTERM and checks that the service exits 0 and that its log
+    /// has no ERROR line (`what` names the stop in the failure message):
+    /// an SRE who alerts on errors is not paged by a rollout.
+    /// Returns the log.
+    pub fn stop_cleanly(mut self, what: &str) -> String {
         let status = self.sigterm();
         let log = self.logs();
-        assert!(status.success(), "SIGTERM exits 0; log:\n{log}");
+        assert!(status.success(), "{what}: SIGTERM exits 0; log:\n{log}");
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "{what}: errors logged: {errors:#?}");
         log
     }
 
