@@ -605,11 +605,13 @@ impl Settings {
             p.push("kafka.batch_max_messages: must be 1..=1000000".into());
         }
         for (map, name) in [(&k.consumer, "consumer"), (&k.producer, "producer")] {
-            for key in map.keys() {
+            for (key, value) in map {
                 if OWNED_PROPERTIES.contains(&key.as_str()) {
                     p.push(format!(
                         "kafka.{name}.{key}: set by leadscore itself and cannot be overridden"
                     ));
+                } else if let Some(why) = librdkafka_refuses(key, value) {
+                    p.push(format!("kafka.{name}.{key}: {why}"));
                 }
             }
         }
@@ -757,11 +759,8 @@ impl Settings {
                 self.shutdown.drain_timeout_ms
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            p.push(format!(
-                "log.level: {:?} is not a valid filter",
-                self.log.level
-            ));
+        if let Some(why) = log_level_problem(&self.log.level) {
+            p.push(format!("log.level: {why}"));
         }
         p
     }
@@ -793,6 +792,42 @@ impl Settings {
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot print: {e}"))
     }
+}
+
+/// Why librdkafka would refuse a property (unknown, or a value it cannot
+/// take), found without connecting anywhere, so that `check-config` says so
+/// rather than the client's creation at start.
+fn librdkafka_refuses(key: &str, value: &str) -> Option<String> {
+    match rdkafka::ClientConfig::new()
+        .set(key, value)
+        .create_native_config()
+    {
+        Ok(_) => None,
+        Err(rdkafka::error::KafkaError::ClientConfig(_, why, ..)) => Some(why),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// Why a `log.level` filter would not log what it says, if it would not. A
+/// directive without `=` must be a level: `tracing`'s filter reads any other
+/// word (`warning`, `verbose`) as a target to log at every level, which
+/// leaves every other target, leadscore's own errors included, silent.
+fn log_level_problem(filter: &str) -> Option<String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Some(format!("{filter:?} is not a valid filter"));
+    }
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('=') && !d.contains('['))
+        .find(|d| !LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+        .map(|d| {
+            format!(
+                "{d:?} is not a level ({}); a target's level is written target=level",
+                LEVELS.join(", ")
+            )
+        })
 }
 
 /// librdkafka properties leadscore sets itself for correctness.
@@ -1067,6 +1102,56 @@ mod tests {
             err.to_string()
                 .contains("kafka.consumer.enable.auto.commit")
         );
+    }
+
+    #[test]
+    fn librdkafka_properties_it_would_refuse_are_reported_before_start() {
+        let err = Settings::load(
+            None,
+            env(&[
+                ("LEADSCORE__KAFKA__CONSUMER__NO_SUCH_PROP", "1"),
+                ("LEADSCORE__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "abc"),
+                ("LEADSCORE__KAFKA__PRODUCER__LINGER_MS", "5"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kafka.consumer.no.such.prop: No such configuration property"),
+            "{err}"
+        );
+        assert!(
+            err.contains("kafka.consumer.session.timeout.ms: Invalid value"),
+            "{err}"
+        );
+        assert!(!err.contains("linger"), "{err}");
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_a_level_is_refused() {
+        for bad in ["warning", "verbose", "info,debg", "leadscore"] {
+            let err = Settings::load(None, env(&[("LEADSCORE__LOG__LEVEL", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("log.level:") && err.contains("is not a level"),
+                "{bad}: {err}"
+            );
+        }
+        for good in [
+            "warn",
+            "INFO",
+            "info,leadscore=debug",
+            "off",
+            "rdkafka=error,info",
+        ] {
+            let loaded = Settings::load(None, env(&[("LEADSCORE__LOG__LEVEL", good)]));
+            assert!(
+                loaded.is_ok(),
+                "{good}: {:?}",
+                loaded.err().map(|e| e.to_string())
+            );
+        }
     }
 
     #[test]

@@ -115,3 +115,25 @@ fn replay_prints_outputs_and_compares_rules() {
     assert_eq!(report["leads_moved"][0]["segment"], "warm");
     assert_eq!(report["leads_moved"][0]["other_segment"], "cold");
 }
+
+#[test]
+fn check_config_refuses_what_would_silence_the_log_or_stop_the_client() {
+    let (code, _, stderr) = leadscore(
+        &["check-config"],
+        &[
+            // `tracing` would read it as a target and log nothing else.
+            ("LEADSCORE__LOG__LEVEL", "warning"),
+            // librdkafka would refuse it when the service starts.
+            ("LEADSCORE__KAFKA__PRODUCER__NO_SUCH_PROP", "1"),
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("log.level: \"warning\" is not a level"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("kafka.producer.no.such.prop: No such configuration property"),
+        "{stderr}"
+    );
+}
