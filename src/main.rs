@@ -118,7 +118,7 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "leadscore stopped on an error.");
+                    tracing::error!(error = chain(&e), "leadscore stopped on an error.");
                     ExitCode::FAILURE
                 }
             }
@@ -139,12 +139,57 @@ fn main() -> ExitCode {
     }
 }
 
+/// An error and its causes, `outer: cause: …`, leaving out a cause whose
+/// text the message already has (many errors, redis-rs's and rdkafka's among
+/// them, print their cause themselves as well as returning it as source).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection refused (os error 111)")]
+    struct Refused;
+
+    /// An error that prints its cause itself and also returns it as source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("redis: {0}")]
+    struct Wraps(#[source] Refused);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let e = anyhow::Error::new(Wraps(Refused)).context("connecting to Redis at 127.0.0.1:1");
+        assert_eq!(
+            chain(&e),
+            "connecting to Redis at 127.0.0.1:1: redis: connection refused (os error 111)"
+        );
+        let e = anyhow::Error::new(Refused).context("reading the rules");
+        assert_eq!(
+            chain(&e),
+            "reading the rules: connection refused (os error 111)"
+        );
     }
 }

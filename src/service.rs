@@ -57,7 +57,9 @@ impl Stores {
     pub fn from_settings(s: &Settings) -> anyhow::Result<Stores> {
         Ok(match s.state.backend {
             Backend::Memory => Stores::Memory(Arc::new(MemoryStore::default())),
-            Backend::Redis => Stores::Redis(RedisStore::connect(&s.redis).context("redis")?),
+            Backend::Redis => {
+                Stores::Redis(RedisStore::connect(&s.redis).with_context(|| store_name(s))?)
+            }
         })
     }
 
@@ -66,6 +68,23 @@ impl Stores {
         match self {
             Stores::Redis(r) => Arc::new(r.sibling()),
             Stores::Memory(m) => Arc::clone(m) as Arc<dyn Store>,
+        }
+    }
+}
+
+/// The state store as errors name it: Redis with its address (the password
+/// masked), or the in-memory store.
+fn store_name(s: &Settings) -> String {
+    match s.state.backend {
+        Backend::Memory => "in memory".into(),
+        Backend::Redis => {
+            let urls: Vec<String> = s
+                .redis
+                .url
+                .split(',')
+                .map(crate::settings::mask_url)
+                .collect();
+            format!("Redis at {}", urls.join(","))
         }
     }
 }
@@ -167,7 +186,9 @@ pub fn shard_config(s: &Settings) -> ShardConfig {
 /// Checks the store is safe to use and registers these rules' layout;
 /// returns the engine knowing every earlier layout.
 pub fn prepare_store(s: &Settings, store: &dyn Store, engine: Engine) -> anyhow::Result<Engine> {
-    let health = store.check().context("checking the state store")?;
+    let health = store
+        .check()
+        .with_context(|| format!("checking the state store, {}", store_name(s)))?;
     for w in &health.warn {
         warn!(warning = %w, "State store.");
     }
