@@ -245,27 +245,32 @@ async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Respo
     let Some(want) = &s.token else {
         return next.run(req).await;
     };
+    // The scheme's name is case-insensitive (RFC 9110, 11.1).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(digest);
-    match given {
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| digest(token.trim()));
+    let (why, challenge) = match given {
         // Digests of equal length, compared in constant time.
-        Some(d) if bool::from(d.ct_eq(want)) => next.run(req).await,
-        _ => {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "a bearer token is required (Authorization: Bearer …)",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            r
-        }
-    }
+        Some(d) if bool::from(d.ct_eq(want)) => return next.run(req).await,
+        Some(_) => (
+            "the bearer token is not valid",
+            r#"Bearer error="invalid_token""#,
+        ),
+        None => (
+            "a bearer token is required (Authorization: Bearer …)",
+            "Bearer",
+        ),
+    };
+    let mut r = error(StatusCode::UNAUTHORIZED, why);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static(challenge),
+    );
+    r
 }
 
 /// Serves until `cancel` fires, with hyper's limits (see the module doc).

@@ -410,26 +410,30 @@ fn idle_sockets_are_closed_readyz_still_answers_and_v1_needs_the_token() {
         "idle connections are closed by the header-read timeout"
     );
     drop(idle);
-    assert_eq!(service.get("/v1/leads/nobody").unwrap().0, 401, "no token");
-    assert_eq!(
-        service
-            .request(
-                "GET",
-                "/v1/leads/nobody",
-                &[("Authorization", "Bearer wrong")]
-            )
-            .unwrap()
-            .0,
-        401
-    );
-    let auth = format!("Bearer {token}");
-    assert_eq!(
-        service
-            .request("GET", "/v1/leads/nobody", &[("Authorization", &auth)])
-            .unwrap()
-            .0,
-        404
-    );
+    let (status, why) = service.get("/v1/leads/nobody").unwrap();
+    assert_eq!(status, 401, "no token");
+    assert!(why.contains("a bearer token is required"), "{why}");
+    let (status, why) = service
+        .request(
+            "GET",
+            "/v1/leads/nobody",
+            &[("Authorization", "Bearer wrong")],
+        )
+        .unwrap();
+    assert_eq!(status, 401, "a wrong token");
+    assert!(why.contains("not valid"), "{why}");
+    // The scheme's name in any case.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme} {token}");
+        assert_eq!(
+            service
+                .request("GET", "/v1/leads/nobody", &[("Authorization", &auth)])
+                .unwrap()
+                .0,
+            404,
+            "{scheme}"
+        );
+    }
     assert_eq!(service.get("/metrics").unwrap().0, 200, "metrics stay open");
     assert_eq!(service.get("/healthz").unwrap().0, 200);
     assert!(service.terminate().success());
