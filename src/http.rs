@@ -21,6 +21,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::kafka::client_log::Quiet;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -50,7 +52,7 @@ pub struct AppState {
     stores: Arc<Vec<Arc<dyn Store>>>,
     next: Arc<AtomicUsize>,
     token: Option<[u8; 32]>,
-    eraser: Option<Arc<FutureProducer>>,
+    eraser: Option<Arc<FutureProducer<Quiet>>>,
     crm_topic: String,
     crm_format: Format,
     /// With `avro-registry` CRM input: the registry, and the id under which
@@ -69,7 +71,7 @@ impl AppState {
         registry: Option<Arc<Registry>>,
     ) -> anyhow::Result<Self> {
         let eraser = crate::kafka::producer_config(&s.kafka)
-            .create::<FutureProducer>()
+            .create_with_context::<_, FutureProducer<Quiet>>(Quiet)
             .ok()
             .map(Arc::new);
         Ok(AppState {

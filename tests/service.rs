@@ -330,7 +330,10 @@ fn a_restarted_service_continues_from_redis_with_identical_scores() {
     let log = service.stop_cleanly("a stop after the first half");
     // Written to a file, not a terminal: plain text, no colour codes.
     assert!(log.contains("INFO"), "{log}");
-    assert!(!log.contains('\u{1b}'), "escape codes in a log file:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log file:\n{log}"
+    );
     broker.produce_msgs(&names, second);
     let service = Service::start(&broker, &redis, &names, &[]);
     service.wait_consumed(second.len() as u64, WAIT);
@@ -497,5 +500,36 @@ fn input_topics_that_are_not_co_partitioned_stop_the_service_with_a_clear_error(
     assert!(
         log.contains(&format!("{}, {} do not exist", names.crm, names.dead)),
         "{log}"
+    );
+}
+
+/// A broker that cannot be reached: the service says so in a few lines and
+/// stops (exit 1), rather than logging each reconnect attempt of each client
+/// at ERROR (hundreds of lines in ten seconds before).
+#[test]
+fn an_unreachable_broker_stops_the_service_with_a_short_clear_log() {
+    let (broker, redis, names) = setup();
+    let nowhere = format!("127.0.0.1:{}", common::free_port());
+    let (status, log) = Service::run_to_exit(
+        &broker,
+        &redis,
+        &names,
+        &[
+            ("LEADSCORE__KAFKA__BROKERS", &nowhere),
+            ("LEADSCORE__LOG__LEVEL", "info"),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("check kafka.brokers"), "{log}");
+    let lines = log.lines().count();
+    assert!(lines <= 15, "{lines} lines:\n{log}");
+    // Connection trouble librdkafka retries is a warning; the errors are
+    // the service's own stop.
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 2, "{log}");
+    assert!(
+        errors.iter().all(|l| l.contains("ERROR leadscore")),
+        "{errors:#?}"
     );
 }

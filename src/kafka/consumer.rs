@@ -418,6 +418,14 @@ impl GroupContext {
 }
 
 impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::client_log::client_log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::client_log::client_error(&error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
         let owned = self.rt.caches.read();
         let mut lag = self.rt.lag.lock();
@@ -531,7 +539,13 @@ pub fn check_topics(
     let mut counts = Vec::new();
     let mut missing = Vec::new();
     for topic in inputs.iter().chain(outputs) {
-        let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let meta = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| {
+                ConsumerError::Topics(format!(
+                    "cannot read {topic}'s metadata from the brokers in 10 s ({e}); check kafka.brokers and that they are reachable"
+                ))
+            })?;
         let n = meta
             .topics()
             .iter()

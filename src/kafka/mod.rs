@@ -2,9 +2,11 @@
 //! consumer group and its rebalances ([`consumer`]), the worker threads that
 //! read partition queues and step shards ([`worker`]), what they share
 //! ([`runtime`]), the producer ([`sink`]), and partition queues read a
-//! batch at a time ([`batch`], the crate's only unsafe code).
+//! batch at a time ([`batch`], the crate's only unsafe code); what the
+//! clients report is logged once per cause and interval ([`client_log`]).
 
 pub mod batch;
+pub mod client_log;
 pub mod consumer;
 pub mod runtime;
 pub mod sink;
@@ -14,7 +16,6 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
 use crate::settings::KafkaSettings;
@@ -77,7 +78,7 @@ pub async fn create_topics_with(
     topics: &[&str],
     partitions: i32,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let admin: AdminClient<client_log::Quiet> = config.create_with_context(client_log::Quiet)?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))

@@ -81,7 +81,15 @@ pub struct DeliveryContext {
     acks: Vec<Arc<Acks>>,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::client_log::client_log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::client_log::client_error(&error, reason);
+    }
+}
 
 /// The delivery opaque: worker in the high half, epoch in the low half.
 fn opaque(worker: usize, epoch: usize) -> usize {

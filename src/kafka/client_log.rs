@@ -1,0 +1,157 @@
+//! What librdkafka reports through a client's callbacks, logged so that an
+//! outage reads as one line per cause, not hundreds: every client (the
+//! consumer, each producer, the admin client) reports the same broker
+//! outage, through both its error and its log callback, at each reconnect
+//! attempt (about ten a second per client with the default back-off).
+//!
+//! A cause (an error code, or a log facility) is logged once per
+//! [`EVERY`]; the next line after that says how many were left out.
+//! Connection trouble librdkafka retries by itself (a broker down, a
+//! transport failure, a name that does not resolve) is a warning: a member
+//! that cannot reach the brokers at start, or loses its group, stops with an
+//! error of its own.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tracing::{debug, error, info, warn};
+
+/// How often one cause is logged at most.
+pub const EVERY: Duration = Duration::from_secs(30);
+
+/// When each cause was last logged, and how many reports were left out since.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    last: HashMap<String, (Instant, u64)>,
+}
+
+impl Limiter {
+    /// Whether a report of `cause` at `now` is logged: `Some(n)`, with the
+    /// `n` reports of it left out since it was last logged; `None` if it is
+    /// left out.
+    pub fn admit(&mut self, cause: &str, now: Instant) -> Option<u64> {
+        match self.last.get_mut(cause) {
+            Some((at, left_out)) if now.duration_since(*at) < EVERY => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                self.last.insert(cause.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// One limiter for every client of the process: they report the same outage.
+static LIMITER: LazyLock<Mutex<Limiter>> = LazyLock::new(Mutex::default);
+
+fn admit(cause: &str) -> Option<String> {
+    LIMITER
+        .lock()
+        .admit(cause, Instant::now())
+        .map(|n| match n {
+            0 => String::new(),
+            n => format!(" ({n} more like it in the last {} s)", EVERY.as_secs()),
+        })
+}
+
+/// Errors librdkafka retries by itself: connection trouble.
+fn transient(code: Option<RDKafkaErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::OperationTimedOut
+        )
+    )
+}
+
+/// A client's error callback.
+pub fn client_error(e: &KafkaError, reason: &str) {
+    let code = e.rdkafka_error_code();
+    let cause = format!("error {code:?}");
+    let Some(more) = admit(&cause) else {
+        return;
+    };
+    if transient(code) {
+        warn!("librdkafka: {e}: {reason}{more}");
+    } else {
+        error!("librdkafka: {e}: {reason}{more}");
+    }
+}
+
+/// A client's log callback. A failed connection (facility `FAIL`, logged
+/// at error level by librdkafka) is a warning, like the error callback's
+/// report of the same failure.
+pub fn client_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+            let Some(more) = admit(&format!("log {fac}")) else {
+                return;
+            };
+            if fac == "FAIL" || matches!(level, L::Warning) {
+                warn!(target: "librdkafka", "librdkafka: {fac} {message}{more}");
+            } else {
+                error!(target: "librdkafka", "librdkafka: {fac} {message}{more}");
+            }
+        }
+        L::Notice | L::Info => info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        L::Debug => debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+    }
+}
+
+/// A client context that only logs, through [`client_error`] and
+/// [`client_log`] (the admin client's).
+pub struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        client_log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(&error, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_logged_once_per_interval_with_what_was_left_out() {
+        let mut l = Limiter::default();
+        let t0 = Instant::now();
+        assert_eq!(l.admit("AllBrokersDown", t0), Some(0));
+        for i in 1..=170 {
+            assert_eq!(
+                l.admit("AllBrokersDown", t0 + Duration::from_millis(i * 50)),
+                None
+            );
+        }
+        // Another cause is not held back by the first.
+        assert_eq!(l.admit("Resolve", t0 + Duration::from_secs(1)), Some(0));
+        assert_eq!(l.admit("AllBrokersDown", t0 + EVERY), Some(170));
+        assert_eq!(l.admit("AllBrokersDown", t0 + EVERY * 3), Some(0));
+    }
+
+    #[test]
+    fn connection_trouble_is_transient_and_other_errors_are_not() {
+        assert!(transient(Some(RDKafkaErrorCode::AllBrokersDown)));
+        assert!(transient(Some(RDKafkaErrorCode::BrokerTransportFailure)));
+        assert!(!transient(Some(RDKafkaErrorCode::Authentication)));
+        assert!(!transient(None));
+    }
+}
