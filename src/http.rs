@@ -355,7 +355,8 @@ async fn healthz(State(s): State<AppState>) -> Response {
     (status = 200, description = "Ready", body = String, content_type = "text/plain"),
     (status = 503, description = "Not ready, and why", body = ErrorBody)))]
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.rt.health.ready() {
+    let why = s.rt.health.not_ready();
+    if why.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else if let Some(f) = s.rt.fatal() {
         error(
@@ -365,7 +366,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
     } else {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: consumer not running or state store unavailable",
+            format!("not ready: {}", why.join("; ")),
         )
     }
 }

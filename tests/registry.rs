@@ -383,6 +383,8 @@ fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consum
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let (_, why) = service.get("/readyz").unwrap();
+    assert!(why.contains("the Schema Registry does not answer"), "{why}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(service.counter("leadscore_dead_lettered_total"), 2);
     assert_eq!(service.counter("leadscore_events_consumed_total"), 0);

@@ -44,10 +44,29 @@ impl Health {
 
     /// Ready to consume: running, the store and registry answer, nothing failed.
     pub fn ready(&self) -> bool {
-        self.running.load(Ordering::SeqCst)
-            && self.store_up.load(Ordering::SeqCst)
-            && self.registry_down.load(Ordering::SeqCst) == 0
-            && !self.failed.load(Ordering::SeqCst)
+        self.not_ready().is_empty()
+    }
+
+    /// Every reason it is not ready (none: ready).
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        [
+            (self.failed.load(Ordering::SeqCst), "stopping on an error"),
+            (
+                !self.running.load(Ordering::SeqCst),
+                "the consumer is not running (starting, or stopping)",
+            ),
+            (
+                !self.store_up.load(Ordering::SeqCst),
+                "Redis does not answer",
+            ),
+            (
+                self.registry_down.load(Ordering::SeqCst) > 0,
+                "the Schema Registry does not answer",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(holds, why)| holds.then_some(why))
+        .collect()
     }
 
     /// Alive: the loop turned within `max_silence`.
@@ -319,5 +338,31 @@ impl Runtime {
                 .sum();
             m.segment_population.with_label_values(&[segment]).set(n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_ready_names_every_cause() {
+        let h = Health::new();
+        assert_eq!(
+            h.not_ready(),
+            [
+                "the consumer is not running (starting, or stopping)",
+                "Redis does not answer"
+            ]
+        );
+        h.running.store(true, Ordering::SeqCst);
+        h.store_up.store(true, Ordering::SeqCst);
+        assert!(h.ready());
+        h.registry_down.store(2, Ordering::SeqCst);
+        assert_eq!(h.not_ready(), ["the Schema Registry does not answer"]);
+        h.registry_down.store(0, Ordering::SeqCst);
+        h.store_up.store(false, Ordering::SeqCst);
+        assert_eq!(h.not_ready(), ["Redis does not answer"]);
+        assert!(!h.ready());
     }
 }
