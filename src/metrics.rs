@@ -300,7 +300,7 @@ impl Metrics {
             leads_erased: counter(
                 &r,
                 "leadscore_leads_erased_total",
-                "Leads erased on request.",
+                "Lead states erased on request (a lead with state in several partitions counts once in each).",
             ),
             batch_seconds: histogram(
                 &r,

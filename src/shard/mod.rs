@@ -1164,9 +1164,11 @@ impl Shard {
             for anon in &linked {
                 self.delete(LeadKey::visitor(anon).as_str());
             }
+            // A state erased, not a request: an erasure reaches every
+            // partition, and most hold nothing of the lead.
+            ctx.stats.erased += 1;
         }
         self.delete(key.as_str());
-        ctx.stats.erased += 1;
     }
 
     fn publish(&mut self, ctx: &mut Ctx<'_>, lead: &str) -> Result<(), ShardError> {

@@ -862,11 +862,19 @@ fn a_tombstone_on_the_crm_topic_erases() {
     };
     let decoded = h.decoders[3].decode(None, None);
     h.shard.push(&msg, decoded, &mut h.stats);
-    h.read[3] = 1;
-    h.logs[3].push(Vec::new());
+    // A tombstone for a lead this shard never held erases nothing.
+    let unknown = InMessage {
+        offset: 1,
+        key: Some(b"M"),
+        ..msg
+    };
+    let decoded = h.decoders[3].decode(None, None);
+    h.shard.push(&unknown, decoded, &mut h.stats);
+    h.read[3] = 2;
+    h.logs[3].extend([Vec::new(), Vec::new()]);
     h.finish();
     assert!(h.state().is_empty());
-    assert_eq!(h.stats.erased, 1);
+    assert_eq!(h.stats.erased, 1, "lead states erased, not requests");
 }
 
 #[test]
