@@ -381,11 +381,23 @@ pub fn cancel_on_signals(cancel: CancellationToken) {
                 _ = ctrl_c => info!("SIGINT received; shutting down."),
                 _ = term.recv() => info!("SIGTERM received; shutting down."),
             }
+            cancel.cancel();
+            // A second signal: the operator will not wait for the drain.
+            // Exiting at once loses nothing (offsets never pass what Redis
+            // holds); the next start re-reads what was not written.
+            let code = tokio::select! {
+                _ = tokio::signal::ctrl_c() => 130,
+                _ = term.recv() => 143,
+            };
+            warn!(
+                "A second signal: exiting at once without finishing the drain; the next start resumes from the positions in Redis."
+            );
+            std::process::exit(code);
         }
         #[cfg(not(unix))]
         {
             let _ = ctrl_c.await;
+            cancel.cancel();
         }
-        cancel.cancel();
     });
 }

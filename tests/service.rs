@@ -533,3 +533,67 @@ fn an_unreachable_broker_stops_the_service_with_a_short_clear_log() {
         "{errors:#?}"
     );
 }
+
+/// Waits for the service to exit by itself: its exit status and how long it took.
+fn wait_exit(service: &mut Service, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = service.exited() {
+            return (status, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < limit,
+            "still running after {limit:?}; log:\n{}",
+            service.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Redis stops answering (SIGSTOP) while the service holds changes it has
+/// not written. A SIGTERM then gives the drain up by its deadline, not a
+/// Redis timeout past it, and exits 1 saying so (nothing is lost: offsets
+/// never pass what Redis holds); a second SIGTERM during the drain exits at
+/// once with 143.
+#[test]
+fn a_stop_while_redis_hangs_ends_by_the_drain_deadline_and_a_second_signal_exits_at_once() {
+    let (broker, redis, names) = setup();
+    let settings = [
+        // Changes stay unwritten until the stop.
+        ("LEADSCORE__REDIS__FLUSH_INTERVAL_MS", "60000"),
+        ("LEADSCORE__REDIS__FLUSH_MAX_DIRTY", "1000000"),
+        ("LEADSCORE__REDIS__TIMEOUT_MS", "2000"),
+        ("LEADSCORE__SHUTDOWN__DRAIN_TIMEOUT_MS", "3000"),
+    ];
+    let items = stream(0, 40);
+    broker.produce_msgs(&names, &items);
+
+    // Two signals: the second does not wait for the drain.
+    let mut service = Service::start(&broker, &redis, &names, &settings);
+    service.wait_consumed(items.len() as u64, WAIT);
+    redis.signal("STOP");
+    service.signal("TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    service.signal("TERM");
+    let (status, took) = wait_exit(&mut service, Duration::from_secs(20));
+    redis.signal("CONT");
+    let log = service.logs();
+    assert_eq!(status.code(), Some(143), "{log}");
+    assert!(took < Duration::from_secs(2), "{took:?}\n{log}");
+    assert!(log.contains("A second signal"), "{log}");
+
+    // One signal: the drain gives up by its deadline (3 s; each write
+    // attempt fails after Redis's 2 s timeout, so a retry would end past it).
+    let mut service = Service::start(&broker, &redis, &names, &settings);
+    service.wait_consumed(items.len() as u64, WAIT);
+    redis.signal("STOP");
+    service.signal("TERM");
+    let (status, took) = wait_exit(&mut service, Duration::from_secs(30));
+    redis.signal("CONT");
+    let log = service.logs();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("nothing is lost"), "{log}");
+    assert!(!log.contains("stopped cleanly"), "{log}");
+    // The drain timeout, the consumer's two seconds of grace and the close.
+    assert!(took < Duration::from_secs(7), "{took:?}\n{log}");
+}

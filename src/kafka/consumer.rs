@@ -646,6 +646,7 @@ pub fn run(
     }
     // Leave the group: the revocation callback drains the shards and commits.
     info!("Draining before shutdown.");
+    let unwritten = rt.unwritten();
     consumer.unsubscribe();
     let until = Instant::now() + drain_timeout + Duration::from_secs(2);
     while Instant::now() < until && !rt.caches.read().is_empty() {
@@ -654,6 +655,9 @@ pub fn run(
     if let Some(f) = rt.fatal() {
         return Err(ConsumerError::Fatal(f));
     }
+    let mut held: Vec<ShardId> = rt.caches.read().keys().copied().collect();
+    held.sort_unstable();
+    let unwritten = rt.unwritten() - unwritten;
     // The revocation committed synchronously; with nothing left to commit
     // librdkafka sends LeaveGroup as the unassignment completes, so the
     // group rebalances at once instead of after this member's session
@@ -673,6 +677,22 @@ pub fn run(
             }
         }
         Err(e) => warn!(error = %e, "Cannot close the consumer cleanly."),
+    }
+    // Stopped without writing everything: nothing is lost (the offsets
+    // committed never pass what Redis holds, and the next start resumes
+    // from there), but the stop was not the clean one asked for.
+    if unwritten > 0 || !held.is_empty() {
+        return Err(ConsumerError::Fatal(format!(
+            "stopped without writing every shard within shutdown.drain_timeout_ms ({} ms): {} given up unwritten{}; \
+             nothing is lost, the next start resumes from the positions in Redis",
+            drain_timeout.as_millis(),
+            unwritten,
+            if held.is_empty() {
+                String::new()
+            } else {
+                format!(", {held:?} still draining")
+            }
+        )));
     }
     info!("Consumer stopped cleanly.");
     Ok(())

@@ -132,6 +132,9 @@ pub struct Runtime {
     /// Shards dropped because another member took them in the store, and since when.
     fenced: Mutex<HashMap<ShardId, Instant>>,
     fatal: Mutex<Option<String>>,
+    /// Shards given up without their last changes written (a drain that ran
+    /// out of time): their next owner resumes from their last durable write.
+    unwritten: AtomicUsize,
     cancel: CancellationToken,
 }
 
@@ -176,8 +179,19 @@ impl Runtime {
             partitions: AtomicI32::new(0),
             fenced: Mutex::new(HashMap::new()),
             fatal: Mutex::new(None),
+            unwritten: AtomicUsize::new(0),
             cancel,
         }
+    }
+
+    /// Counts shards given up without their last changes written.
+    pub fn gave_up_unwritten(&self, shards: usize) {
+        self.unwritten.fetch_add(shards, Ordering::SeqCst);
+    }
+
+    /// Shards given up without their last changes written, so far.
+    pub fn unwritten(&self) -> usize {
+        self.unwritten.load(Ordering::SeqCst)
     }
 
     /// Records the first fatal error and stops everything.

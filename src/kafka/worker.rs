@@ -650,6 +650,7 @@ impl Worker {
             if writes.is_empty() {
                 break;
             }
+            let started = Instant::now();
             let done = self.writer.write_now(Job {
                 barrier: self.sink.barrier(),
                 writes,
@@ -659,15 +660,18 @@ impl Worker {
             if !failed {
                 break;
             }
-            if Instant::now() >= deadline || self.rt.failed() {
+            // Another attempt only if one as long as this one still fits
+            // before the deadline (a Redis that stopped answering takes
+            // the store's whole timeout to fail): the drain ends by the
+            // deadline, not a timeout past it.
+            let pause = self.policy.backoff();
+            let room = deadline.saturating_duration_since(Instant::now());
+            if room < pause + started.elapsed() || self.rt.failed() {
                 error!(shards = ?ids, "Could not write before giving the shards up; their next owner resumes from the last durable position.");
+                self.rt.gave_up_unwritten(ids.len());
                 break;
             }
-            std::thread::sleep(
-                self.policy
-                    .backoff()
-                    .min(deadline.saturating_duration_since(Instant::now())),
-            );
+            std::thread::sleep(pause);
         }
         for id in ids {
             self.remove(*id, "revoked");

@@ -464,6 +464,14 @@ impl Redis {
             .unwrap()
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) to the server (the first node of a cluster).
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
