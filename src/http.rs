@@ -218,8 +218,48 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     open.merge(v1.route_layer(middleware::from_fn_with_state(state.clone(), authorize)))
         .layer(axum::Extension(OpenApiJson(doc)))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::map_response(method_not_allowed))
         .layer(middleware::from_fn_with_state(request_timeout, time_limit))
         .with_state(state)
+}
+
+/// The router's 405 (its `Allow` header kept) with the API's JSON error body
+/// instead of an empty one.
+async fn method_not_allowed(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let allowed = allow
+        .as_ref()
+        .and_then(|a| a.to_str().ok())
+        .map_or(String::new(), |a| format!(" (allowed: {a})"));
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed{allowed}"),
+    );
+    if let Some(a) = allow {
+        r.headers_mut().insert(header::ALLOW, a);
+    }
+    r
+}
+
+/// A lead id from the path; one that cannot be read (not UTF-8) gets the
+/// API's JSON error, not the router's plain-text one.
+struct LeadId(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for LeadId {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| LeadId(id))
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+    }
 }
 
 #[derive(Clone)]
@@ -482,7 +522,7 @@ async fn find(s: &AppState, id: &str) -> Result<LeadState, Response> {
         (status = 401, description = "A bearer token is required", body = ErrorBody),
         (status = 404, description = "Unknown lead (or only an anonymous visitor)", body = ErrorBody),
         (status = 503, description = "Redis unavailable", body = ErrorBody)))]
-async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+async fn lead(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
     match find(&s, &id).await {
         Ok(state) => Json(view(s.engine(), &id, &state, wall_clock_ms())).into_response(),
         Err(response) => response,
@@ -500,7 +540,7 @@ async fn lead(State(s): State<AppState>, Path(id): Path<String>) -> Response {
         (status = 401, description = "A bearer token is required", body = ErrorBody),
         (status = 404, description = "Unknown lead", body = ErrorBody),
         (status = 503, description = "Redis unavailable", body = ErrorBody)))]
-async fn explain(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+async fn explain(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
     match find(&s, &id).await {
         Ok(state) => {
             let x = s.engine().explain(&state, wall_clock_ms());
@@ -551,7 +591,7 @@ async fn crm_schema_id(s: &AppState) -> Result<u32, Response> {
         (status = 400, description = "Bad lead id", body = ErrorBody),
         (status = 401, description = "A bearer token is required", body = ErrorBody),
         (status = 503, description = "Redis or the broker unavailable", body = ErrorBody)))]
-async fn erase(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
     if let Err(r) = check_id(&id) {
         return r;
     }

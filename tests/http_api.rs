@@ -126,6 +126,8 @@ fn the_openapi_document_describes_every_route_and_every_answer() {
         ("get", "/v1/leads/{id}", format!("/v1/leads/{lead}"), false),
         ("get", "/v1/leads/{id}", "/v1/leads/nobody".into(), true),
         ("get", "/v1/leads/{id}", format!("/v1/leads/{long}"), true),
+        // Not UTF-8: the API's JSON error, not the router's text.
+        ("get", "/v1/leads/{id}", "/v1/leads/%FF%FE".into(), true),
         (
             "get",
             "/v1/leads/{id}/explain",
@@ -179,7 +181,7 @@ fn the_openapi_document_describes_every_route_and_every_answer() {
     assert_eq!(
         statuses,
         [
-            200, 200, 200, 200, 200, 401, 404, 400, 200, 404, 400, 401, 202
+            200, 200, 200, 200, 200, 401, 404, 400, 400, 200, 404, 400, 401, 202
         ]
     );
     let dir = tempfile::tempdir().unwrap();
@@ -204,8 +206,13 @@ fn the_openapi_document_describes_every_route_and_every_answer() {
         ("DELETE", format!("/v1/leads/{lead}/explain")),
         ("POST", "/metrics".to_owned()),
     ] {
-        let (status, _, _) = call(&service, method, &path, true);
+        let (status, content_type, body) = call(&service, method, &path, true);
         assert_eq!(status, 405, "{method} {path}");
+        assert_eq!(content_type, "application/json", "{method} {path}");
+        assert!(
+            body.contains("method not allowed"),
+            "{method} {path}: {body}"
+        );
     }
     for path in [
         "/v1/leads",
