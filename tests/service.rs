@@ -510,16 +510,23 @@ fn input_topics_that_are_not_co_partitioned_stop_the_service_with_a_clear_error(
 fn an_unreachable_broker_stops_the_service_with_a_short_clear_log() {
     let (broker, redis, names) = setup();
     let nowhere = format!("127.0.0.1:{}", common::free_port());
-    let (status, log) = Service::run_to_exit(
-        &broker,
-        &redis,
-        &names,
-        &[
-            ("LEADSCORE__KAFKA__BROKERS", &nowhere),
-            ("LEADSCORE__LOG__LEVEL", "info"),
-        ],
-        Duration::from_secs(60),
-    );
+    let settings = [
+        ("LEADSCORE__KAFKA__BROKERS", nowhere.as_str()),
+        ("LEADSCORE__LOG__LEVEL", "info"),
+    ];
+    // A SIGTERM while it waits for the brokers is answered at once, not
+    // after the wait.
+    let mut service = Service::spawn_unready(&broker, &redis, &names, &settings);
+    std::thread::sleep(Duration::from_secs(1));
+    service.signal("TERM");
+    let (status, took) = wait_exit(&mut service, Duration::from_secs(20));
+    let log = service.logs();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(took < Duration::from_secs(3), "{took:?}\n{log}");
+    assert!(log.contains("Stopped before consuming"), "{log}");
+
+    let (status, log) =
+        Service::run_to_exit(&broker, &redis, &names, &settings, Duration::from_secs(60));
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("check kafka.brokers"), "{log}");
     let lines = log.lines().count();

@@ -528,24 +528,37 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// How long the start waits for the brokers to describe a topic.
+const METADATA_WAIT: Duration = Duration::from_secs(10);
+
 /// Checks the topics: every input exists with the same partition count (a
 /// lead's events are keyed to the same partition number in each), and every
-/// output exists.
+/// output exists. `None` if `stopping` said to stop while it waited for the
+/// brokers (a signal during the start is answered within a second).
 pub fn check_topics(
     consumer: &BaseConsumer<GroupContext>,
     inputs: &[&str],
     outputs: &[&str],
-) -> Result<i32, ConsumerError> {
+    stopping: impl Fn() -> bool,
+) -> Result<Option<i32>, ConsumerError> {
     let mut counts = Vec::new();
     let mut missing = Vec::new();
+    let deadline = Instant::now() + METADATA_WAIT;
     for topic in inputs.iter().chain(outputs) {
-        let meta = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| {
-                ConsumerError::Topics(format!(
-                    "cannot read {topic}'s metadata from the brokers in 10 s ({e}); check kafka.brokers and that they are reachable"
-                ))
-            })?;
+        let meta = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match consumer.fetch_metadata(Some(topic), left.min(Duration::from_secs(1))) {
+                Ok(meta) => break meta,
+                Err(_) if stopping() => return Ok(None),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(ConsumerError::Topics(format!(
+                        "cannot read {topic}'s metadata from the brokers in {} s ({e}); check kafka.brokers and that they are reachable",
+                        METADATA_WAIT.as_secs()
+                    )));
+                }
+                Err(_) => {}
+            }
+        };
         let n = meta
             .topics()
             .iter()
@@ -570,7 +583,7 @@ pub fn check_topics(
             list.join(", ")
         )));
     }
-    Ok(counts.first().map_or(0, |(_, n)| *n as i32))
+    Ok(Some(counts.first().map_or(0, |(_, n)| *n as i32)))
 }
 
 /// Runs the consumer loop until cancelled or failed, then leaves the group
@@ -584,7 +597,14 @@ pub fn run(
 ) -> Result<(), ConsumerError> {
     let _span = info_span!("consumer").entered();
     let inputs: Vec<&str> = rt.inputs.iter().map(|t| &**t).collect();
-    rt.set_partitions(check_topics(consumer, &inputs, outputs)?);
+    let Some(partitions) = check_topics(consumer, &inputs, outputs, || rt.stopping())? else {
+        if let Some(f) = rt.fatal() {
+            return Err(ConsumerError::Fatal(f));
+        }
+        info!("Stopped before consuming.");
+        return Ok(());
+    };
+    rt.set_partitions(partitions);
     let anchor = inputs
         .first()
         .ok_or_else(|| ConsumerError::Topics("no input topics".into()))?;

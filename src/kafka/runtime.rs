@@ -207,6 +207,11 @@ impl Runtime {
         self.cancel.cancel();
     }
 
+    /// Whether the service is stopping (a signal, or a fatal error).
+    pub fn stopping(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
     /// Whether a fatal error occurred.
     pub fn failed(&self) -> bool {
         self.health.failed.load(Ordering::SeqCst)

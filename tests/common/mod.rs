@@ -788,6 +788,16 @@ impl Service {
         service
     }
 
+    /// Starts the service without waiting for it to be ready.
+    pub fn spawn_unready(
+        broker: &Broker,
+        redis: &Redis,
+        names: &Names,
+        extra: &[(&str, &str)],
+    ) -> Service {
+        Self::spawn(broker, redis, names, extra)
+    }
+
     /// Runs the service expecting it to stop by itself: its exit status and log.
     pub fn run_to_exit(
         broker: &Broker,
