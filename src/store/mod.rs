@@ -28,8 +28,8 @@ pub type ShardId = i32;
 /// keep the offsets, back off, retry.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Redis refused or dropped the call.
-    #[error("redis: {0}")]
+    /// Redis refused or dropped the call, or did not answer in time.
+    #[error("redis: {}", redis_reason(.0))]
     Redis(#[from] ::redis::RedisError),
     /// Redis answered something this version cannot read.
     #[error("unexpected reply from the store: {0}")]
@@ -37,6 +37,17 @@ pub enum StoreError {
     /// The store's configuration makes it unsafe to use (not retryable).
     #[error("{0}")]
     Config(String),
+}
+
+/// What went wrong, in words: a call that timed out says so (the operating
+/// system's words for a read that timed out are "Resource temporarily
+/// unavailable").
+fn redis_reason(e: &::redis::RedisError) -> String {
+    if e.is_timeout() {
+        "no answer within redis.timeout_ms".into()
+    } else {
+        e.to_string()
+    }
 }
 
 impl StoreError {
@@ -231,4 +242,25 @@ pub trait Store: Send + Sync {
     fn ping(&self) -> Result<(), StoreError>;
     /// Checks the store is safe to keep state in (eviction, persistence).
     fn check(&self) -> Result<Health, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_call_that_timed_out_says_so() {
+        let timed_out =
+            ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::WouldBlock));
+        assert_eq!(
+            StoreError::from(timed_out).to_string(),
+            "redis: no answer within redis.timeout_ms"
+        );
+        let refused =
+            ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(
+            StoreError::from(refused).to_string().contains("refused"),
+            "other errors keep their words"
+        );
+    }
 }
