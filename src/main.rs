@@ -159,6 +159,14 @@ fn chain(e: &anyhow::Error) -> String {
 fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Invalid settings exit 2, as `run` and `check-config` do.
+        Err(e)
+            if e.downcast_ref::<leadscore::settings::SettingsError>()
+                .is_some() =>
+        {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE

@@ -117,6 +117,40 @@ fn replay_prints_outputs_and_compares_rules() {
 }
 
 #[test]
+fn replay_fails_early_and_with_the_exit_codes_of_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    std::fs::write(
+        &input,
+        r#"{"source":"web","event_id":"1","lead_id":"a","occurred_at":"2026-11-22T10:00:00Z","type":"page_view","attributes":{"url":"/pricing"}}"#,
+    )
+    .unwrap();
+    let input = input.to_str().unwrap();
+    // Rules to compare with that cannot be read: nothing is scored first.
+    let (code, stdout, stderr) =
+        leadscore(&["replay", "--input", input, "--compare", "nope.toml"], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.is_empty(), "scored before failing: {stdout}");
+    assert!(stderr.contains("nope.toml"), "{stderr}");
+    // Invalid settings: 2, as for run and check-config.
+    let (code, _, stderr) = leadscore(
+        &["replay", "--input", input],
+        &[("LEADSCORE__LOG__FORMAT", "xml")],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("log.format"), "{stderr}");
+    // A file of which no line can be scored is a failure, not an empty result.
+    let bad = dir.path().join("bad.ndjson");
+    std::fs::write(&bad, "not json\n{\"source\":\"mail\"}\n\n").unwrap();
+    let (code, _, stderr) = leadscore(&["replay", "--input", bad.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("no line of") && stderr.contains("line 2: rejected"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn check_config_refuses_what_would_silence_the_log_or_stop_the_client() {
     let (code, _, stderr) = leadscore(
         &["check-config"],

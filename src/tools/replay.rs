@@ -188,6 +188,18 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         .lines()
         .collect::<Result<_, _>>()
         .with_context(|| format!("reading {}", args.input.display()))?;
+    // The rules to compare with are read before anything is scored: a
+    // mistake in them fails at once, not after the whole file.
+    let other = match &args.compare {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+            Some(Arc::new(
+                Rules::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            ))
+        }
+        None => None,
+    };
     let config = leadscore::service::engine_config(&loaded.settings);
     let base = score(&lines, Arc::clone(&loaded.rules), config);
     let mut out = std::io::stdout().lock();
@@ -198,12 +210,18 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     for (line, reason) in &base.rejected {
         eprintln!("line {line}: rejected: {reason}");
     }
-    if let Some(other) = &args.compare {
-        let text =
-            std::fs::read_to_string(other).with_context(|| format!("{}", other.display()))?;
-        let rules = Arc::new(
-            Rules::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", other.display()))?,
+    let rejected: std::collections::HashSet<usize> =
+        base.rejected.iter().map(|(n, _)| *n).collect();
+    let mut events = (1..=lines.len()).filter(|n| !lines[n - 1].trim().is_empty());
+    let none_scored = events.clone().next().is_some() && events.all(|n| rejected.contains(&n));
+    if none_scored {
+        anyhow::bail!(
+            "no line of {} could be scored ({} rejected, reasons above)",
+            args.input.display(),
+            base.rejected.len()
         );
+    }
+    if let Some(rules) = other {
         let alt = score(&lines, Arc::clone(&rules), config);
         let moved: Vec<(&String, &String, &str)> = base
             .segments
