@@ -215,7 +215,7 @@ pub struct RedisSettings {
 
 /// How leadscore talks to Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum RedisMode {
     /// One server.
     Single,
@@ -260,7 +260,7 @@ pub struct StateSettings {
     /// Leads (and anonymous visitors) with no event for this long, and decayed
     /// below `expire_below`, are deleted (`0s`: never). Opt-outs, customers,
     /// opportunities and suppressed leads are kept.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "days")]
     pub retention: std::time::Duration,
     /// "Decayed to nothing": engagement below this many points.
     pub expire_below: f64,
@@ -353,7 +353,7 @@ impl Default for SchemaRegistrySettings {
 
 /// State backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Backend {
     /// Redis, write-behind.
     Redis,
@@ -439,12 +439,77 @@ impl Default for LogSettings {
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A duration written as whole days when it is (`180days`, as the README
+/// writes the retention, not humantime's `5months 27days 19h 12m`), else as
+/// humantime writes it; read by humantime either way.
+mod days {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let secs = d.as_secs();
+        if d.subsec_nanos() == 0 && secs > 0 && secs.is_multiple_of(86_400) {
+            s.serialize_str(&format!("{}days", secs / 86_400))
+        } else {
+            humantime_serde::serialize(d, s)
+        }
+    }
+
+    pub use humantime_serde::deserialize;
+}
+
+/// The value named `name` among `options` (a setting's possible values, as
+/// written in the configuration), or an error that lists them: the
+/// configuration reader's own message names the Rust type instead.
+pub fn one_of<T: Copy>(name: &str, options: &[(&str, T)]) -> Result<T, String> {
+    options
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            format!("{name:?} is not one of: {}", names.join(", "))
+        })
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        one_of(&s, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
+    }
+}
+
+impl TryFrom<String> for Backend {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        one_of(
+            &s,
+            &[("redis", Backend::Redis), ("memory", Backend::Memory)],
+        )
+    }
+}
+
+impl TryFrom<String> for RedisMode {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        one_of(
+            &s,
+            &[
+                ("single", RedisMode::Single),
+                ("cluster", RedisMode::Cluster),
+            ],
+        )
+    }
 }
 
 /// Every problem found while loading settings.
@@ -476,9 +541,14 @@ impl Settings {
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(&defaults, config::FileFormat::Toml));
         if let Some(path) = file {
-            if std::fs::metadata(path).is_err() {
+            let unreadable = match std::fs::metadata(path) {
+                Err(e) => Some(e.to_string()),
+                Ok(m) if m.is_dir() => Some("it is a directory".into()),
+                Ok(_) => std::fs::File::open(path).err().map(|e| e.to_string()),
+            };
+            if let Some(why) = unreadable {
                 return Err(SettingsError(vec![format!(
-                    "{}: cannot read the config file",
+                    "{}: cannot read the config file: {why}",
                     path.display()
                 )]));
             }
@@ -623,6 +693,12 @@ impl Settings {
             RedisMode::Single => vec![r.url.as_str()],
             RedisMode::Cluster => r.url.split(',').map(str::trim).collect(),
         };
+        if r.mode == RedisMode::Single && r.url.contains(',') {
+            p.push(
+                "redis.url: a comma-separated list of URLs is a cluster's nodes: set redis.mode = \"cluster\" (single mode takes one URL)"
+                    .into(),
+            );
+        }
         for url in &urls {
             let ok = url.starts_with("redis://")
                 || url.starts_with("rediss://")
@@ -630,12 +706,12 @@ impl Settings {
                     && (url.starts_with("unix://") || url.starts_with("redis+unix://")));
             if !ok {
                 p.push(format!(
-                    "redis.url: {:?} is not a redis:// or rediss:// URL{}",
+                    "redis.url: {:?} is not a {}",
                     mask_url(url),
                     if r.mode == RedisMode::Cluster {
-                        " (cluster mode takes a comma-separated list of them)"
+                        "redis:// or rediss:// URL (cluster mode takes a comma-separated list of them)"
                     } else {
-                        ""
+                        "redis://, rediss:// or unix:// URL"
                     }
                 ));
             }
@@ -731,8 +807,13 @@ impl Settings {
         if h.max_connections == 0 {
             p.push("http.max_connections: must be at least 1".into());
         }
-        if h.header_read_timeout_ms < 100 || h.request_timeout_ms < 100 {
-            p.push("http.header_read_timeout_ms and http.request_timeout_ms: at least 100".into());
+        for (name, ms) in [
+            ("header_read_timeout_ms", h.header_read_timeout_ms),
+            ("request_timeout_ms", h.request_timeout_ms),
+        ] {
+            if ms < 100 {
+                p.push(format!("http.{name}: at least 100"));
+            }
         }
         if h.auth_token.as_deref().is_some_and(|t| t.len() < 16) {
             p.push("http.auth_token: use at least 16 characters".into());
@@ -1125,6 +1206,98 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("linger"), "{err}");
+    }
+
+    #[test]
+    fn a_value_that_is_not_an_option_names_the_options() {
+        for (var, value, want) in [
+            (
+                "LEADSCORE__LOG__FORMAT",
+                "xml",
+                "log.format: \"xml\" is not one of: text, json",
+            ),
+            (
+                "LEADSCORE__STATE__BACKEND",
+                "disk",
+                "state.backend: \"disk\" is not one of: redis, memory",
+            ),
+            (
+                "LEADSCORE__REDIS__MODE",
+                "sentinel",
+                "redis.mode: \"sentinel\" is not one of: single, cluster",
+            ),
+            (
+                "LEADSCORE__KAFKA__FORMATS__WEB",
+                "xml",
+                "kafka.formats.web: \"xml\" is not one of: json, avro, avro-registry",
+            ),
+        ] {
+            let err = Settings::load(None, env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        // What check-config prints reads back as the same values.
+        let mut s = Settings::default();
+        s.log.format = LogFormat::Json;
+        s.state.backend = Backend::Memory;
+        s.redis.mode = RedisMode::Cluster;
+        s.kafka.formats.web = crate::decode::Format::AvroRegistry;
+        s.schema_registry.url = Some("http://registry:8081".into());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, s.to_masked_toml()).unwrap();
+        let text = s.to_masked_toml();
+        assert!(text.contains("retention = \"180days\""), "{text}");
+        let back = Settings::load(Some(path.as_path()), env(&[]))
+            .unwrap()
+            .settings;
+        assert_eq!(back.state.retention, s.state.retention);
+        assert_eq!(back.log.format, LogFormat::Json);
+        assert_eq!(back.state.backend, Backend::Memory);
+        assert_eq!(back.redis.mode, RedisMode::Cluster);
+        assert_eq!(back.kafka.formats.web, crate::decode::Format::AvroRegistry);
+    }
+
+    #[test]
+    fn an_unreadable_config_file_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let err = Settings::load(Some(&missing), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read the config file: No such file"),
+            "{err}"
+        );
+        let err = Settings::load(Some(dir.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read the config file: it is a directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_list_of_redis_urls_needs_cluster_mode() {
+        let list = "redis://a:6379/0,redis://b:6379/0";
+        let err = Settings::load(None, env(&[("LEADSCORE__REDIS__URL", list)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("set redis.mode = \"cluster\""), "{err}");
+        let cluster = Settings::load(
+            None,
+            env(&[
+                ("LEADSCORE__REDIS__URL", list),
+                ("LEADSCORE__REDIS__MODE", "cluster"),
+            ]),
+        );
+        assert!(
+            cluster.is_ok(),
+            "{:?}",
+            cluster.err().map(|e| e.to_string())
+        );
     }
 
     #[test]

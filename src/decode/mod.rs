@@ -26,7 +26,7 @@ pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// The wire format of one topic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Format {
     /// One JSON object per message.
     #[default]
@@ -37,6 +37,21 @@ pub enum Format {
     /// then the Avro datum, written with the registered schema of that id.
     #[serde(rename = "avro-registry")]
     AvroRegistry,
+}
+
+impl TryFrom<String> for Format {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::settings::one_of(
+            &s,
+            &[
+                ("json", Format::Json),
+                ("avro", Format::Avro),
+                ("avro-registry", Format::AvroRegistry),
+            ],
+        )
+    }
 }
 
 /// Why a payload could not become an event. All variants are poison (dead-letter and move on).
