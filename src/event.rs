@@ -205,7 +205,7 @@ pub enum ContractError {
         field: &'static str,
     },
     /// `occurred_at` is outside 2000-01-01 .. 2100-01-01.
-    #[error("occurred_at {0} ms is outside 2000-01-01..2100-01-01")]
+    #[error("occurred_at {} is outside 2000-01-01..2100-01-01", format_rfc3339(*.0))]
     TimestampOutOfRange(Millis),
     /// `occurred_at` is not RFC 3339.
     #[error("occurred_at is not an RFC 3339 timestamp: {0}")]
@@ -823,6 +823,10 @@ mod tests {
         let mut e = sample();
         e.occurred_at = 0;
         assert_eq!(e.validate(), Err(ContractError::TimestampOutOfRange(0)));
+        assert_eq!(
+            ContractError::TimestampOutOfRange(915_148_800_000).to_string(),
+            "occurred_at 1999-01-01T00:00:00.000Z is outside 2000-01-01..2100-01-01"
+        );
         let mut e = sample();
         e.kind = EventType::Identify;
         assert_eq!(e.validate(), Err(ContractError::IdentifyWithoutBothIds));

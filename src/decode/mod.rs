@@ -263,6 +263,9 @@ pub fn input_schema(source: Source) -> Schema {
 }
 
 #[derive(Deserialize)]
+#[serde(
+    expecting = "an event: a JSON object with event_id, occurred_at, type and lead_id or anonymous_id"
+)]
 struct RawEvent<'a> {
     #[serde(borrow)]
     event_id: Option<Str<'a>>,
@@ -519,8 +522,11 @@ mod tests {
             ),
             (
                 r#"{"event_id":"e","lead_id":"l","occurred_at":"1970-01-01T00:00:00Z","type":"page_view"}"#,
-                "outside",
+                "occurred_at 1970-01-01T00:00:00.000Z is outside",
             ),
+            // Not an object: what was expected, in the contract's words.
+            ("null", "expected an event: a JSON object with event_id"),
+            (r#"["a"]"#, "expected an event: a JSON object with event_id"),
         ];
         for (input, expected) in cases {
             let err = d
