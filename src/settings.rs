@@ -465,6 +465,21 @@ mod days {
     pub use humantime_serde::deserialize;
 }
 
+/// The environment variable that set the setting a problem is about (the
+/// setting's path before the first `: `), if one did. Names are compared
+/// with every `_` and `__` read as a level, so that a librdkafka property
+/// (`kafka.consumer.no.such.prop`) matches the variable that set it
+/// (`LEADSCORE__KAFKA__CONSUMER__NO_SUCH_PROP`).
+fn set_by<'a>(problem: &str, env_names: &'a [String]) -> Option<&'a String> {
+    let path = problem.split(": ").next()?.split(' ').next()?;
+    let dotted = |s: &str| s.to_ascii_lowercase().replace("__", ".").replace('_', ".");
+    let want = dotted(&format!("leadscore.{path}"));
+    env_names.iter().find(|name| {
+        let have = dotted(name);
+        have == want || have.starts_with(&format!("{want}."))
+    })
+}
+
 /// The value named `name` among `options` (a setting's possible values, as
 /// written in the configuration), or an error that lists them: the
 /// configuration reader's own message names the Rust type instead.
@@ -565,6 +580,7 @@ impl Settings {
             }
             env.insert(key, value);
         }
+        let env_names: Vec<String> = env.keys().cloned().collect();
         // `__` separates levels; values stay strings (a group id "123" stays
         // a string) and are converted only where a setting is a number or a
         // boolean.
@@ -624,6 +640,13 @@ impl Settings {
                 .collect();
         }
         problems.extend(settings.check());
+        // A problem with a value from the environment names its variable:
+        // the reader merged it with the file's and lost where it came from.
+        for p in &mut problems {
+            if let Some(var) = set_by(p, &env_names) {
+                p.push_str(&format!(" (set by {var})"));
+            }
+        }
         let rules = match &settings.scoring.rules_file {
             None => Some(Rules::default_rules()),
             Some(path) => match std::fs::read_to_string(path) {
@@ -1275,6 +1298,41 @@ mod tests {
             .to_string();
         assert!(
             err.contains("cannot read the config file: it is a directory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_problem_with_a_value_from_the_environment_names_the_variable() {
+        let err = Settings::load(
+            None,
+            env(&[
+                ("LEADSCORE__FOO__BAR", "1"),
+                ("LEADSCORE__KAFKA__NONSENSE", "1"),
+                ("LEADSCORE__REDIS__FLUSH_INTERVAL_MS", "0"),
+                ("LEADSCORE__KAFKA__CONSUMER__NO_SUCH_PROP", "1"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "foo: unknown section",
+            "(set by LEADSCORE__FOO__BAR)",
+            "(set by LEADSCORE__KAFKA__NONSENSE)",
+            "redis.flush_interval_ms: must be 1..=60000 (set by LEADSCORE__REDIS__FLUSH_INTERVAL_MS)",
+            "(set by LEADSCORE__KAFKA__CONSUMER__NO_SUCH_PROP)",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        // A problem with a value from the file names no variable.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[redis]\nflush_interval_ms = 0\n").unwrap();
+        let err = Settings::load(Some(path.as_path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("redis.flush_interval_ms") && !err.contains("set by"),
             "{err}"
         );
     }
