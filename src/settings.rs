@@ -462,7 +462,16 @@ mod days {
         }
     }
 
-    pub use humantime_serde::deserialize;
+    /// humantime's own reason (`time unit needed, for example 3600sec or
+    /// 3600ms`), which serde's `expected a duration` leaves out.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration: {e} (write it as, e.g., \"180days\" or \"12h\")"
+            ))
+        })
+    }
 }
 
 /// The environment variable that set the setting a problem is about (the
@@ -1007,6 +1016,14 @@ fn section_into<T: DeserializeOwned>(
         .and_then(|d| d.clone().into_table().ok())
         .unwrap_or_default();
     let mut problems = Vec::new();
+    for (key, value) in table.iter_mut() {
+        if let Some(problem) = fraction_for_integer(at, key, value, defaults.get(key)) {
+            problems.push(problem);
+            if let Some(d) = defaults.get(key) {
+                *value = d.clone();
+            }
+        }
+    }
     for _ in 0..=table.len() {
         let value = config::Value::new(None, config::ValueKind::Table(table.clone()));
         match deserialize_section(value, at, target) {
@@ -1028,6 +1045,24 @@ fn section_into<T: DeserializeOwned>(
     } else {
         Err(problems)
     }
+}
+
+/// A number with a fraction where the setting is a whole number: the
+/// `config` crate would round `timeout_ms = 1.5` to 2 without a word.
+fn fraction_for_integer(
+    at: &str,
+    key: &str,
+    value: &config::Value,
+    default: Option<&config::Value>,
+) -> Option<String> {
+    use config::ValueKind::{Float, I64, I128, U64, U128};
+    let (Float(f), Some(I64(_) | I128(_) | U64(_) | U128(_))) =
+        (&value.kind, default.map(|d| &d.kind))
+    else {
+        return None;
+    };
+    (f.fract() != 0.0 || !f.is_finite())
+        .then(|| format!("{at}.{key}: must be a whole number, got {f}"))
 }
 
 /// One attempt: the problem and the section key it is about, if known.
@@ -1229,6 +1264,35 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("linger"), "{err}");
+    }
+
+    #[test]
+    fn a_fraction_for_a_whole_number_and_a_duration_without_unit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[redis]\ntimeout_ms = 1.5\nflush_interval_ms = 250.0\n[state]\nretention = 3600\nexpire_below = 2\n",
+        )
+        .unwrap();
+        let err = Settings::load(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("redis.timeout_ms: must be a whole number, got 1.5"),
+            "{err}"
+        );
+        assert!(
+            err.contains("state.retention: \"3600\" is not a duration: time unit needed"),
+            "{err}"
+        );
+        // A whole number written with `.0`, and an integer for a fraction, are fine.
+        assert!(!err.contains("flush_interval_ms"), "{err}");
+        assert!(!err.contains("expire_below"), "{err}");
+
+        std::fs::write(&path, "[state]\nretention = \"12h\"\n").unwrap();
+        let loaded = Settings::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(loaded.settings.state.retention.as_secs(), 12 * 3600);
     }
 
     #[test]
