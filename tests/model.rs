@@ -145,7 +145,7 @@ fn a_quiet_hot_lead_is_downgraded_by_decay() {
 /// warm, cold, warm.
 #[test]
 fn a_backfill_after_a_quiet_spell_gives_the_changes_it_gives_on_time() {
-    let (broker, _redis, names, service) = setup();
+    let (broker, _redis, names, mut service) = setup();
     service.wait_ready();
     // Live traffic on another input, then nothing for a while: the inputs
     // go idle (1 s) and the shard's clock follows the wall clock.

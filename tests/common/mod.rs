@@ -783,7 +783,7 @@ pub struct Service {
 impl Service {
     /// Starts `leadscore run` against the broker and Redis with `extra` environment.
     pub fn start(broker: &Broker, redis: &Redis, names: &Names, extra: &[(&str, &str)]) -> Service {
-        let service = Self::spawn(broker, redis, names, extra);
+        let mut service = Self::spawn(broker, redis, names, extra);
         service.wait_ready();
         service
     }
@@ -896,11 +896,19 @@ impl Service {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn wait_ready(&self) {
+    /// Waits for `/readyz` to answer 200; a service that exits meanwhile
+    /// (a settings error) fails at once with its log.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if matches!(self.get("/readyz"), Some((200, _))) {
                 return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "service exited ({status}) before it was ready; log:\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
