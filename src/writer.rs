@@ -158,8 +158,6 @@ pub struct WriteBehind {
     jobs: Sender<Job>,
     done: Receiver<Done>,
     in_flight: bool,
-    store: Arc<dyn Store>,
-    ack_timeout: Duration,
 }
 
 impl std::fmt::Debug for WriteBehind {
@@ -179,10 +177,9 @@ impl WriteBehind {
     ) -> std::io::Result<Self> {
         let (jobs, jobs_rx) = crossbeam_channel::bounded::<Job>(1);
         let (done_tx, done) = crossbeam_channel::bounded(1);
-        let thread_store = Arc::clone(&store);
         std::thread::Builder::new().name(name).spawn(move || {
             for job in jobs_rx {
-                if done_tx.send(run(&*thread_store, job, ack_timeout)).is_err() {
+                if done_tx.send(run(&*store, job, ack_timeout)).is_err() {
                     break;
                 }
             }
@@ -191,8 +188,6 @@ impl WriteBehind {
             jobs,
             done,
             in_flight: false,
-            store,
-            ack_timeout,
         })
     }
 
@@ -235,11 +230,6 @@ impl WriteBehind {
                 Some(Err(WriteError::Stopped))
             }
         }
-    }
-
-    /// Writes a job in the calling thread (a drain, with nothing in flight).
-    pub fn write_now(&self, job: Job) -> Done {
-        run(&*self.store, job, self.ack_timeout)
     }
 }
 

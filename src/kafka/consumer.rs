@@ -36,6 +36,9 @@ use crate::shard::Shard;
 use crate::store::{ShardId, Store};
 use crate::writer::Policy;
 
+/// How the consumer thread reaches a worker: its control channel and its wake-up.
+type WorkerHandle = (Sender<Control>, Arc<Wake>);
+
 /// Errors that stop the consumer.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -83,7 +86,7 @@ pub struct GroupContext {
     rt: Arc<Runtime>,
     store: Arc<dyn Store>,
     me: OnceLock<Weak<BaseConsumer<GroupContext>>>,
-    workers: OnceLock<Vec<(Sender<Control>, Arc<Wake>)>>,
+    workers: OnceLock<Vec<WorkerHandle>>,
     drain_timeout: Duration,
     /// How long after a fence a shard the group still assigns here is taken again.
     fence_grace: Duration,
@@ -111,16 +114,12 @@ impl GroupContext {
     }
 
     /// Lets the callbacks reach the consumer (to split queues) and the workers.
-    pub fn attach(
-        &self,
-        consumer: &Arc<BaseConsumer<GroupContext>>,
-        workers: Vec<(Sender<Control>, Arc<Wake>)>,
-    ) {
+    pub fn attach(&self, consumer: &Arc<BaseConsumer<GroupContext>>, workers: Vec<WorkerHandle>) {
         let _ = self.me.set(Arc::downgrade(consumer));
         let _ = self.workers.set(workers);
     }
 
-    fn worker_of(&self, shard: ShardId) -> Option<&(Sender<Control>, Arc<Wake>)> {
+    fn worker_of(&self, shard: ShardId) -> Option<&WorkerHandle> {
         let w = self.workers.get()?;
         w.get(shard.unsigned_abs() as usize % w.len().max(1))
     }
@@ -345,20 +344,30 @@ impl GroupContext {
         }
         let lost = consumer.assignment_lost() || self.rt.failed();
         let deadline = Instant::now() + self.drain_timeout;
-        let mut waits = Vec::new();
+        // One message per worker with all its shards: a worker drains them
+        // in one write, so a Redis that does not answer costs the deadline
+        // once, not one store timeout per shard after it.
+        let mut by_worker: Vec<(&WorkerHandle, Vec<ShardId>)> = Vec::new();
         for &p in shards {
-            let Some((control, wake)) = self.worker_of(p) else {
+            let Some(worker) = self.worker_of(p) else {
                 continue;
             };
+            match by_worker.iter_mut().find(|(w, _)| std::ptr::eq(*w, worker)) {
+                Some((_, ids)) => ids.push(p),
+                None => by_worker.push((worker, vec![p])),
+            }
+        }
+        let mut waits = Vec::new();
+        for ((control, wake), ids) in by_worker {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let msg = if lost {
                 Control::Drop {
-                    shards: vec![p],
+                    shards: ids,
                     done: tx,
                 }
             } else {
                 Control::Drain {
-                    shards: vec![p],
+                    shards: ids,
                     deadline,
                     done: tx,
                 }
@@ -592,7 +601,7 @@ pub fn run(
     consumer: &Arc<BaseConsumer<GroupContext>>,
     rt: &Arc<Runtime>,
     outputs: &[&str],
-    workers: &[(Sender<Control>, Arc<Wake>)],
+    workers: &[WorkerHandle],
     drain_timeout: Duration,
 ) -> Result<(), ConsumerError> {
     let _span = info_span!("consumer").entered();

@@ -628,11 +628,19 @@ impl Worker {
 
     /// Makes what `ids` hold durable (retrying until `deadline`) and gives them up.
     fn drain(&mut self, ids: &[ShardId], deadline: Instant) {
+        // How long the last write took to fail, if it failed: an attempt
+        // is made only if one as long still fits before the deadline (a
+        // Redis that stopped answering takes the store's whole timeout to
+        // fail), so the drain ends by the deadline, not a timeout past it.
+        let mut failed_after = None;
         // The write in flight first.
         while self.writer.busy() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.writer.wait(left.max(Duration::from_millis(1))) {
-                Some(Ok(done)) => self.finish(done),
+                Some(Ok(done)) => {
+                    failed_after = done.outcome.is_err().then_some(done.took);
+                    self.finish(done);
+                }
                 Some(Err(e)) => self.rt.fail(e.to_string()),
                 None if Instant::now() >= deadline => break,
                 None => {}
@@ -650,32 +658,60 @@ impl Worker {
             if writes.is_empty() {
                 break;
             }
+            let room = deadline.saturating_duration_since(Instant::now());
+            if room.is_zero() || failed_after.is_some_and(|took| room < took) || self.rt.failed() {
+                self.give_up_unwritten(ids);
+                break;
+            }
+            // On the writer thread, waited for until the deadline at most:
+            // a store that does not answer can take more than one timeout
+            // (a reconnection, then the write). One still in flight at the
+            // deadline is left to finish or fail on its own; it is fenced
+            // and atomic, and the shards are given up either way.
             let started = Instant::now();
-            let done = self.writer.write_now(Job {
+            let job = Job {
                 barrier: self.sink.barrier(),
                 writes,
-            });
-            let failed = done.outcome.is_err();
-            self.finish(done);
+            };
+            if let Err(e) = self.writer.submit(job) {
+                self.rt.fail(e.to_string());
+            }
+            let failed = match self.writer.wait(room) {
+                Some(Ok(done)) => {
+                    let failed = done.outcome.is_err();
+                    self.finish(done);
+                    failed
+                }
+                Some(Err(e)) => {
+                    self.rt.fail(e.to_string());
+                    true
+                }
+                None => true,
+            };
             if !failed {
                 break;
             }
-            // Another attempt only if one as long as this one still fits
-            // before the deadline (a Redis that stopped answering takes
-            // the store's whole timeout to fail): the drain ends by the
-            // deadline, not a timeout past it.
-            let pause = self.policy.backoff();
-            let room = deadline.saturating_duration_since(Instant::now());
-            if room < pause + started.elapsed() || self.rt.failed() {
-                error!(shards = ?ids, "Could not write before giving the shards up; their next owner resumes from the last durable position.");
-                self.rt.gave_up_unwritten(ids.len());
+            if self.writer.busy() || self.rt.failed() {
+                self.give_up_unwritten(ids);
                 break;
             }
+            let took = started.elapsed();
+            let pause = self.policy.backoff();
+            if deadline.saturating_duration_since(Instant::now()) < pause + took {
+                self.give_up_unwritten(ids);
+                break;
+            }
+            failed_after = Some(took);
             std::thread::sleep(pause);
         }
         for id in ids {
             self.remove(*id, "revoked");
         }
+    }
+
+    fn give_up_unwritten(&self, ids: &[ShardId]) {
+        error!(shards = ?ids, "Could not write before giving the shards up; their next owner resumes from the last durable position.");
+        self.rt.gave_up_unwritten(ids.len());
     }
 
     /// Another member took the shard: drop what it holds. Usually the group
