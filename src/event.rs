@@ -238,16 +238,17 @@ pub enum ContractError {
         known: String,
     },
     /// `occurred_at` lies further ahead of the message's broker timestamp
-    /// (or, without one, the wall clock) than the configured tolerance.
+    /// (or the wall clock, without one or when that is earlier) than the
+    /// configured tolerance.
     #[error(
-        "occurred_at {occurred_at} is {ahead_ms} ms after the message's {against} (tolerance {tolerance_ms} ms)"
+        "occurred_at {occurred_at} is {ahead_ms} ms after {against} (tolerance {tolerance_ms} ms)"
     )]
     FromTheFuture {
         /// The event time, RFC 3339.
         occurred_at: String,
         /// How far ahead it is.
         ahead_ms: i64,
-        /// `broker timestamp` or `wall clock`.
+        /// `the message's broker timestamp` or `the wall clock`.
         against: &'static str,
         /// The configured tolerance.
         tolerance_ms: i64,

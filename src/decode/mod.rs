@@ -106,8 +106,9 @@ impl DecodeError {
 pub struct Contract {
     /// Channel names accepted in a messaging event's `channel` (from the rules).
     pub channels: std::sync::Arc<[String]>,
-    /// How far `occurred_at` may lie after the message's broker timestamp (or,
-    /// without one, the wall clock) before the event is rejected.
+    /// How far `occurred_at` may lie after the message's broker timestamp (or
+    /// the wall clock, without one or when that is earlier) before the event
+    /// is rejected.
     pub future_tolerance_ms: i64,
 }
 
@@ -234,9 +235,13 @@ impl Decoder {
                 known: self.contract.channels.join(", "),
             });
         }
+        // The broker timestamp keeps a replay deterministic, but a producer
+        // may set it (CreateTime) to anything, the event's own date
+        // included: never later than the wall clock.
+        let wall = crate::event::wall_clock_ms();
         let (reference, against) = match timestamp.filter(|t| *t > 0) {
-            Some(t) => (t, "broker timestamp"),
-            None => (crate::event::wall_clock_ms(), "wall clock"),
+            Some(t) if t <= wall => (t, "the message's broker timestamp"),
+            _ => (wall, "the wall clock"),
         };
         let ahead = event.occurred_at.saturating_sub(reference);
         if ahead > self.contract.future_tolerance_ms {
@@ -261,6 +266,11 @@ pub fn input_schema(source: Source) -> Schema {
     };
     Schema::parse_str(text).expect("shipped input schemas parse (checked by tests)")
 }
+
+/// What a JSON payload must be, in the contract's words (also serde's
+/// `expecting` below, which takes only a literal).
+const EXPECTED_EVENT: &str =
+    "an event: a JSON object with event_id, occurred_at, type and lead_id or anonymous_id";
 
 #[derive(Deserialize)]
 #[serde(
@@ -339,6 +349,13 @@ fn decode_json(source: Source, bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 channel: str(f.channel),
                 attributes: f.attributes.map(Attributes),
             }
+        }
+        // serde reads a struct from an array too, and would complain about
+        // its first element.
+        None if text.trim_start().starts_with('[') => {
+            return Err(DecodeError::Json(format!(
+                "invalid type: an array, expected {EXPECTED_EVENT}"
+            )));
         }
         None => serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?,
     };
@@ -527,6 +544,10 @@ mod tests {
             // Not an object: what was expected, in the contract's words.
             ("null", "expected an event: a JSON object with event_id"),
             (r#"["a"]"#, "expected an event: a JSON object with event_id"),
+            (
+                "[1, 2]",
+                "invalid type: an array, expected an event: a JSON object",
+            ),
         ];
         for (input, expected) in cases {
             let err = d
@@ -547,6 +568,54 @@ mod tests {
             d.decode(Some(&big), None),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+
+    /// A producer that sets the record's timestamp to the event's own date
+    /// (a month ahead) does not get it past the check: the reference is
+    /// never later than the wall clock. A broker timestamp in the past is
+    /// still the reference (a replay decides as the live run did).
+    #[test]
+    fn an_event_dated_ahead_of_the_wall_clock_is_refused_whatever_its_broker_timestamp() {
+        let d = Decoder::new(Source::Web, Format::Json, Contract::default());
+        let now = crate::event::wall_clock_ms();
+        let event = |at: i64| {
+            format!(
+                r#"{{"event_id":"e","lead_id":"l","occurred_at":"{}","type":"page_view"}}"#,
+                crate::event::format_rfc3339(at)
+            )
+        };
+        let month = 30 * 86_400_000;
+        let ahead = event(now + month);
+        let err = d
+            .decode(Some(ahead.as_bytes()), Some(now + month))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("after the wall clock"), "{err}");
+        let err = d
+            .decode(Some(ahead.as_bytes()), Some(now))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("after the message's broker timestamp"),
+            "{err}"
+        );
+        let earlier = event(now - month);
+        assert!(
+            d.decode(Some(earlier.as_bytes()), Some(now - month))
+                .is_ok()
+        );
+        let err = d
+            .decode(Some(earlier.as_bytes()), Some(now - 2 * month))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("after the message's broker timestamp"),
+            "{err}"
+        );
+        assert!(
+            d.decode(Some(event(now).as_bytes()), Some(now + month))
+                .is_ok()
+        );
     }
 
     #[test]
