@@ -176,8 +176,11 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
         ],
         false,
     );
-    // …then upstream adds a field: the next events are written with a newer
-    // schema version leadscore has never seen, which its reader schema resolves.
+    // …then upstream adds a field and an event type: the next events are
+    // written with a newer schema version leadscore has never seen, which its
+    // reader schema resolves datum by datum. Only the event of the new type
+    // is dead-lettered (before 2026-12-07 the whole schema was refused up
+    // front, and with it every event its producer sent).
     let evolved = produce_avro(
         &broker,
         &registry,
@@ -198,6 +201,7 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
                 "booking_abandoned",
                 serde_json::json!({}),
             ),
+            web("w5b", lead, &ago(4), "scroll_depth", serde_json::json!({})),
             web(
                 "w6",
                 lead,
@@ -213,14 +217,17 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
     let email_id = email[0]["schema_id"].as_u64().unwrap();
     assert_ne!(web_v1, web_v2, "the evolved schema is a new version");
 
-    service.wait_consumed(8, Duration::from_secs(60));
+    service.wait_consumed(9, Duration::from_secs(60));
     service.wait_settled(Duration::from_secs(60));
     assert_eq!(
         service.counter("leadscore_dead_lettered_total"),
-        0,
+        1,
         "log:\n{}",
         service.logs()
     );
+    let dead = broker.read(&names.dead, PARTITIONS, 1, Duration::from_secs(30));
+    let reason = header(&dead[0], "leadscore.reason").unwrap_or_default();
+    assert!(reason.contains("scroll_depth"), "{reason}");
 
     // A stock Confluent consumer decodes leadscore's outputs.
     let changes = consume_avro(&broker, &registry, &names.changes, 2);
@@ -277,7 +284,7 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(service.counter("leadscore_dead_lettered_total"), 0);
+    assert_eq!(service.counter("leadscore_dead_lettered_total"), 1);
 
     // Each input schema was fetched once and then served from the cache.
     let requests = registry.requests();

@@ -7,12 +7,10 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use apache_avro::Schema;
 use apache_avro::types::Value;
-use parking_lot::RwLock;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
@@ -131,8 +129,6 @@ pub struct Decoder {
     avro: Option<Schema>,
     contract: Contract,
     registry: Option<Arc<Registry>>,
-    /// Per writer schema id: whether leadscore can read data written with it.
-    readable: Arc<RwLock<HashMap<u32, Result<(), String>>>>,
 }
 
 impl Decoder {
@@ -149,7 +145,6 @@ impl Decoder {
             avro,
             contract,
             registry: None,
-            readable: Arc::default(),
         }
     }
 
@@ -181,8 +176,14 @@ impl Decoder {
             (Format::Avro, Some(schema)) => decode_avro(self.source, schema, None, bytes)?,
             (Format::AvroRegistry, Some(reader)) => {
                 let (id, datum) = registry::unframe(bytes).map_err(DecodeError::Registry)?;
-                let writer = self.writer_schema(id, reader)?;
-                decode_avro(self.source, &writer, Some(reader), datum)?
+                let writer = self.writer_schema(id)?;
+                decode_avro(self.source, &writer, Some(reader), datum).map_err(|e| match e {
+                    DecodeError::Avro(why) => DecodeError::Avro(format!(
+                        "written with schema id {id}, read as leadscore's {} schema: {why}",
+                        self.source
+                    )),
+                    e => e,
+                })?
             }
             _ => decode_json(self.source, bytes)?,
         };
@@ -191,38 +192,23 @@ impl Decoder {
         Ok(event)
     }
 
-    /// The writer schema of a frame's id, checked once to be readable as `reader`.
-    fn writer_schema(&self, id: u32, reader: &Schema) -> Result<Arc<Schema>, DecodeError> {
+    /// The writer schema of a frame's id. It is not checked against the
+    /// reader schema as a whole: each datum is resolved on its own (Avro's
+    /// rules), so a schema that adds an event type still decodes every event
+    /// of the types leadscore knows, and only an event of the new type is
+    /// dead-lettered.
+    fn writer_schema(&self, id: u32) -> Result<Arc<Schema>, DecodeError> {
         let registry = self
             .registry
             .as_ref()
             .ok_or_else(|| DecodeError::Registry("no schema registry configured".into()))?;
-        let writer = registry.schema(id).map_err(|e| {
+        registry.schema(id).map_err(|e| {
             if e.retryable() {
                 DecodeError::RegistryUnavailable(e.to_string())
             } else {
                 DecodeError::Registry(e.to_string())
             }
-        })?;
-        let known = self.readable.read().get(&id).cloned();
-        let verdict = match known {
-            Some(v) => v,
-            None => {
-                let v = apache_avro::schema_compatibility::SchemaCompatibility::can_read(
-                    &writer, reader,
-                )
-                .map_err(|e| {
-                    format!(
-                        "schema id {id} cannot be read as leadscore's {} schema: {e}",
-                        self.source
-                    )
-                });
-                self.readable.write().insert(id, v.clone());
-                v
-            }
-        };
-        verdict.map_err(DecodeError::Registry)?;
-        Ok(writer)
+        })
     }
 
     /// The checks that need configuration: channel names and future dates.

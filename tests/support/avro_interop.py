@@ -16,7 +16,8 @@ AvroDeserializer, so leadscore is checked against Confluent's behaviour, not our
       --evolve: write with the schema plus one optional field
       {"name": "user_agent", "type": ["null","string"], "default": null}; its value is
       the line's "user_agent", else "avro-interop/evolved" (non-null, so the bytes
-      really differ from the old schema's).
+      really differ from the old schema's); and one more symbol, "scroll_depth", at the
+      end of the "type" enum.
       Prints one line per message on stdout: {"partition","offset","schema_id","key"}.
 
   consume --brokers B --registry URL --topic T --count N --timeout S
@@ -60,6 +61,8 @@ EVOLVED_FIELD = {
     "doc": "Added by avro_interop.py --evolve (an optional field with a default).",
 }
 EVOLVED_DEFAULT = "avro-interop/evolved"
+# --evolve also adds an event type upstream, as a tracker does when it ships a new one.
+EVOLVED_SYMBOL = "scroll_depth"
 
 RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
@@ -247,6 +250,9 @@ def cmd_produce(args) -> int:
         if any(f["name"] == EVOLVED_FIELD["name"] for f in schema["fields"]):
             die(2, f"--evolve: schema already has a {EVOLVED_FIELD['name']!r} field")
         schema["fields"].append(dict(EVOLVED_FIELD))
+        for f in schema["fields"]:
+            if f["name"] == "type" and isinstance(f["type"], dict) and f["type"].get("type") == "enum":
+                f["type"]["symbols"] = f["type"]["symbols"] + [EVOLVED_SYMBOL]
         schema["doc"] = schema.get("doc", "") + " [evolved by avro_interop.py]"
         schema_text = json.dumps(schema, indent=2)
     names: dict = {}
