@@ -33,7 +33,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::decode::{Format, encode_avro, input_schema};
+use crate::decode::{Format, encode_avro, input_schema, input_schema_text};
 use crate::engine::explain::Explanation;
 use crate::engine::{Engine, Kind, LeadState, Segment};
 use crate::event::{Event, EventType, MAX_ID_LEN, Source, format_rfc3339, wall_clock_ms};
@@ -565,7 +565,7 @@ async fn crm_schema_id(s: &AppState) -> Result<u32, Response> {
     };
     let subject = format!("{}-value", s.crm_topic);
     let found = tokio::task::spawn_blocking(move || {
-        registry.register(&subject, &input_schema(Source::Crm))
+        registry.register(&subject, input_schema_text(Source::Crm))
     })
     .await;
     match found {

@@ -189,13 +189,15 @@ pub struct Encoder {
     registry_ids: Option<(u32, u32)>,
 }
 
+/// The segment-change schema's text, as shipped in `schemas/`.
+pub const CHANGE_SCHEMA: &str = include_str!("../schemas/leads.segment-changes.avsc");
+/// The sales hand-off schema's text, as shipped in `schemas/`.
+pub const HANDOFF_SCHEMA: &str = include_str!("../schemas/leads.sales-handoffs.avsc");
+
 /// Output schemas as shipped in `schemas/`.
 pub fn output_schemas() -> (Schema, Schema) {
     let parse = |t: &str| Schema::parse_str(t).expect("shipped output schemas parse");
-    (
-        parse(include_str!("../schemas/leads.segment-changes.avsc")),
-        parse(include_str!("../schemas/leads.sales-handoffs.avsc")),
-    )
+    (parse(CHANGE_SCHEMA), parse(HANDOFF_SCHEMA))
 }
 
 impl Encoder {

@@ -233,9 +233,12 @@ impl Registry {
         result
     }
 
-    /// Registers `schema` under `subject` (or finds it there) and returns its id.
-    pub fn register(&self, subject: &str, schema: &Schema) -> Result<u32, RegistryError> {
-        let body = serde_json::json!({ "schema": schema.canonical_form(), "schemaType": "AVRO" });
+    /// Registers the schema `text` under `subject` (or finds it there) and
+    /// returns its id. The text as shipped, not its canonical form, which
+    /// drops logical types (a consumer would read `timestamp-millis` fields
+    /// as plain longs), defaults, namespaces and docs.
+    pub fn register(&self, subject: &str, text: &str) -> Result<u32, RegistryError> {
+        let body = serde_json::json!({ "schema": text, "schemaType": "AVRO" });
         let path = format!("/subjects/{}/versions", urlencode(subject));
         match self.post(&path, &body)? {
             (200, text) => {

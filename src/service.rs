@@ -149,10 +149,9 @@ pub fn encoder(
     let (Format::AvroRegistry, Some(registry)) = (s.kafka.formats.outputs, registry) else {
         return Ok(encoder);
     };
-    let (change, handoff) = crate::output::output_schemas();
     let deadline = std::time::Instant::now() + patience;
     let mut policy = crate::writer::Policy::default();
-    let mut register = |topic: &str, schema| loop {
+    let mut register = |topic: &str, schema: &str| loop {
         match registry.register(&format!("{topic}-value"), schema) {
             Ok(id) => return Ok(id),
             Err(e) if e.retryable() && std::time::Instant::now() < deadline => {
@@ -162,8 +161,11 @@ pub fn encoder(
             Err(e) => return Err(anyhow::anyhow!("schema registry: {e}")),
         }
     };
-    let change_id = register(&s.kafka.topics.segment_changes, &change)?;
-    let handoff_id = register(&s.kafka.topics.handoffs, &handoff)?;
+    let change_id = register(
+        &s.kafka.topics.segment_changes,
+        crate::output::CHANGE_SCHEMA,
+    )?;
+    let handoff_id = register(&s.kafka.topics.handoffs, crate::output::HANDOFF_SCHEMA)?;
     info!(change_id, handoff_id, "Output schemas registered.");
     Ok(encoder.with_registry_ids(change_id, handoff_id))
 }

@@ -238,6 +238,10 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
             assert_eq!(c["key"], lead);
             let v = &c["value"];
             assert_eq!(v["fit_grade"], serde_json::Value::Null, "unknown fit: {v}");
+            // A timestamp, not a long: the schema was registered as shipped,
+            // with its logical types (its canonical form, registered before
+            // 2026-12-07, has none).
+            assert!(v["occurred_at"].is_string(), "{v}");
             (
                 v["previous_segment"].as_str().unwrap().to_owned(),
                 v["segment"].as_str().unwrap().to_owned(),
@@ -253,6 +257,13 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
     );
     let handoffs = consume_avro(&broker, &registry, &names.handoffs, 1);
     let h = &handoffs[0];
+    assert!(h["value"]["occurred_at"].is_string(), "{h}");
+    let (status, registered) = registry.call("GET", &format!("/schemas/ids/{changes_id}"), None);
+    assert_eq!(status, 200, "{registered}");
+    assert!(
+        registered.contains("timestamp-millis") && registered.contains("default"),
+        "{registered}"
+    );
     assert_eq!(h["schema_id"].as_u64(), Some(handoffs_id));
     assert_eq!(h["value"]["lead_id"], lead);
     assert_eq!(h["value"]["first_touch_source"], "facebook");

@@ -242,15 +242,20 @@ impl Decoder {
     }
 }
 
-/// The Avro schema of an input family, as shipped in `schemas/`.
-pub fn input_schema(source: Source) -> Schema {
-    let text = match source {
+/// The Avro schema text of an input family, as shipped in `schemas/`.
+pub fn input_schema_text(source: Source) -> &'static str {
+    match source {
         Source::Web => include_str!("../../schemas/events.web.avsc"),
         Source::Adpixel => include_str!("../../schemas/events.adpixel.avsc"),
         Source::Email => include_str!("../../schemas/events.email.avsc"),
         Source::Crm => include_str!("../../schemas/events.crm.avsc"),
-    };
-    Schema::parse_str(text).expect("shipped input schemas parse (checked by tests)")
+    }
+}
+
+/// The Avro schema of an input family, as shipped in `schemas/`.
+pub fn input_schema(source: Source) -> Schema {
+    Schema::parse_str(input_schema_text(source))
+        .expect("shipped input schemas parse (checked by tests)")
 }
 
 /// What a JSON payload must be, in the contract's words (also serde's
