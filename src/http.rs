@@ -35,6 +35,7 @@ use utoipa_axum::routes;
 
 use crate::decode::{Format, encode_avro, input_schema, input_schema_text};
 use crate::engine::explain::Explanation;
+use crate::engine::rules::published;
 use crate::engine::{Engine, Kind, LeadState, Segment};
 use crate::event::{Event, EventType, MAX_ID_LEN, Source, format_rfc3339, wall_clock_ms};
 use crate::kafka::runtime::Runtime;
@@ -424,9 +425,9 @@ pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
         .collect();
     LeadView {
         lead_id: id.to_owned(),
-        score: scores.total,
-        engagement: scores.engagement,
-        fit: scores.fit,
+        score: published(scores.total),
+        engagement: published(scores.engagement),
+        fit: published(scores.fit),
         fit_grade: scores.grade.map(|g| g.as_str().to_owned()),
         missing_profile: engine.missing_profile(state),
         segment: Segment::of(state).name(rules).to_owned(),

@@ -13,6 +13,7 @@ use sha1::{Digest, Sha1};
 use uuid::Uuid;
 
 use crate::decode::Format;
+use crate::engine::rules::published;
 use crate::engine::{Decision, Engine, Handoff, Rules, SegmentChange};
 use crate::event::{Millis, format_rfc3339};
 
@@ -228,9 +229,9 @@ impl Encoder {
                 lead_id: lead.to_owned(),
                 previous_segment: c.from.name(rules).to_owned(),
                 segment: c.to.name(rules).to_owned(),
-                score: c.scores.total,
-                engagement: c.scores.engagement,
-                fit: c.scores.fit,
+                score: published(c.scores.total),
+                engagement: published(c.scores.engagement),
+                fit: published(c.scores.fit),
                 fit_grade: c.scores.grade.map(|g| g.as_str().to_owned()),
                 reason: c.reason.as_str().to_owned(),
                 trigger_event_id: c.trigger.clone(),
@@ -241,9 +242,9 @@ impl Encoder {
             Decision::Handoff(h) => Described::Handoff(HandoffOut {
                 event_id: handoff_id(v, lead, h).to_string(),
                 lead_id: lead.to_owned(),
-                score: h.scores.total,
-                engagement: h.scores.engagement,
-                fit: h.scores.fit,
+                score: published(h.scores.total),
+                engagement: published(h.scores.engagement),
+                fit: published(h.scores.fit),
                 fit_grade: h.scores.grade.map(|g| g.as_str().to_owned()),
                 segment: h.segment.name(rules).to_owned(),
                 top_signals: h
@@ -410,9 +411,9 @@ fn change_json(engine: &Engine, lead: &str, c: &SegmentChange, out: &mut Vec<u8>
     json("lead_id", &lead);
     json("previous_segment", &c.from.name(rules));
     json("segment", &c.to.name(rules));
-    json("score", &c.scores.total);
-    json("engagement", &c.scores.engagement);
-    json("fit", &c.scores.fit);
+    json("score", &published(c.scores.total));
+    json("engagement", &published(c.scores.engagement));
+    json("fit", &published(c.scores.fit));
     json("fit_grade", &c.scores.grade.map(|g| g.as_str()));
     json("reason", &c.reason.as_str());
     json("trigger_event_id", &c.trigger.as_deref());
@@ -597,6 +598,37 @@ mod tests {
             let slow = Encoder::describe(&engine, &lead, &d).to_json();
             proptest::prop_assert_eq!(String::from_utf8(fast).unwrap(), String::from_utf8(slow).unwrap());
         }
+    }
+
+    /// 25 points read back through floating point as 24.99999999998895
+    /// enter `warm` (the threshold's tolerance) and are published as 25, so
+    /// a consumer that checks the score against the threshold agrees.
+    #[test]
+    fn a_published_score_agrees_with_the_segment_threshold() {
+        let engine = Engine::new(Arc::new(Rules::default_rules()), EngineConfig::default());
+        let mut c = change();
+        c.scores.total = 24.999_999_999_988_95;
+        c.scores.engagement = 24.999_999_999_988_95;
+        let Described::Change(out) = Encoder::describe(&engine, "lead", &Decision::Change(c))
+        else {
+            panic!("a change");
+        };
+        assert_eq!(out.score, 25.0);
+        assert_eq!(out.engagement, 25.0);
+        // On either side of a threshold, as the segment decisions see it.
+        let t = 20.0;
+        for score in [19.999_999_5, 20.0 - 1e-9, 20.0, 20.000_000_4] {
+            assert!(published(score) >= t, "{score}");
+            assert!(
+                score >= t - crate::engine::rules::SCORE_TOLERANCE,
+                "{score}"
+            );
+        }
+        for score in [19.999_998_9, 19.5, -3.0] {
+            assert!(published(score) < t, "{score}");
+            assert!(score < t - crate::engine::rules::SCORE_TOLERANCE, "{score}");
+        }
+        assert_eq!(published(31.998_693_526_921_816), 31.998_694);
     }
 
     #[test]
