@@ -725,7 +725,14 @@ impl Settings {
             RedisMode::Single => vec![r.url.as_str()],
             RedisMode::Cluster => r.url.split(',').map(str::trim).collect(),
         };
-        if r.mode == RedisMode::Single && r.url.contains(',') {
+        // A list, not a comma in a password (RFC 3986 allows one there).
+        let listed = r.url.split(',').skip(1).any(|u| {
+            let u = u.trim_start();
+            ["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|scheme| u.starts_with(scheme))
+        });
+        if r.mode == RedisMode::Single && listed {
             p.push(
                 "redis.url: a comma-separated list of URLs is a cluster's nodes: set redis.mode = \"cluster\" (single mode takes one URL)"
                     .into(),
@@ -934,7 +941,11 @@ fn log_level_problem(filter: &str) -> Option<String> {
         .split(',')
         .map(str::trim)
         .filter(|d| !d.is_empty() && !d.contains('=') && !d.contains('['))
-        .find(|d| !LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+        // tracing also reads 0 (off) to 5 (trace).
+        .find(|d| {
+            !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+                && !matches!(*d, "0" | "1" | "2" | "3" | "4" | "5")
+        })
         .map(|d| {
             format!(
                 "{d:?} is not a level ({}); a target's level is written target=level",
@@ -1420,6 +1431,12 @@ mod tests {
             "{:?}",
             cluster.err().map(|e| e.to_string())
         );
+        // A comma in a password is not a list.
+        let single = Settings::load(
+            None,
+            env(&[("LEADSCORE__REDIS__URL", "redis://:ab,cd@redis:6379/0")]),
+        );
+        assert!(single.is_ok(), "{:?}", single.err().map(|e| e.to_string()));
     }
 
     #[test]
@@ -1439,6 +1456,7 @@ mod tests {
             "info,leadscore=debug",
             "off",
             "rdkafka=error,info",
+            "3",
         ] {
             let loaded = Settings::load(None, env(&[("LEADSCORE__LOG__LEVEL", good)]));
             assert!(
