@@ -28,9 +28,11 @@ pub type ShardId = i32;
 /// keep the offsets, back off, retry.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Redis refused or dropped the call, or did not answer in time.
+    /// Redis refused or dropped the call, or did not answer in time. Not
+    /// a `source`: the message already holds its words, and a timeout's
+    /// would add the operating system's "os error 11" to every report.
     #[error("redis: {}", redis_reason(.0))]
-    Redis(#[from] ::redis::RedisError),
+    Redis(::redis::RedisError),
     /// Redis answered something this version cannot read.
     #[error("unexpected reply from the store: {0}")]
     Reply(String),
@@ -47,6 +49,12 @@ fn redis_reason(e: &::redis::RedisError) -> String {
         "no answer within redis.timeout_ms".into()
     } else {
         e.to_string()
+    }
+}
+
+impl From<::redis::RedisError> for StoreError {
+    fn from(e: ::redis::RedisError) -> Self {
+        StoreError::Redis(e)
     }
 }
 
@@ -252,10 +260,10 @@ mod tests {
     fn a_redis_call_that_timed_out_says_so() {
         let timed_out =
             ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::WouldBlock));
-        assert_eq!(
-            StoreError::from(timed_out).to_string(),
-            "redis: no answer within redis.timeout_ms"
-        );
+        let e = StoreError::from(timed_out);
+        assert_eq!(e.to_string(), "redis: no answer within redis.timeout_ms");
+        // Nothing beneath it for an error chain to print ("os error 11").
+        assert!(std::error::Error::source(&e).is_none());
         let refused =
             ::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(
