@@ -205,7 +205,7 @@ pub enum ContractError {
         field: &'static str,
     },
     /// `occurred_at` is outside 2000-01-01 .. 2100-01-01.
-    #[error("occurred_at {} is outside 2000-01-01..2100-01-01", format_rfc3339(*.0))]
+    #[error("occurred_at {} is outside 2000-01-01..2100-01-01", time_in_words(*.0))]
     TimestampOutOfRange(Millis),
     /// `occurred_at` is not RFC 3339.
     #[error("occurred_at is not an RFC 3339 timestamp: {0}")]
@@ -698,6 +698,17 @@ pub fn format_rfc3339(millis: Millis) -> String {
     }
 }
 
+/// A time for a message: RFC 3339, or milliseconds since the epoch past
+/// the calendar's range (an Avro `timestamp-millis` can be any `long`).
+fn time_in_words(millis: Millis) -> String {
+    let text = format_rfc3339(millis);
+    if text.ends_with('Z') {
+        text
+    } else {
+        format!("{millis} ms since the epoch")
+    }
+}
+
 /// The wall clock in milliseconds since the epoch (only for lag and latency
 /// figures and the HTTP view; scoring never reads it).
 pub fn wall_clock_ms() -> Millis {
@@ -827,6 +838,10 @@ mod tests {
         assert_eq!(
             ContractError::TimestampOutOfRange(915_148_800_000).to_string(),
             "occurred_at 1999-01-01T00:00:00.000Z is outside 2000-01-01..2100-01-01"
+        );
+        assert_eq!(
+            ContractError::TimestampOutOfRange(i64::MAX).to_string(),
+            "occurred_at 9223372036854775807 ms since the epoch is outside 2000-01-01..2100-01-01"
         );
         let mut e = sample();
         e.kind = EventType::Identify;
