@@ -555,7 +555,8 @@ pub fn check_topics(
     let deadline = Instant::now() + METADATA_WAIT;
     for topic in inputs.iter().chain(outputs) {
         let meta = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = Instant::now();
+            let left = deadline.saturating_duration_since(attempt);
             match consumer.fetch_metadata(Some(topic), left.min(Duration::from_secs(1))) {
                 Ok(meta) => break meta,
                 Err(_) if stopping() => return Ok(None),
@@ -565,7 +566,10 @@ pub fn check_topics(
                         METADATA_WAIT.as_secs()
                     )));
                 }
-                Err(_) => {}
+                // An attempt that failed at once is not retried in a spin.
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(100).saturating_sub(attempt.elapsed()))
+                }
             }
         };
         let n = meta
