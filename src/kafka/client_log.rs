@@ -20,32 +20,41 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{debug, error, info, warn};
 
+use crate::event::{Millis, format_rfc3339, wall_clock_ms};
+
 /// How often one cause is logged at most.
 pub const EVERY: Duration = Duration::from_secs(30);
 
-/// When each cause was last logged, and how many reports were left out since.
+/// When each cause was last logged (monotonic, and on the wall clock), and
+/// how many reports were left out since.
 #[derive(Debug, Default)]
-pub struct Limiter {
-    last: HashMap<String, (Instant, u64)>,
+pub(crate) struct Limiter {
+    last: HashMap<String, (Instant, Millis, u64)>,
 }
 
 impl Limiter {
-    /// Whether a report of `cause` at `now` is logged: `Some(n)`, with the
-    /// `n` reports of it left out since it was last logged; `None` if it is
-    /// left out.
-    pub fn admit(&mut self, cause: &str, now: Instant) -> Option<u64> {
+    /// Whether a report of `cause` at `now` (`wall` on the wall clock) is
+    /// logged: `Some((n, since))`, with the `n` reports of it left out
+    /// since it was last logged at `since`; `None` if it is left out.
+    pub(crate) fn admit(
+        &mut self,
+        cause: &str,
+        now: Instant,
+        wall: Millis,
+    ) -> Option<(u64, Millis)> {
         match self.last.get_mut(cause) {
-            Some((at, left_out)) if now.duration_since(*at) < EVERY => {
+            Some((at, _, left_out)) if now.duration_since(*at) < EVERY => {
                 *left_out += 1;
                 None
             }
-            Some((at, left_out)) => {
+            Some((at, logged, left_out)) => {
+                let since = std::mem::replace(logged, wall);
                 *at = now;
-                Some(std::mem::take(left_out))
+                Some((std::mem::take(left_out), since))
             }
             None => {
-                self.last.insert(cause.to_owned(), (now, 0));
-                Some(0)
+                self.last.insert(cause.to_owned(), (now, wall, 0));
+                Some((0, wall))
             }
         }
     }
@@ -57,10 +66,11 @@ static LIMITER: LazyLock<Mutex<Limiter>> = LazyLock::new(Mutex::default);
 fn admit(cause: &str) -> Option<String> {
     LIMITER
         .lock()
-        .admit(cause, Instant::now())
-        .map(|n| match n {
+        .admit(cause, Instant::now(), wall_clock_ms())
+        .map(|(n, since)| match n {
             0 => String::new(),
-            n => format!(" ({n} more like it in the last {} s)", EVERY.as_secs()),
+            // The count may cover a spell long past: say when it began.
+            n => format!(" ({n} more like it since {})", format_rfc3339(since)),
         })
 }
 
@@ -98,7 +108,7 @@ pub fn client_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     use RDKafkaLogLevel as L;
     match level {
         L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
-            let Some(more) = admit(&format!("log {fac}")) else {
+            let Some(more) = admit(&format!("log {fac} {level:?}")) else {
                 return;
             };
             if fac == "FAIL" || matches!(level, L::Warning) {
@@ -134,17 +144,32 @@ mod tests {
     fn a_cause_is_logged_once_per_interval_with_what_was_left_out() {
         let mut l = Limiter::default();
         let t0 = Instant::now();
-        assert_eq!(l.admit("AllBrokersDown", t0), Some(0));
+        let w0: Millis = 1_800_000_000_000;
+        let at = |d: Duration| (t0 + d, w0 + d.as_millis() as Millis);
+        let admit = |l: &mut Limiter, cause: &str, d: Duration| {
+            let (now, wall) = at(d);
+            l.admit(cause, now, wall)
+        };
+        assert_eq!(
+            admit(&mut l, "AllBrokersDown", Duration::ZERO),
+            Some((0, w0))
+        );
         for i in 1..=170 {
             assert_eq!(
-                l.admit("AllBrokersDown", t0 + Duration::from_millis(i * 50)),
+                admit(&mut l, "AllBrokersDown", Duration::from_millis(i * 50)),
                 None
             );
         }
         // Another cause is not held back by the first.
-        assert_eq!(l.admit("Resolve", t0 + Duration::from_secs(1)), Some(0));
-        assert_eq!(l.admit("AllBrokersDown", t0 + EVERY), Some(170));
-        assert_eq!(l.admit("AllBrokersDown", t0 + EVERY * 3), Some(0));
+        let second = Duration::from_secs(1);
+        assert_eq!(admit(&mut l, "Resolve", second), Some((0, w0 + 1000)));
+        // The count left out comes with when the spell began, however late.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(admit(&mut l, "AllBrokersDown", hour), Some((170, w0)));
+        assert_eq!(
+            admit(&mut l, "AllBrokersDown", hour + EVERY * 3),
+            Some((0, w0 + 3_600_000))
+        );
     }
 
     #[test]
