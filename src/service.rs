@@ -368,19 +368,23 @@ pub async fn run(
 /// Cancels `cancel` on SIGINT or SIGTERM.
 pub fn cancel_on_signals(cancel: CancellationToken) {
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        error!(error = %e, "Cannot listen for SIGTERM.");
-                        return;
-                    }
-                };
+            use tokio::signal::unix::{SignalKind, signal};
+            // One stream per signal, listening from here on: a second
+            // signal that comes before the second wait starts is not lost.
+            let (mut int, mut term) = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(int), Ok(term)) => (int, term),
+                (Err(e), _) | (_, Err(e)) => {
+                    error!(error = %e, "Cannot listen for SIGINT and SIGTERM.");
+                    return;
+                }
+            };
             tokio::select! {
-                _ = ctrl_c => info!("SIGINT received; shutting down."),
+                _ = int.recv() => info!("SIGINT received; shutting down."),
                 _ = term.recv() => info!("SIGTERM received; shutting down."),
             }
             cancel.cancel();
@@ -388,7 +392,7 @@ pub fn cancel_on_signals(cancel: CancellationToken) {
             // Exiting at once loses nothing (offsets never pass what Redis
             // holds); the next start re-reads what was not written.
             let code = tokio::select! {
-                _ = tokio::signal::ctrl_c() => 130,
+                _ = int.recv() => 130,
                 _ = term.recv() => 143,
             };
             warn!(
@@ -398,7 +402,7 @@ pub fn cancel_on_signals(cancel: CancellationToken) {
         }
         #[cfg(not(unix))]
         {
-            let _ = ctrl_c.await;
+            let _ = tokio::signal::ctrl_c().await;
             cancel.cancel();
         }
     });
