@@ -66,6 +66,8 @@ pub struct Metrics {
     pub leads_expired: IntCounter,
     /// Leads erased on request.
     pub leads_erased: IntCounter,
+    /// Events dropped because their lead was erased after their time.
+    pub events_after_erasure: IntCounter,
     /// Time to decode, score and produce one batch.
     pub batch_seconds: Histogram,
     /// Wall time from a message's broker timestamp until it was processed.
@@ -302,6 +304,11 @@ impl Metrics {
                 "leadscore_leads_erased_total",
                 "Lead states erased on request (a lead with state in several partitions counts once in each).",
             ),
+            events_after_erasure: counter(
+                &r,
+                "leadscore_events_after_erasure_total",
+                "Events dropped because their lead or visitor was erased after the event's time (a producer's retry, a late event).",
+            ),
             batch_seconds: histogram(
                 &r,
                 "leadscore_batch_processing_seconds",
@@ -457,6 +464,8 @@ impl Metrics {
         self.leads_expired
             .inc_by(std::mem::take(&mut stats.expired));
         self.leads_erased.inc_by(std::mem::take(&mut stats.erased));
+        self.events_after_erasure
+            .inc_by(std::mem::take(&mut stats.after_erasure));
         for ts in stats.latency_samples.drain(..) {
             self.processing_latency_seconds
                 .observe((now_ms - ts).max(0) as f64 / 1000.0);

@@ -366,6 +366,36 @@ fn an_erased_lead_is_gone_everywhere_and_stays_gone_across_restarts() {
         "stays gone after a restart"
     );
     assert_eq!(service.get("/v1/leads/L2").unwrap().0, 404);
+
+    // A producer's retry of an event from before the erasure, a late email
+    // webhook about L1 and the cookie's own late page view do not bring the
+    // person back (before 2026-12-07 the retry restored L1, warm again).
+    let consumed = service.counter("leadscore_events_consumed_total");
+    broker.produce(
+        &names.web,
+        &[
+            (
+                "L1",
+                event("w1", "L1", &ago(30_000), "booking_abandoned", &[]),
+            ),
+            ("L1", anon.to_string().into_bytes()),
+        ],
+    );
+    let open = serde_json::json!({"event_id": "m1", "lead_id": "L1", "occurred_at": ago(20_000), "type": "open", "channel": "email"});
+    broker.produce(&names.email, &[("L1", open.to_string().into_bytes())]);
+    wait_for("the late events dropped", WAIT, &service, || {
+        service.counter("leadscore_events_after_erasure_total") >= 3
+    });
+    service.wait_settled(WAIT);
+    assert_eq!(service.get("/v1/leads/L1").unwrap().0, 404);
+    let keys: Vec<String> = redis.leads(&names.prefix).into_keys().collect();
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.ends_with(":l:L1") || k.ends_with(":a:c1")),
+        "{keys:?}"
+    );
+    assert_eq!(service.counter("leadscore_events_consumed_total"), consumed);
     assert!(service.terminate().success());
 }
 

@@ -1,7 +1,8 @@
 //! The Redis store against a real Redis and a real Redis Cluster: what a
 //! write does to a lead's stored timer (set, kept, cleared), that a load
-//! returns each lead's state with the timer the store holds for it, and
-//! that a write from an owner that lost the shard changes nothing.
+//! returns each lead's state with the timer the store holds for it, that
+//! a write from an owner that lost the shard changes nothing, and that
+//! erasure markers are kept and forgotten.
 
 mod common;
 
@@ -148,12 +149,53 @@ fn stored_timers_are_set_kept_and_cleared(redis: Redis) {
     }
 }
 
-#[test]
-fn on_a_single_server_stored_timers_are_set_kept_and_cleared() {
-    stored_timers_are_set_kept_and_cleared(Redis::start());
+/// Erasure markers are written with the shard's record, come back with the
+/// next take, and a forgotten one is removed (on both write paths: the
+/// single server's `MULTI`/`EXEC`, the cluster's script).
+fn erasure_markers_are_kept_and_forgotten(redis: &Redis) {
+    let names = Names::new();
+    let s = store(redis, &names.prefix);
+    let owner = s.take_shard(2).unwrap();
+    assert!(owner.erased.is_empty());
+    let marker = |w: Vec<(u64, Option<i64>)>, epoch: u64, seq: u64| {
+        let w = ShardWrite {
+            shard: 2,
+            epoch,
+            seq,
+            positions: vec![("t".into(), seq as i64)],
+            erasures: w,
+            ..ShardWrite::default()
+        };
+        s.write(&[w]).unwrap().remove(0)
+    };
+    assert_eq!(
+        marker(
+            vec![(7, Some(1_000)), (u64::MAX, Some(2_000))],
+            owner.epoch,
+            0
+        ),
+        Written::Ok
+    );
+    let next = s.take_shard(2).unwrap();
+    assert_eq!(
+        next.erased,
+        [(7, 1_000), (u64::MAX, 2_000)].into_iter().collect()
+    );
+    assert_eq!(marker(vec![(7, None)], next.epoch, next.seq), Written::Ok);
+    let last = s.take_shard(2).unwrap();
+    assert_eq!(last.erased, [(u64::MAX, 2_000)].into_iter().collect());
 }
 
 #[test]
-fn on_a_redis_cluster_stored_timers_are_set_kept_and_cleared() {
-    stored_timers_are_set_kept_and_cleared(Redis::start_cluster(false));
+fn on_a_single_server_stored_timers_and_erasure_markers_are_set_kept_and_cleared() {
+    let redis = Redis::start();
+    erasure_markers_are_kept_and_forgotten(&redis);
+    stored_timers_are_set_kept_and_cleared(redis);
+}
+
+#[test]
+fn on_a_redis_cluster_stored_timers_and_erasure_markers_are_set_kept_and_cleared() {
+    let redis = Redis::start_cluster(false);
+    erasure_markers_are_kept_and_forgotten(&redis);
+    stored_timers_are_set_kept_and_cleared(redis);
 }

@@ -31,7 +31,9 @@ use crate::engine::{Applied, Decision, Engine, Kind, LeadState, Segment};
 use crate::event::{Event, EventType, Millis, PackedEvent, Source};
 use crate::output::Encoder;
 use crate::sink::{DeadLetter, Sink, SinkError};
-use crate::store::{ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written};
+use crate::store::{
+    ShardId, ShardMeta, ShardWrite, Store, StoreError, TimerWrite, Written, erasure_hash,
+};
 use cache::{KeyBuf, KeyList, LeadCache, LeadKey, Limit};
 use merge::{Merge, Released};
 use timers::Timers;
@@ -223,6 +225,9 @@ pub struct StepStats {
     pub expired: u64,
     /// Leads erased on request.
     pub erased: u64,
+    /// Events dropped because their lead (or visitor) was erased after
+    /// their time: a producer's retry, or an event that arrived late.
+    pub after_erasure: u64,
     /// Broker timestamps of a sample of applied messages (for latency).
     pub latency_samples: Vec<i64>,
 }
@@ -248,6 +253,7 @@ pub struct Pending {
     leads: Vec<(LeadKey, TimerWrite)>,
     slots: Vec<u32>,
     deletes: Vec<LeadKey>,
+    erasures: Vec<(u64, Option<Millis>)>,
 }
 
 /// One shard.
@@ -276,6 +282,10 @@ pub struct Shard {
     cache: Arc<Mutex<LeadCache>>,
     timers: Timers,
     deletes: KeySet,
+    /// Erasure markers: per erased key's hash, the erasure's time.
+    erased: HashMap<u64, Millis>,
+    /// Markers set or forgotten since the last write.
+    erasures: HashMap<u64, Option<Millis>>,
     population: HashMap<String, i64>,
     population_dirty: bool,
     decisions: Vec<Decision>,
@@ -363,6 +373,8 @@ impl Shard {
             cache: Arc::new(Mutex::new(LeadCache::new(config.cache))),
             timers: Timers::default(),
             deletes: KeySet::default(),
+            erased: meta.erased.clone(),
+            erasures: HashMap::new(),
             population: meta.population.clone(),
             population_dirty: false,
             decisions: Vec::new(),
@@ -786,7 +798,7 @@ impl Shard {
                 }
                 Item::Erase(lead) => {
                     let lead = lead.clone();
-                    self.erase(ctx, &lead);
+                    self.erase(ctx, &lead, at.unwrap_or(self.clock));
                 }
                 Item::Event(_) => {
                     let behind = !late && at.is_some_and(|t| t < self.clock);
@@ -993,10 +1005,14 @@ impl Shard {
         let rules = engine.rules().clone();
         if e.kind == EventType::ErasureRequested {
             if let Some(id) = e.lead_id.as_deref() {
-                self.erase(ctx, id);
+                self.erase(ctx, id, e.occurred_at);
             }
             *ctx.stats.consumed.entry((input, e.kind)).or_default() += 1;
             return Ok(true);
+        }
+        if !self.erased.is_empty() && self.erased_after(e) {
+            ctx.stats.after_erasure += 1;
+            return Ok(false);
         }
         // Identity: the visitor's stored state decides where the event goes.
         let visitor_slot = match e.anonymous_id.as_deref() {
@@ -1144,8 +1160,53 @@ impl Shard {
         Ok(())
     }
 
-    /// Removes a lead and the anonymous ids linked to it, everywhere this shard keeps them.
-    fn erase(&mut self, ctx: &mut Ctx<'_>, lead: &str) {
+    /// Whether the event's lead or visitor was erased at or after its time.
+    fn erased_after(&self, e: &Event<'_>) -> bool {
+        let covers = |key: LeadKey| {
+            self.erased
+                .get(&erasure_hash(key.as_str()))
+                .is_some_and(|at| e.occurred_at <= *at)
+        };
+        e.lead_id
+            .as_deref()
+            .is_some_and(|id| covers(LeadKey::lead(id)))
+            || e.anonymous_id
+                .as_deref()
+                .is_some_and(|anon| covers(LeadKey::visitor(anon)))
+    }
+
+    /// Marks `key` erased at `at`: its events dated at or before then are
+    /// dropped from now on.
+    fn mark_erased(&mut self, key: &LeadKey, at: Millis) {
+        let hash = erasure_hash(key.as_str());
+        let at = self.erased.get(&hash).map_or(at, |t| (*t).max(at));
+        self.erased.insert(hash, at);
+        self.erasures.insert(hash, Some(at));
+    }
+
+    /// Forgets the markers older than the retention (silent leads are
+    /// forgotten then too): swept at each erasure.
+    fn forget_old_erasures(&mut self, retention: Option<Millis>) {
+        let Some(retention) = retention else {
+            return;
+        };
+        let clock = self.clock;
+        let old: Vec<u64> = self
+            .erased
+            .iter()
+            .filter(|(_, at)| at.saturating_add(retention) < clock)
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in old {
+            self.erased.remove(&hash);
+            self.erasures.insert(hash, None);
+        }
+    }
+
+    /// Removes a lead and the anonymous ids linked to it, everywhere this
+    /// shard keeps them, and remembers the erasure (see [`Shard::erased_after`]).
+    fn erase(&mut self, ctx: &mut Ctx<'_>, lead: &str, at: Millis) {
+        self.forget_old_erasures(ctx.engine.config().retention_ms);
         let engine = ctx.engine;
         let rules = engine.rules().clone();
         let key = LeadKey::lead(lead);
@@ -1162,10 +1223,14 @@ impl Shard {
             self.count_segment(&rules, segment, -1);
             let linked = std::mem::take(&mut self.state.linked);
             for anon in &linked {
-                self.delete(LeadKey::visitor(anon).as_str());
+                let visitor = LeadKey::visitor(anon);
+                self.delete(visitor.as_str());
+                self.mark_erased(&visitor, at);
             }
-            // A state erased, not a request: an erasure reaches every
-            // partition, and most hold nothing of the lead.
+            // Only where the lead was held: its own events come here (an
+            // erasure reaches every partition, and most hold nothing of it).
+            self.mark_erased(&key, at);
+            // A state erased, not a request.
             ctx.stats.erased += 1;
         }
         self.delete(key.as_str());
@@ -1256,12 +1321,15 @@ impl Shard {
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         self.population_dirty = false;
+        let erasures: Vec<(u64, Option<Millis>)> = self.erasures.drain().collect();
+        write.erasures = erasures.clone();
         (
             write,
             Pending {
                 leads: written,
                 slots,
                 deletes,
+                erasures,
             },
         )
     }
@@ -1288,6 +1356,10 @@ impl Shard {
                 if !cache.contains(&d) {
                     self.deletes.insert(d);
                 }
+            }
+            // Written again with the next write, unless changed since.
+            for (hash, at) in pending.erasures {
+                self.erasures.entry(hash).or_insert(at);
             }
             self.population_dirty = true;
         }

@@ -838,6 +838,94 @@ fn erasure_removes_the_lead_and_its_cookies() {
     assert!(h.shard.cache().lock().is_empty());
 }
 
+/// An erasure is remembered where the lead was held: a producer's retry
+/// of an event from before it, a new event dated before it (late), and an
+/// event of a cookie linked to the lead do not bring the person back, also
+/// after a restart (the markers are in the shard's record, as a hash of the
+/// key); an event after the erasure starts the lead again. A marker older
+/// than the retention is forgotten at the next erasure.
+#[test]
+fn events_from_before_an_erasure_do_not_bring_the_lead_back() {
+    const DAY: Millis = 86_400_000;
+    let engine = Engine::new(
+        Arc::new(Rules::default_rules()),
+        EngineConfig {
+            retention_ms: Some(30 * DAY),
+            ..EngineConfig::default()
+        },
+    );
+    let mut h = Harness::new(engine, ShardConfig::default());
+    let web = |id: &str, lead: Option<&str>, anon: Option<&str>, at: Millis| {
+        json(
+            id,
+            lead,
+            anon,
+            at,
+            "page_view",
+            serde_json::json!({"url": "/pricing"}),
+        )
+    };
+    h.produce(0, web("v", None, Some("c1"), T0));
+    h.produce(
+        0,
+        json(
+            "i",
+            Some("L"),
+            Some("c1"),
+            T0 + 1,
+            "identify",
+            serde_json::json!({}),
+        ),
+    );
+    h.produce(0, web("p", Some("L"), None, T0 + 2));
+    let erase = |id: &str, lead: &str, at: Millis| {
+        json(
+            id,
+            Some(lead),
+            None,
+            at,
+            "erasure_requested",
+            serde_json::json!({}),
+        )
+    };
+    h.produce(3, erase("e", "L", T0 + 3));
+    h.finish();
+    assert!(h.state().is_empty(), "{:?}", h.state().keys());
+    let marked = |h: &Harness| {
+        let erased = h.store.meta(0).unwrap().erased;
+        let mut keys: Vec<&str> = ["l:L", "a:c1", "l:M"]
+            .into_iter()
+            .filter(|k| erased.contains_key(&crate::store::erasure_hash(k)))
+            .collect();
+        keys.sort_unstable();
+        keys
+    };
+    assert_eq!(marked(&h), ["a:c1", "l:L"]);
+    h.restart();
+
+    h.produce(0, web("p", Some("L"), None, T0 + 2));
+    h.produce(0, web("late", Some("L"), None, T0 + 1));
+    h.produce(0, web("v2", None, Some("c1"), T0 + 2));
+    h.finish();
+    assert!(h.state().is_empty(), "{:?}", h.state().keys());
+    assert_eq!(h.stats.after_erasure, 3);
+
+    h.produce(0, web("n", Some("L"), None, T0 + 10));
+    h.finish();
+    assert!(h.state().contains_key("l:L"), "{:?}", h.state().keys());
+
+    // Past the retention, another erasure (of a lead held here) sweeps the
+    // first marker: an event from before the first erasure counts again.
+    h.produce(0, web("m", Some("M"), None, T0 + 40 * DAY));
+    h.produce(3, erase("e2", "M", T0 + 40 * DAY + 1));
+    h.finish();
+    assert_eq!(marked(&h), ["l:M"]);
+    h.restart();
+    h.produce(0, web("v3", None, Some("c1"), T0 + 2));
+    h.finish();
+    assert_eq!(h.stats.after_erasure, 0);
+}
+
 #[test]
 fn a_tombstone_on_the_crm_topic_erases() {
     let mut h = Harness::new(engine(), ShardConfig::default());

@@ -185,6 +185,12 @@ impl Store for MemoryStore {
             for (segment, n) in &w.population {
                 meta.population.insert(segment.clone(), *n);
             }
+            for (hash, at) in &w.erasures {
+                match at {
+                    Some(t) => meta.erased.insert(*hash, *t),
+                    None => meta.erased.remove(hash),
+                };
+            }
             for lead in &w.leads {
                 let key = &lead.key;
                 data.leads.insert(key.clone(), w.state(lead).to_vec());

@@ -87,6 +87,21 @@ pub struct ShardMeta {
     pub released: Option<Millis>,
     /// Leads per segment name.
     pub population: HashMap<String, i64>,
+    /// Erasure markers: per erased key (as [`erasure_hash`] of it), the
+    /// erasure's time. Events of the key dated at or before it are dropped,
+    /// so a producer's retry or a late event does not bring the person back.
+    pub erased: HashMap<u64, Millis>,
+}
+
+/// The hash an erasure marker is kept under: the key's own text is not
+/// kept after its erasure.
+pub fn erasure_hash(key: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key.as_bytes())
+}
+
+/// The shard record's field of an erasure marker.
+pub fn erasure_field(hash: u64) -> String {
+    format!("erased:{hash:016x}")
 }
 
 /// Everything one shard writes at once.
@@ -119,6 +134,9 @@ pub struct ShardWrite {
     pub released: Option<Millis>,
     /// Changes of the number of leads per segment name.
     pub population: Vec<(String, i64)>,
+    /// Erasure markers set (with the erasure's time) or forgotten (`None`:
+    /// older than the retention).
+    pub erasures: Vec<(u64, Option<Millis>)>,
 }
 
 /// One changed lead of a shard's write.

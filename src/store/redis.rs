@@ -115,12 +115,18 @@ while i < nw do
   i = i + n
 end
 if nm > 0 then
-  local hv = {}
+  -- An empty value removes the field.
+  local hv, hd = {}, {}
   for j = 0, nm - 1 do
-    hv[#hv + 1] = ARGV[m + 2 * j]
-    hv[#hv + 1] = ARGV[m + 2 * j + 1]
+    if ARGV[m + 2 * j + 1] == '' then
+      hd[#hd + 1] = ARGV[m + 2 * j]
+    else
+      hv[#hv + 1] = ARGV[m + 2 * j]
+      hv[#hv + 1] = ARGV[m + 2 * j + 1]
+    end
   end
-  redis.call('HSET', KEYS[1], unpack(hv))
+  if #hv > 0 then redis.call('HSET', KEYS[1], unpack(hv)) end
+  if #hd > 0 then redis.call('HDEL', KEYS[1], unpack(hd)) end
 end
 return {3}
 ";
@@ -462,12 +468,23 @@ fn pack_write(
             }
         }
     }
-    if !meta.is_empty() {
-        p.command(2 + 2 * meta.len())
+    // An empty value removes the field.
+    let sets = meta.iter().filter(|(_, v)| !v.is_empty()).count();
+    if sets > 0 {
+        p.command(2 + 2 * sets)
             .arg(b"HSET")
             .arg_parts(&[keys, b"meta"]);
-        for (f, v) in meta {
+        for (f, v) in meta.iter().filter(|(_, v)| !v.is_empty()) {
             p.arg(f.as_bytes()).arg(v.as_bytes());
+        }
+    }
+    let removes = meta.len() - sets;
+    if removes > 0 {
+        p.command(2 + removes)
+            .arg(b"HDEL")
+            .arg_parts(&[keys, b"meta"]);
+        for (f, _) in meta.iter().filter(|(_, v)| v.is_empty()) {
+            p.arg(f.as_bytes());
         }
     }
 }
@@ -493,10 +510,14 @@ fn parse_meta(flat: Vec<(String, Vec<u8>)>) -> ShardMeta {
             if let Some(v) = int() {
                 meta.seen.insert(topic.to_owned(), v);
             }
-        } else if let Some(segment) = field.strip_prefix("pop:")
-            && let Some(v) = int()
+        } else if let Some(segment) = field.strip_prefix("pop:") {
+            if let Some(v) = int() {
+                meta.population.insert(segment.to_owned(), v);
+            }
+        } else if let Some(hash) = field.strip_prefix("erased:")
+            && let (Ok(h), Some(at)) = (u64::from_str_radix(hash, 16), int())
         {
-            meta.population.insert(segment.to_owned(), v);
+            meta.erased.insert(h, at);
         }
     }
     meta.fresh = meta.positions.is_empty();
@@ -523,6 +544,11 @@ fn meta_fields(w: &ShardWrite) -> Vec<(String, String)> {
     }
     for (segment, n) in &w.population {
         meta.push((format!("pop:{segment}"), n.to_string()));
+    }
+    // An empty value removes the field (HDEL).
+    for (hash, at) in &w.erasures {
+        let value = at.map(|t| t.to_string()).unwrap_or_default();
+        meta.push((super::erasure_field(*hash), value));
     }
     meta
 }
