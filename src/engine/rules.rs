@@ -22,16 +22,17 @@ pub const MAX_GROUPS: usize = 16;
 /// on it, so 25 points enter a segment whose `enter` is 25.
 pub const SCORE_TOLERANCE: f64 = 1e-6;
 
-/// A score as published (segment changes, hand-offs, the lead view): to six
-/// decimal places, with [`SCORE_TOLERANCE`] added before the cut, so that a
-/// published score is at or above a threshold exactly when the segment
-/// decision took it to be (25 points read back as 24.99999999998895 enter
-/// `warm`, and are published as 25). Thresholds with at most six decimals.
+/// A score as published (segment changes, hand-offs, the lead view):
+/// rounded to six decimal places, the precision scores are compared with
+/// thresholds at ([`SCORE_TOLERANCE`]). What floating point adds to an
+/// exact sum (25 points read back as 24.99999999998895, which enter `warm`)
+/// is gone: published as 25, a score agrees with its segment; only a sum
+/// genuinely within half a millionth below a threshold would not.
 pub fn published(score: f64) -> f64 {
     if !score.is_finite() {
         return score;
     }
-    ((score + SCORE_TOLERANCE) * 1e6).floor() / 1e6
+    (score * 1e6).round() / 1e6
 }
 
 /// A rules file as written.
