@@ -112,7 +112,10 @@ fn main() -> ExitCode {
             let rt = runtime();
             let result = rt.block_on(async {
                 let cancel = CancellationToken::new();
-                leadscore::service::cancel_on_signals(cancel.clone());
+                // A second signal exits at once: as safe as a crash.
+                leadscore::service::cancel_on_signals(cancel.clone(), |code| {
+                    std::process::exit(code)
+                });
                 leadscore::service::run(loaded, cancel, |_| {}).await
             });
             match result {

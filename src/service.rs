@@ -365,8 +365,9 @@ pub async fn run(
     result.map_err(Into::into)
 }
 
-/// Cancels `cancel` on SIGINT or SIGTERM.
-pub fn cancel_on_signals(cancel: CancellationToken) {
+/// Cancels `cancel` on SIGINT or SIGTERM; on a second one, hands its exit
+/// status (130 or 143) to `second` (the binary exits with it at once).
+pub fn cancel_on_signals(cancel: CancellationToken, second: impl FnOnce(i32) + Send + 'static) {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
@@ -398,7 +399,7 @@ pub fn cancel_on_signals(cancel: CancellationToken) {
             warn!(
                 "A second signal: exiting at once without finishing the drain; the next start resumes from the positions in Redis."
             );
-            std::process::exit(code);
+            second(code);
         }
         #[cfg(not(unix))]
         {

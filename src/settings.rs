@@ -492,7 +492,7 @@ fn set_by<'a>(problem: &str, env_names: &'a [String]) -> Option<&'a String> {
 /// The value named `name` among `options` (a setting's possible values, as
 /// written in the configuration), or an error that lists them: the
 /// configuration reader's own message names the Rust type instead.
-pub fn one_of<T: Copy>(name: &str, options: &[(&str, T)]) -> Result<T, String> {
+pub(crate) fn one_of<T: Copy>(name: &str, options: &[(&str, T)]) -> Result<T, String> {
     options
         .iter()
         .find(|(n, _)| *n == name)

@@ -4,8 +4,9 @@
 //! outage, through both its error and its log callback, at each reconnect
 //! attempt (about ten a second per client with the default back-off).
 //!
-//! A cause (an error code, or a log facility) is logged once per
-//! [`EVERY`]; the next line after that says how many were left out.
+//! A cause (an error code, or a log facility at a level) is logged once
+//! per [`EVERY`]; the next line after that says how many were left out
+//! (`left_out`) since when (`since`). Lines have the target `librdkafka`.
 //! Connection trouble librdkafka retries by itself (a broker down, a
 //! transport failure, a name that does not resolve) is a warning: a member
 //! that cannot reach the brokers at start, or loses its group, stops with an
@@ -63,14 +64,38 @@ impl Limiter {
 /// One limiter for every client of the process: they report the same outage.
 static LIMITER: LazyLock<Mutex<Limiter>> = LazyLock::new(Mutex::default);
 
-fn admit(cause: &str) -> Option<String> {
+/// What a logged report says of those left out before it: how many, and
+/// since when (the previous line of the cause; the count may cover a spell
+/// long past). Empty `since` for a cause's first line.
+struct LeftOut {
+    count: u64,
+    since: String,
+}
+
+/// Logs at `$level` with target `librdkafka`, adding `left_out` and
+/// `since` when reports were left out before this one.
+macro_rules! report {
+    ($level:ident, $left:expr, $($rest:tt)*) => {
+        match $left {
+            LeftOut { count: 0, .. } => $level!(target: "librdkafka", $($rest)*),
+            LeftOut { count, since } => {
+                $level!(target: "librdkafka", left_out = count, since, $($rest)*)
+            }
+        }
+    };
+}
+
+fn admit(cause: &str) -> Option<LeftOut> {
     LIMITER
         .lock()
         .admit(cause, Instant::now(), wall_clock_ms())
-        .map(|(n, since)| match n {
-            0 => String::new(),
-            // The count may cover a spell long past: say when it began.
-            n => format!(" ({n} more like it since {})", format_rfc3339(since)),
+        .map(|(count, since)| LeftOut {
+            count,
+            since: if count == 0 {
+                String::new()
+            } else {
+                format_rfc3339(since)
+            },
         })
 }
 
@@ -91,13 +116,13 @@ fn transient(code: Option<RDKafkaErrorCode>) -> bool {
 pub fn client_error(e: &KafkaError, reason: &str) {
     let code = e.rdkafka_error_code();
     let cause = format!("error {code:?}");
-    let Some(more) = admit(&cause) else {
+    let Some(left) = admit(&cause) else {
         return;
     };
     if transient(code) {
-        warn!("librdkafka: {e}: {reason}{more}");
+        report!(warn, left, error = %e, reason, "librdkafka reported an error.");
     } else {
-        error!("librdkafka: {e}: {reason}{more}");
+        report!(error, left, error = %e, reason, "librdkafka reported an error.");
     }
 }
 
@@ -108,17 +133,17 @@ pub fn client_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     use RDKafkaLogLevel as L;
     match level {
         L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
-            let Some(more) = admit(&format!("log {fac} {level:?}")) else {
+            let Some(left) = admit(&format!("log {fac} {level:?}")) else {
                 return;
             };
             if fac == "FAIL" || matches!(level, L::Warning) {
-                warn!(target: "librdkafka", "librdkafka: {fac} {message}{more}");
+                report!(warn, left, facility = fac, "{message}");
             } else {
-                error!(target: "librdkafka", "librdkafka: {fac} {message}{more}");
+                report!(error, left, facility = fac, "{message}");
             }
         }
-        L::Notice | L::Info => info!(target: "librdkafka", "librdkafka: {fac} {message}"),
-        L::Debug => debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        L::Notice | L::Info => info!(target: "librdkafka", facility = fac, "{message}"),
+        L::Debug => debug!(target: "librdkafka", facility = fac, "{message}"),
     }
 }
 

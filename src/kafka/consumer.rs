@@ -51,6 +51,23 @@ pub enum ConsumerError {
     /// A part of the service stopped on an error.
     #[error("{0}")]
     Fatal(String),
+    /// The stop's drain gave shards up before their state was written
+    /// (Redis did not answer in time). Nothing is lost: committed offsets
+    /// never pass what Redis holds.
+    #[error(
+        "stopped without writing every shard within shutdown.drain_timeout_ms ({} ms): {unwritten} given up unwritten{}; \
+         nothing is lost, the next start resumes from the positions in Redis",
+        drain_timeout.as_millis(),
+        if held.is_empty() { String::new() } else { format!(", {held:?} still draining") }
+    )]
+    DrainIncomplete {
+        /// The drain's deadline.
+        drain_timeout: Duration,
+        /// Shards given up with unwritten state.
+        unwritten: usize,
+        /// Shards whose worker had not finished draining.
+        held: Vec<ShardId>,
+    },
 }
 
 /// Set once the service has begun closing its consumer itself, at shutdown
@@ -715,17 +732,11 @@ pub fn run(
     // committed never pass what Redis holds, and the next start resumes
     // from there), but the stop was not the clean one asked for.
     if unwritten > 0 || !held.is_empty() {
-        return Err(ConsumerError::Fatal(format!(
-            "stopped without writing every shard within shutdown.drain_timeout_ms ({} ms): {} given up unwritten{}; \
-             nothing is lost, the next start resumes from the positions in Redis",
-            drain_timeout.as_millis(),
+        return Err(ConsumerError::DrainIncomplete {
+            drain_timeout,
             unwritten,
-            if held.is_empty() {
-                String::new()
-            } else {
-                format!(", {held:?} still draining")
-            }
-        )));
+            held,
+        });
     }
     info!("Consumer stopped cleanly.");
     Ok(())

@@ -77,7 +77,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
 
     let cancel = CancellationToken::new();
-    leadscore::service::cancel_on_signals(cancel.clone());
+    leadscore::service::cancel_on_signals(cancel.clone(), |code| std::process::exit(code));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let service = tokio::spawn(leadscore::service::run(loaded, cancel.clone(), move |r| {
         let _ = tx.send(r);
