@@ -785,20 +785,22 @@ fn a_backfill_on_every_input_after_idle_is_counted_behind_the_clock_per_input() 
     assert!(h.state().contains_key("l:L9"), "{:?}", h.state().keys());
 }
 
-#[test]
-fn erasure_removes_the_lead_and_its_cookies() {
-    let mut h = Harness::new(engine(), ShardConfig::default());
-    h.produce(
-        0,
-        json(
-            "v",
-            None,
-            Some("c1"),
-            T0,
-            "page_view",
-            serde_json::json!({"url": "/menu"}),
-        ),
-    );
+/// A page view on the web topic.
+fn page_view(id: &str, lead: Option<&str>, anon: Option<&str>, at: Millis) -> Vec<u8> {
+    json(
+        id,
+        lead,
+        anon,
+        at,
+        "page_view",
+        serde_json::json!({"url": "/pricing"}),
+    )
+}
+
+/// Cookie `c1` browses, identifies as `L`, L browses, and at `T0 + 3` L
+/// asks to be erased (on the CRM topic).
+fn a_stitched_lead_then_its_erasure(h: &mut Harness) {
+    h.produce(0, page_view("v", None, Some("c1"), T0));
     h.produce(
         0,
         json(
@@ -810,17 +812,7 @@ fn erasure_removes_the_lead_and_its_cookies() {
             serde_json::json!({}),
         ),
     );
-    h.produce(
-        0,
-        json(
-            "p",
-            Some("L"),
-            None,
-            T0 + 2,
-            "page_view",
-            serde_json::json!({"url": "/pricing"}),
-        ),
-    );
+    h.produce(0, page_view("p", Some("L"), None, T0 + 2));
     h.produce(
         3,
         json(
@@ -832,6 +824,12 @@ fn erasure_removes_the_lead_and_its_cookies() {
             serde_json::json!({}),
         ),
     );
+}
+
+#[test]
+fn erasure_removes_the_lead_and_its_cookies() {
+    let mut h = Harness::new(engine(), ShardConfig::default());
+    a_stitched_lead_then_its_erasure(&mut h);
     h.finish();
     assert!(h.state().is_empty(), "{:?}", h.state().keys());
     assert!(h.store.timers_of(0).is_empty());
@@ -855,29 +853,7 @@ fn events_from_before_an_erasure_do_not_bring_the_lead_back() {
         },
     );
     let mut h = Harness::new(engine, ShardConfig::default());
-    let web = |id: &str, lead: Option<&str>, anon: Option<&str>, at: Millis| {
-        json(
-            id,
-            lead,
-            anon,
-            at,
-            "page_view",
-            serde_json::json!({"url": "/pricing"}),
-        )
-    };
-    h.produce(0, web("v", None, Some("c1"), T0));
-    h.produce(
-        0,
-        json(
-            "i",
-            Some("L"),
-            Some("c1"),
-            T0 + 1,
-            "identify",
-            serde_json::json!({}),
-        ),
-    );
-    h.produce(0, web("p", Some("L"), None, T0 + 2));
+    let web = page_view;
     let erase = |id: &str, lead: &str, at: Millis| {
         json(
             id,
@@ -888,7 +864,7 @@ fn events_from_before_an_erasure_do_not_bring_the_lead_back() {
             serde_json::json!({}),
         )
     };
-    h.produce(3, erase("e", "L", T0 + 3));
+    a_stitched_lead_then_its_erasure(&mut h);
     h.finish();
     assert!(h.state().is_empty(), "{:?}", h.state().keys());
     let marked = |h: &Harness| {
