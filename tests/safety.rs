@@ -399,6 +399,55 @@ fn an_erased_lead_is_gone_everywhere_and_stays_gone_across_restarts() {
     assert!(service.terminate().success());
 }
 
+/// A Redis the service cannot keep its state in is refused at start, with
+/// the reason, instead of passing the start-up check and then retrying to
+/// take shards: a user without Lua scripting, a cluster node in single
+/// mode (it answered MOVED to most keys), a single server in cluster mode.
+#[test]
+fn a_redis_that_cannot_hold_the_state_is_refused_at_start_with_the_reason() {
+    let (broker, redis, names) = setup(1);
+    let fail = |redis: &Redis, extra: &[(&str, &str)]| {
+        let (status, log) =
+            Service::run_to_exit(&broker, redis, &names, extra, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(1), "{log}");
+        log
+    };
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("noscript")
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-@scripting")
+        .query(&mut redis.conn())
+        .unwrap();
+    let url = format!("redis://noscript:pw@127.0.0.1:{}/0", redis.port);
+    let log = fail(&redis, &[("LEADSCORE__REDIS__URL", &url)]);
+    assert!(
+        log.contains("cannot run Lua scripts") && log.contains("+@scripting"),
+        "{log}"
+    );
+
+    let log = fail(&redis, &[("LEADSCORE__REDIS__MODE", "cluster")]);
+    assert!(log.contains("no Redis Cluster answers"), "{log}");
+
+    let cluster = Redis::start_cluster(false);
+    let node = format!("redis://127.0.0.1:{}/0", cluster.port);
+    let log = fail(
+        &cluster,
+        &[
+            ("LEADSCORE__REDIS__MODE", "single"),
+            ("LEADSCORE__REDIS__URL", &node),
+        ],
+    );
+    assert!(log.contains("set redis.mode = \\\"cluster\\\""), "{log}");
+    // The same cluster in cluster mode passes the checks.
+    let service = Service::start(&broker, &cluster, &names, &[]);
+    assert!(service.terminate().success());
+}
+
 #[test]
 fn idle_sockets_are_closed_readyz_still_answers_and_v1_needs_the_token() {
     let (broker, redis, names) = setup(1);

@@ -770,6 +770,12 @@ impl Settings {
         if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
             p.push("redis.tls_cert_file and redis.tls_key_file go together".into());
         }
+        let tls_files = r.tls_ca_file.is_some() || r.tls_cert_file.is_some();
+        if tls_files && urls.iter().any(|u| !u.starts_with("rediss://")) {
+            p.push(
+                "redis.tls_ca_file / tls_cert_file: TLS needs rediss:// URLs in redis.url".into(),
+            );
+        }
         if r.key_prefix.contains(['{', '}']) {
             p.push(
                 "redis.key_prefix: must not contain { or } (leadscore adds a hash tag per shard)"

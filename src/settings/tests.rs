@@ -371,3 +371,20 @@ fn bad_rules_file_reports_all_rule_problems() {
         "{err}"
     );
 }
+
+#[test]
+fn tls_files_need_a_rediss_url() {
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let err = Settings::load(None, env(&[("LEADSCORE__REDIS__TLS_CA_FILE", ca)]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TLS needs rediss:// URLs"), "{err}");
+    let tls = Settings::load(
+        None,
+        env(&[
+            ("LEADSCORE__REDIS__TLS_CA_FILE", ca),
+            ("LEADSCORE__REDIS__URL", "rediss://redis:6380/0"),
+        ]),
+    );
+    assert!(tls.is_ok(), "{:?}", tls.err().map(|e| e.to_string()));
+}

@@ -716,7 +716,37 @@ impl Store for RedisStore {
 
     fn check(&self) -> Result<Health, StoreError> {
         let mut h = Health::default();
-        self.ping()?;
+        let cluster = matches!(&*self.clients, Clients::Cluster(_));
+        match self.ping() {
+            Err(StoreError::Redis(e))
+                if cluster && e.kind() == redis::ErrorKind::ClusterConnectionNotFound =>
+            {
+                return Err(StoreError::Config(format!(
+                    "no Redis Cluster answers at redis.url ({e}); for a single server, set redis.mode = \"single\""
+                )));
+            }
+            other => other?,
+        }
+        // A cluster node in single mode answers PING, then MOVED to most keys.
+        if !cluster {
+            let info: Option<String> = self
+                .with_conn(|c| redis::cmd("INFO").arg("cluster").query(c))
+                .ok();
+            if info.is_some_and(|i| i.contains("cluster_enabled:1")) {
+                return Err(StoreError::Config(
+                    "this Redis is a cluster node: set redis.mode = \"cluster\" (and list its nodes in redis.url)"
+                        .into(),
+                ));
+            }
+        }
+        // Taking, loading and (on a cluster) writing shards are Lua scripts.
+        if let Err(e) =
+            self.with_conn(|c| redis::cmd("EVAL").arg("return 1").arg(0).query::<i64>(c))
+        {
+            return Err(StoreError::Config(format!(
+                "this Redis user cannot run Lua scripts, which leadscore needs (EVAL and EVALSHA: ACL +@scripting): {e}"
+            )));
+        }
         let config = |name: &str| -> Option<String> {
             self.with_conn(|c| {
                 redis::cmd("CONFIG")
