@@ -194,11 +194,11 @@ impl GroupContext {
         let meta = loop {
             match self.store.take_shard(p) {
                 Ok(m) => {
-                    self.rt.set_store_up(true);
+                    self.rt.set_store_up();
                     break m;
                 }
                 Err(e) if Instant::now() < deadline && e.retryable() => {
-                    self.rt.set_store_up(false);
+                    self.rt.set_store_down(&e);
                     self.rt
                         .metrics
                         .redis_errors
@@ -642,7 +642,7 @@ pub fn run(
     rt.health
         .running
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    rt.set_store_up(true);
+    rt.set_store_up();
     info!(topics = ?inputs, "Consuming.");
     let segments: Vec<String> = crate::engine::Segment::all_names(rt.engine.rules())
         .into_iter()

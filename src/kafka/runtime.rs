@@ -25,6 +25,8 @@ pub struct Health {
     pub running: AtomicBool,
     /// The last store call succeeded.
     pub store_up: AtomicBool,
+    /// Why the last store call failed (empty: none has yet).
+    pub store_error: parking_lot::Mutex<String>,
     /// A fatal error occurred: the process is stopping.
     pub failed: AtomicBool,
     /// Workers holding inputs back because the Schema Registry does not
@@ -47,26 +49,31 @@ impl Health {
         self.not_ready().is_empty()
     }
 
-    /// Every reason it is not ready (none: ready).
-    pub fn not_ready(&self) -> Vec<&'static str> {
-        [
-            (self.failed.load(Ordering::SeqCst), "stopping on an error"),
-            (
-                !self.running.load(Ordering::SeqCst),
-                "the consumer is not running (starting, or stopping)",
-            ),
-            (
-                !self.store_up.load(Ordering::SeqCst),
-                "Redis does not answer",
-            ),
-            (
-                self.registry_down.load(Ordering::SeqCst) > 0,
-                "the Schema Registry does not answer",
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(holds, why)| holds.then_some(why))
-        .collect()
+    /// Every reason it is not ready (none: ready). Redis's is the last
+    /// store error's own words: full, a rotated password and a refused
+    /// command are not "does not answer".
+    pub fn not_ready(&self) -> Vec<String> {
+        let store = || {
+            let error = self.store_error.lock();
+            match error.strip_prefix("redis: ").unwrap_or(&error) {
+                "" => "Redis does not answer".to_owned(),
+                why => format!("Redis is unavailable: {why}"),
+            }
+        };
+        let mut why = Vec::new();
+        if self.failed.load(Ordering::SeqCst) {
+            why.push("stopping on an error".to_owned());
+        }
+        if !self.running.load(Ordering::SeqCst) {
+            why.push("the consumer is not running (starting, or stopping)".to_owned());
+        }
+        if !self.store_up.load(Ordering::SeqCst) {
+            why.push(store());
+        }
+        if self.registry_down.load(Ordering::SeqCst) > 0 {
+            why.push("the Schema Registry does not answer".to_owned());
+        }
+        why
     }
 
     /// Alive: the loop turned within `max_silence`.
@@ -237,8 +244,18 @@ impl Runtime {
         &self.cancel
     }
 
-    /// Records whether the store answers.
-    pub fn set_store_up(&self, up: bool) {
+    /// Records that the store answers.
+    pub fn set_store_up(&self) {
+        self.set_store(true);
+    }
+
+    /// Records that a store call failed, and why (what `/readyz` says).
+    pub fn set_store_down(&self, error: &dyn std::fmt::Display) {
+        *self.health.store_error.lock() = error.to_string();
+        self.set_store(false);
+    }
+
+    fn set_store(&self, up: bool) {
         self.health.store_up.store(up, Ordering::SeqCst);
         self.metrics.redis_up.set(i64::from(up));
         self.refresh_ready();
@@ -383,5 +400,12 @@ mod tests {
         h.store_up.store(false, Ordering::SeqCst);
         assert_eq!(h.not_ready(), ["Redis does not answer"]);
         assert!(!h.ready());
+        // The store's own words once a call failed (Redis full answers).
+        *h.store_error.lock() =
+            "redis: OOM command not allowed when used memory > 'maxmemory'.".into();
+        assert_eq!(
+            h.not_ready(),
+            ["Redis is unavailable: OOM command not allowed when used memory > 'maxmemory'."]
+        );
     }
 }

@@ -456,7 +456,7 @@ impl Worker {
                     .redis_errors
                     .with_label_values(&["load"])
                     .inc();
-                self.rt.set_store_up(false);
+                self.rt.set_store_down(&e);
                 warn!(error = %e, shard = id, retry_in = ?delay, "Cannot load lead state; holding this shard's input until the store answers.");
                 self.shards[n].blocked_until = Some(Instant::now() + delay);
             }
@@ -525,7 +525,7 @@ impl Worker {
             Ok(outcomes) => {
                 self.policy.reset();
                 self.write_blocked_until = None;
-                self.rt.set_store_up(true);
+                self.rt.set_store_up();
                 // The store answers: shards held back by a failed load may read again.
                 for o in &mut self.shards {
                     if o.blocked_until.take().is_some() {
@@ -601,7 +601,7 @@ impl Worker {
                             .redis_errors
                             .with_label_values(&["write"])
                             .inc();
-                        self.rt.set_store_up(false);
+                        self.rt.set_store_down(&e);
                         warn!(error = %e, retry_in = ?delay, "Write failed; holding offsets until it succeeds.");
                         self.write_blocked_until = Some(Instant::now() + delay);
                         self.next_write = Instant::now() + delay;
