@@ -1161,18 +1161,22 @@ impl Shard {
     }
 
     /// Whether the event's lead or visitor was erased at or after its time.
-    fn erased_after(&self, e: &Event<'_>) -> bool {
-        let covers = |key: LeadKey| {
-            self.erased
-                .get(&erasure_hash(key.as_str()))
-                .is_some_and(|at| e.occurred_at <= *at)
-        };
-        e.lead_id
+    /// Runs for every event once the shard holds a marker: the keys are
+    /// written into the lookup buffer, not allocated.
+    fn erased_after(&mut self, e: &Event<'_>) -> bool {
+        let lead = e
+            .lead_id
             .as_deref()
-            .is_some_and(|id| covers(LeadKey::lead(id)))
-            || e.anonymous_id
-                .as_deref()
-                .is_some_and(|anon| covers(LeadKey::visitor(anon)))
+            .map(|id| erasure_hash(self.keys.lead(id)));
+        let visitor = e
+            .anonymous_id
+            .as_deref()
+            .map(|anon| erasure_hash(self.keys.visitor(anon)));
+        [lead, visitor].into_iter().flatten().any(|hash| {
+            self.erased
+                .get(&hash)
+                .is_some_and(|at| e.occurred_at <= *at)
+        })
     }
 
     /// Marks `key` erased at `at`: its events dated at or before then are
