@@ -68,6 +68,8 @@ pub struct Metrics {
     pub leads_erased: IntCounter,
     /// Events dropped because their lead was erased after their time.
     pub events_after_erasure: IntCounter,
+    /// Events keyed by neither of their ids, by topic.
+    pub events_mis_keyed: IntCounterVec,
     /// Time to decode, score and produce one batch.
     pub batch_seconds: Histogram,
     /// Wall time from a message's broker timestamp until it was processed.
@@ -309,6 +311,12 @@ impl Metrics {
                 "leadscore_events_after_erasure_total",
                 "Events dropped because their lead or visitor was erased after the event's time (a producer's retry, a late event).",
             ),
+            events_mis_keyed: counter_vec(
+                &r,
+                "leadscore_events_mis_keyed_total",
+                "Events with no message key, or with a lead id and a key that is neither it nor their anonymous id (an email, a session id): the producer's partitioner may send one lead's events to several partitions, each holding a state of its own.",
+                &["topic"],
+            ),
             batch_seconds: histogram(
                 &r,
                 "leadscore_batch_processing_seconds",
@@ -400,6 +408,7 @@ impl Metrics {
             self.duplicates_skipped.with_label_values(&[topic]);
             self.late_events.with_label_values(&[topic]);
             self.events_behind_clock.with_label_values(&[topic]);
+            self.events_mis_keyed.with_label_values(&[topic]);
             for kind in ["json", "avro", "registry", "contract", "too_large", "empty"] {
                 self.decode_failures.with_label_values(&[topic, kind]);
             }
@@ -441,6 +450,11 @@ impl Metrics {
         }
         for (input, n) in stats.behind_clock.drain() {
             self.events_behind_clock
+                .with_label_values(&[topic(input)])
+                .inc_by(n);
+        }
+        for (input, n) in stats.mis_keyed.drain() {
+            self.events_mis_keyed
                 .with_label_values(&[topic(input)])
                 .inc_by(n);
         }

@@ -205,6 +205,54 @@ fn a_malformed_message_is_dead_lettered_and_the_offset_moves_past_it() {
     assert!(service.terminate().success());
 }
 
+/// A producer that sets no key, or keys a lead's events by another field,
+/// may split leads over partitions: such events still score and are
+/// counted per topic, through the real broker's keys.
+#[test]
+fn events_without_their_lead_as_key_score_and_are_counted_by_topic() {
+    let (broker, redis, names) = setup();
+    let service = Service::start(&broker, &redis, &names, &[]);
+    let p = broker.producer();
+    use rdkafka::producer::{BaseRecord, Producer};
+    let at = "2026-11-22T10:00:00Z";
+    let keyed = event("k1", "lead-k", at, "page_view", &[]);
+    let keyless = event("k2", "lead-k", at, "page_view", &[]);
+    let by_email = event("k3", "lead-k", at, "form_submit", &[]);
+    p.send(
+        BaseRecord::to(&names.web)
+            .partition(0)
+            .key("lead-k")
+            .payload(&keyed),
+    )
+    .unwrap();
+    p.send(
+        BaseRecord::<(), _>::to(&names.web)
+            .partition(0)
+            .payload(&keyless),
+    )
+    .unwrap();
+    p.send(
+        BaseRecord::to(&names.web)
+            .partition(0)
+            .key("lead-k@example.com")
+            .payload(&by_email),
+    )
+    .unwrap();
+    p.flush(WAIT).unwrap();
+    service.wait_consumed(3, WAIT);
+    let (_, body) = service.get("/metrics").unwrap();
+    let mis_keyed = |topic: &str| {
+        let series = format!("leadscore_events_mis_keyed_total{{topic=\"{topic}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    assert_eq!(mis_keyed(&names.web), Some(2), "{body}");
+    assert_eq!(mis_keyed(&names.email), Some(0), "{body}");
+    assert_eq!(service.counter("leadscore_events_consumed_total"), 3);
+    assert!(service.terminate().success());
+}
+
 /// What a web tracker sends with a page view: more attributes than an event
 /// waiting in a shard keeps beside it inline.
 const TRACKER: &[(&str, &str)] = &[

@@ -207,6 +207,9 @@ pub struct StepStats {
     /// clock, by input: the clock had followed the wall clock while every
     /// input was idle (a backfill, an upstream outage's buffer).
     pub behind_clock: Tally<usize>,
+    /// Events whose message key is neither their lead id nor their
+    /// anonymous id, by input.
+    pub mis_keyed: Tally<usize>,
     /// Redelivered offsets skipped.
     pub skipped: u64,
     /// Segment changes published: (from, to, reason).
@@ -501,6 +504,11 @@ impl Shard {
             && let Some(ts) = msg.timestamp.filter(|t| *t > 0)
         {
             stats.latency_samples.push(ts);
+        }
+        if let Ok(e) = &decoded
+            && !keyed_by_its_ids(msg.key, e)
+        {
+            *stats.mis_keyed.entry(i).or_default() += 1;
         }
         let (at, item) = match decoded {
             Ok(e) => (Some(e.occurred_at), Item::Event(PackedEvent::new(&e))),
@@ -1384,6 +1392,27 @@ enum Which {
 
 /// Counts an engagement event by the lead's segment at that moment, its
 /// channel and its first-touch source.
+/// Whether a message is keyed so that its lead's events stay in one
+/// partition: an event with a lead id by that id, or by its anonymous id
+/// (an identifying event sent to its visitor's partition, to stitch them);
+/// a visitor's event (no lead id) by any key, which may be a tracker's
+/// stable user key chosen to keep the visitor beside its future lead. No
+/// key at all, or a lead's event keyed by another field (an email, a
+/// session id), lets the partitioner send one lead's events to several
+/// partitions, each with a state of its own.
+fn keyed_by_its_ids(key: Option<&[u8]>, e: &Event<'_>) -> bool {
+    match (key, e.lead_id.as_deref()) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(key), Some(lead)) => {
+            lead.as_bytes() == key
+                || e.anonymous_id
+                    .as_deref()
+                    .is_some_and(|a| a.as_bytes() == key)
+        }
+    }
+}
+
 /// Adds `delta` to a segment's population (allocating its name only once).
 fn add_population(population: &mut HashMap<String, i64>, segment: &str, delta: i64) {
     match population.get_mut(segment) {

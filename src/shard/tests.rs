@@ -1514,3 +1514,60 @@ fn a_waiting_event_takes_less_room_inline_than_boxed() {
     let released = std::mem::size_of::<super::merge::Released<super::Item>>();
     assert!(released <= 104, "a released item takes {released} bytes");
 }
+
+/// The input contract keys events by lead id, or by anonymous id; an
+/// identifying event keyed by its visitor's id (to stitch) is keyed right
+/// too, and so is a visitor's event under any key (a tracker's user key).
+/// No key, or a lead's event keyed by neither of its ids, is counted per
+/// input (the event still scores: it is the partitioning that may be wrong).
+#[test]
+fn events_keyed_by_neither_of_their_ids_are_counted_per_input() {
+    let mut h = Harness::new(engine(), ShardConfig::default());
+    let web = [
+        (Some(&b"L"[..]), page_view("e1", Some("L"), None, T0)),
+        (Some(b"c1"), page_view("e2", None, Some("c1"), T0 + 1)),
+        (Some(b"c1"), page_view("e3", Some("L"), Some("c1"), T0 + 2)),
+        (Some(b"L"), page_view("e4", Some("L"), Some("c1"), T0 + 3)),
+        (None, page_view("e5", Some("L"), None, T0 + 4)),
+        (
+            Some(b"L@example.com"),
+            page_view("e6", Some("L"), None, T0 + 5),
+        ),
+        (Some(b"L"), page_view("e8", None, Some("c1"), T0 + 6)),
+        (None, page_view("e9", None, Some("c1"), T0 + 7)),
+    ];
+    for (offset, (key, payload)) in web.iter().enumerate() {
+        let msg = InMessage {
+            input: 0,
+            offset: offset as i64,
+            key: *key,
+            payload: Some(payload),
+            timestamp: None,
+        };
+        let decoded = h.decoders[0].decode(msg.payload, None);
+        h.shard.push(&msg, decoded, &mut h.stats);
+    }
+    let email = json("e7", Some("M"), None, T0 + 8, "open", serde_json::json!({}));
+    let msg = InMessage {
+        input: 2,
+        offset: 0,
+        key: Some(b"L"),
+        payload: Some(&email),
+        timestamp: None,
+    };
+    let decoded = h.decoders[2].decode(msg.payload, None);
+    h.shard.push(&msg, decoded, &mut h.stats);
+    // Dead letters have no ids to compare: not counted.
+    let garbage = InMessage {
+        input: 0,
+        offset: 8,
+        key: None,
+        payload: Some(b"not json"),
+        timestamp: None,
+    };
+    let decoded = h.decoders[0].decode(garbage.payload, None);
+    h.shard.push(&garbage, decoded, &mut h.stats);
+    assert_eq!(h.stats.mis_keyed.get(&0).copied(), Some(3));
+    assert_eq!(h.stats.mis_keyed.get(&2).copied(), Some(1));
+    assert_eq!(h.stats.mis_keyed.len(), 2);
+}
