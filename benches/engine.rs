@@ -53,7 +53,8 @@ const EVENTS: usize = 200_000;
 const LEADS: usize = 20_000;
 
 struct Fixture {
-    events: Vec<(usize, Vec<u8>)>,
+    /// (input, key, payload).
+    events: Vec<(usize, String, Vec<u8>)>,
 }
 
 fn fixture(seed: u64) -> Fixture {
@@ -62,7 +63,7 @@ fn fixture(seed: u64) -> Fixture {
         .map(|_| {
             let e = s.next_event();
             let input = Source::ALL.iter().position(|x| *x == e.source).unwrap();
-            (input, e.payload.into_bytes())
+            (input, e.key, e.payload.into_bytes())
         })
         .collect();
     Fixture { events }
@@ -120,11 +121,11 @@ fn run_shard(engine: &Engine, decoders: &[Decoder], fixture: &Fixture) -> u64 {
     let mut stats = StepStats::default();
     let mut offsets = [0i64; 4];
     for chunk in fixture.events.chunks(10_000) {
-        for (input, payload) in chunk {
+        for (input, key, payload) in chunk {
             let msg = InMessage {
                 input: *input,
                 offset: offsets[*input],
-                key: None,
+                key: Some(key.as_bytes()),
                 payload: Some(payload),
                 timestamp: None,
             };
@@ -168,7 +169,7 @@ fn bench_decode(c: &mut Criterion) {
     g.throughput(Throughput::Elements(fixture.events.len() as u64));
     g.bench_function("json", |b| {
         b.iter(|| {
-            for (input, payload) in &fixture.events {
+            for (input, _, payload) in &fixture.events {
                 let _ = black_box(json[*input].decode(Some(payload), None));
             }
         })
@@ -177,7 +178,7 @@ fn bench_decode(c: &mut Criterion) {
     let avro: Vec<(usize, Vec<u8>)> = fixture
         .events
         .iter()
-        .filter_map(|(input, payload)| {
+        .filter_map(|(input, _, payload)| {
             let event = json[*input].decode(Some(payload), None).ok()?;
             Some((*input, encode_avro(&schemas[*input], &event).ok()?))
         })
@@ -210,7 +211,7 @@ fn bench_engine(c: &mut Criterion) {
     let events: Vec<Event<'static>> = fixture
         .events
         .iter()
-        .filter_map(|(input, payload)| decoders[*input].decode(Some(payload), None).ok())
+        .filter_map(|(input, _, payload)| decoders[*input].decode(Some(payload), None).ok())
         .map(Event::into_owned)
         .collect();
     // Each event's state: its lead's, or its visitor's when anonymous.
@@ -264,7 +265,7 @@ fn bench_state(c: &mut Criterion) {
     // States mid-life: each lead's after the first half of the stream.
     let mut states = std::collections::BTreeMap::<String, LeadState>::new();
     let mut decisions = Vec::new();
-    for (input, payload) in &fixture.events[..EVENTS / 2] {
+    for (input, _, payload) in &fixture.events[..EVENTS / 2] {
         let Ok(e) = decoders[*input].decode(Some(payload), None) else {
             continue;
         };

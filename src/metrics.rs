@@ -68,7 +68,7 @@ pub struct Metrics {
     pub leads_erased: IntCounter,
     /// Events dropped because their lead was erased after their time.
     pub events_after_erasure: IntCounter,
-    /// Events keyed by neither of their ids, by topic.
+    /// Events with no message key, or with a lead id they are not keyed by, by topic.
     pub events_mis_keyed: IntCounterVec,
     /// Time to decode, score and produce one batch.
     pub batch_seconds: Histogram,
@@ -314,7 +314,7 @@ impl Metrics {
             events_mis_keyed: counter_vec(
                 &r,
                 "leadscore_events_mis_keyed_total",
-                "Events with no message key, or with a lead id and a key that is neither it nor their anonymous id (an email, a session id): the producer's partitioner may send one lead's events to several partitions, each holding a state of its own.",
+                "Events with no message key, or with a lead id and another key (an email, a session id, the cookie): the producer's partitioner may send one lead's events to several partitions, each holding a state of its own. Counted as read.",
                 &["topic"],
             ),
             batch_seconds: histogram(

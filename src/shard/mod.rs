@@ -207,8 +207,9 @@ pub struct StepStats {
     /// clock, by input: the clock had followed the wall clock while every
     /// input was idle (a backfill, an upstream outage's buffer).
     pub behind_clock: Tally<usize>,
-    /// Events whose message key is neither their lead id nor their
-    /// anonymous id, by input.
+    /// Events with no message key, or with a lead id they are not keyed
+    /// by, by input (counted as read: a message read again after a restart
+    /// counts again).
     pub mis_keyed: Tally<usize>,
     /// Redelivered offsets skipped.
     pub skipped: u64,
@@ -1390,26 +1391,19 @@ enum Which {
     Other,
 }
 
-/// Counts an engagement event by the lead's segment at that moment, its
-/// channel and its first-touch source.
 /// Whether a message is keyed so that its lead's events stay in one
-/// partition: an event with a lead id by that id, or by its anonymous id
-/// (an identifying event sent to its visitor's partition, to stitch them);
-/// a visitor's event (no lead id) by any key, which may be a tracker's
-/// stable user key chosen to keep the visitor beside its future lead. No
-/// key at all, or a lead's event keyed by another field (an email, a
-/// session id), lets the partitioner send one lead's events to several
-/// partitions, each with a state of its own.
+/// partition: an event with a lead id by that id (its plain UTF-8 bytes).
+/// A lead's event keyed otherwise (an email, a session id, its cookie)
+/// can land in another partition than the lead's other events, and an
+/// event with no key wherever the partitioner puts it; either way the lead
+/// gets a state in each partition. A visitor's event (no lead id) may have
+/// any key: its anonymous id, or a tracker's stable user key that keeps it
+/// beside its future lead; which one cannot be told from the event.
 fn keyed_by_its_ids(key: Option<&[u8]>, e: &Event<'_>) -> bool {
     match (key, e.lead_id.as_deref()) {
         (None, _) => false,
         (Some(_), None) => true,
-        (Some(key), Some(lead)) => {
-            lead.as_bytes() == key
-                || e.anonymous_id
-                    .as_deref()
-                    .is_some_and(|a| a.as_bytes() == key)
-        }
+        (Some(key), Some(lead)) => lead.as_bytes() == key,
     }
 }
 
@@ -1423,6 +1417,8 @@ fn add_population(population: &mut HashMap<String, i64>, segment: &str, delta: i
     }
 }
 
+/// Counts an engagement event by the lead's segment at that moment, its
+/// channel and its first-touch source.
 fn record_engagement(
     ctx: &mut Ctx<'_>,
     rules: &crate::engine::Rules,

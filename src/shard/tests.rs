@@ -1515,11 +1515,11 @@ fn a_waiting_event_takes_less_room_inline_than_boxed() {
     assert!(released <= 104, "a released item takes {released} bytes");
 }
 
-/// The input contract keys events by lead id, or by anonymous id; an
-/// identifying event keyed by its visitor's id (to stitch) is keyed right
-/// too, and so is a visitor's event under any key (a tracker's user key).
-/// No key, or a lead's event keyed by neither of its ids, is counted per
-/// input (the event still scores: it is the partitioning that may be wrong).
+/// The input contract keys events by lead id, or by anonymous id when there
+/// is none; a visitor's event may have any key (a tracker's user key). No
+/// key, or a lead's event keyed otherwise (its cookie included: the lead's
+/// state would be made in the cookie's partition), is counted per input;
+/// the event still scores: it is the partitioning that may be wrong.
 #[test]
 fn events_keyed_by_neither_of_their_ids_are_counted_per_input() {
     let mut h = Harness::new(engine(), ShardConfig::default());
@@ -1567,7 +1567,8 @@ fn events_keyed_by_neither_of_their_ids_are_counted_per_input() {
     };
     let decoded = h.decoders[0].decode(garbage.payload, None);
     h.shard.push(&garbage, decoded, &mut h.stats);
-    assert_eq!(h.stats.mis_keyed.get(&0).copied(), Some(3));
+    // e3 (the cookie), e5 (none), e6 (an email), e9 (none).
+    assert_eq!(h.stats.mis_keyed.get(&0).copied(), Some(4));
     assert_eq!(h.stats.mis_keyed.get(&2).copied(), Some(1));
     assert_eq!(h.stats.mis_keyed.len(), 2);
 }
