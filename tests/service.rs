@@ -253,6 +253,61 @@ fn events_without_their_lead_as_key_score_and_are_counted_by_topic() {
     assert!(service.terminate().success());
 }
 
+/// A producer that sets the record timestamp to the event's own date
+/// (CreateTime) cannot get an event dated a month ahead past the check:
+/// through the real broker it is dead-lettered against the wall clock, and a
+/// present-day event of the same partition on another topic, applied after
+/// it, is neither late nor behind the shard's clock (the partition's time did
+/// not move a month ahead).
+#[test]
+fn an_event_a_month_ahead_with_a_matching_create_time_is_dead_lettered_and_moves_no_clock() {
+    let (broker, redis, names) = setup();
+    let service = Service::start(&broker, &redis, &names, &[]);
+    let p = broker.producer();
+    use leadscore::event::{format_rfc3339, wall_clock_ms};
+    use rdkafka::producer::{BaseRecord, Producer};
+    let month = 30 * 86_400_000;
+    let ahead = wall_clock_ms() + month;
+    let future = event("f1", "lead-f", &format_rfc3339(ahead), "page_view", &[]);
+    p.send(
+        BaseRecord::to(&names.web)
+            .partition(0)
+            .key("lead-f")
+            .timestamp(ahead)
+            .payload(&future),
+    )
+    .unwrap();
+    p.flush(WAIT).unwrap();
+    // Applied (here: dead-lettered) before the next event is produced.
+    service.wait_consumed(1, WAIT);
+    let now = format_rfc3339(wall_clock_ms());
+    let open = event("f2", "lead-f", &now, "open", &[]);
+    p.send(
+        BaseRecord::to(&names.email)
+            .partition(0)
+            .key("lead-f")
+            .payload(&open),
+    )
+    .unwrap();
+    p.flush(WAIT).unwrap();
+    service.wait_consumed(2, WAIT);
+
+    let dead = broker.read(&names.dead, PARTITIONS, 1, WAIT);
+    assert_eq!(dead.len(), 1, "log:\n{}", service.logs());
+    assert_eq!(
+        header(&dead[0], "leadscore.error.kind").as_deref(),
+        Some("contract")
+    );
+    let reason = header(&dead[0], "leadscore.reason").unwrap_or_default();
+    assert!(reason.contains("after the wall clock"), "{reason}");
+    assert_eq!(service.counter("leadscore_events_consumed_total"), 1);
+    assert_eq!(service.counter("leadscore_late_events_total"), 0);
+    assert_eq!(service.counter("leadscore_events_behind_clock_total"), 0);
+    let (status, body) = service.get("/v1/leads/lead-f").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(service.terminate().success());
+}
+
 /// What a web tracker sends with a page view: more attributes than an event
 /// waiting in a shard keeps beside it inline.
 const TRACKER: &[(&str, &str)] = &[
