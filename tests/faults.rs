@@ -139,8 +139,12 @@ fn reference() -> &'static Outcome {
         let service = Service::start(&broker, &redis, &names, &env(&[]));
         wait_done(&broker, &names, Duration::from_secs(400), &[&service]);
         let late = service.counter("leadscore_late_events_total");
+        let mis_keyed = service.counter("leadscore_events_mis_keyed_total");
         assert!(service.terminate().success());
         assert_eq!(late, 0, "the workload's disorder stays inside the allowed lateness");
+        // Leads' events keyed by lead id, cookie-only ones by the cookie
+        // (in the lead's partition or another): no false alarm.
+        assert_eq!(mis_keyed, 0, "the workload keys as the contract asks");
         let out = (redis.leads(&names.prefix), output_ids(&broker, &names));
         assert!(out.0.len() > LEADS / 2, "most leads are stored");
         assert!(out.1.len() > 1000, "plenty of outputs");

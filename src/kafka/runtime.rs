@@ -25,7 +25,8 @@ pub struct Health {
     pub running: AtomicBool,
     /// The last store call succeeded.
     pub store_up: AtomicBool,
-    /// Why the last store call failed (empty: none has yet).
+    /// Why the last store call failed (empty: none has, or the store
+    /// answered since).
     pub store_error: parking_lot::Mutex<String>,
     /// A fatal error occurred: the process is stopping.
     pub failed: AtomicBool,
@@ -244,8 +245,9 @@ impl Runtime {
         &self.cancel
     }
 
-    /// Records that the store answers.
+    /// Records that the store answers (its last error is over).
     pub fn set_store_up(&self) {
+        self.health.store_error.lock().clear();
         self.set_store(true);
     }
 

@@ -507,7 +507,7 @@ impl Shard {
             stats.latency_samples.push(ts);
         }
         if let Ok(e) = &decoded
-            && !keyed_by_its_ids(msg.key, e)
+            && !keyed_by_its_lead(msg.key, e)
         {
             *stats.mis_keyed.entry(i).or_default() += 1;
         }
@@ -1399,7 +1399,7 @@ enum Which {
 /// gets a state in each partition. A visitor's event (no lead id) may have
 /// any key: its anonymous id, or a tracker's stable user key that keeps it
 /// beside its future lead; which one cannot be told from the event.
-fn keyed_by_its_ids(key: Option<&[u8]>, e: &Event<'_>) -> bool {
+fn keyed_by_its_lead(key: Option<&[u8]>, e: &Event<'_>) -> bool {
     match (key, e.lead_id.as_deref()) {
         (None, _) => false,
         (Some(_), None) => true,

@@ -853,7 +853,6 @@ fn events_from_before_an_erasure_do_not_bring_the_lead_back() {
         },
     );
     let mut h = Harness::new(engine, ShardConfig::default());
-    let web = page_view;
     let erase = |id: &str, lead: &str, at: Millis| {
         json(
             id,
@@ -879,25 +878,25 @@ fn events_from_before_an_erasure_do_not_bring_the_lead_back() {
     assert_eq!(marked(&h), ["a:c1", "l:L"]);
     h.restart();
 
-    h.produce(0, web("p", Some("L"), None, T0 + 2));
-    h.produce(0, web("late", Some("L"), None, T0 + 1));
-    h.produce(0, web("v2", None, Some("c1"), T0 + 2));
+    h.produce(0, page_view("p", Some("L"), None, T0 + 2));
+    h.produce(0, page_view("late", Some("L"), None, T0 + 1));
+    h.produce(0, page_view("v2", None, Some("c1"), T0 + 2));
     h.finish();
     assert!(h.state().is_empty(), "{:?}", h.state().keys());
     assert_eq!(h.stats.after_erasure, 3);
 
-    h.produce(0, web("n", Some("L"), None, T0 + 10));
+    h.produce(0, page_view("n", Some("L"), None, T0 + 10));
     h.finish();
     assert!(h.state().contains_key("l:L"), "{:?}", h.state().keys());
 
     // Past the retention, another erasure (of a lead held here) sweeps the
     // first marker: an event from before the first erasure counts again.
-    h.produce(0, web("m", Some("M"), None, T0 + 40 * DAY));
+    h.produce(0, page_view("m", Some("M"), None, T0 + 40 * DAY));
     h.produce(3, erase("e2", "M", T0 + 40 * DAY + 1));
     h.finish();
     assert_eq!(marked(&h), ["l:M"]);
     h.restart();
-    h.produce(0, web("v3", None, Some("c1"), T0 + 2));
+    h.produce(0, page_view("v3", None, Some("c1"), T0 + 2));
     h.finish();
     assert_eq!(h.stats.after_erasure, 0);
 }
@@ -1521,8 +1520,19 @@ fn a_waiting_event_takes_less_room_inline_than_boxed() {
 /// state would be made in the cookie's partition), is counted per input;
 /// the event still scores: it is the partitioning that may be wrong.
 #[test]
-fn events_keyed_by_neither_of_their_ids_are_counted_per_input() {
+fn events_not_keyed_by_their_lead_are_counted_per_input() {
     let mut h = Harness::new(engine(), ShardConfig::default());
+    let mut push = |input: usize, offset: i64, key: Option<&[u8]>, payload: &[u8]| {
+        let msg = InMessage {
+            input,
+            offset,
+            key,
+            payload: Some(payload),
+            timestamp: None,
+        };
+        let decoded = h.decoders[input].decode(msg.payload, None);
+        h.shard.push(&msg, decoded, &mut h.stats);
+    };
     let web = [
         (Some(&b"L"[..]), page_view("e1", Some("L"), None, T0)),
         (Some(b"c1"), page_view("e2", None, Some("c1"), T0 + 1)),
@@ -1537,36 +1547,12 @@ fn events_keyed_by_neither_of_their_ids_are_counted_per_input() {
         (None, page_view("e9", None, Some("c1"), T0 + 7)),
     ];
     for (offset, (key, payload)) in web.iter().enumerate() {
-        let msg = InMessage {
-            input: 0,
-            offset: offset as i64,
-            key: *key,
-            payload: Some(payload),
-            timestamp: None,
-        };
-        let decoded = h.decoders[0].decode(msg.payload, None);
-        h.shard.push(&msg, decoded, &mut h.stats);
+        push(0, offset as i64, *key, payload);
     }
     let email = json("e7", Some("M"), None, T0 + 8, "open", serde_json::json!({}));
-    let msg = InMessage {
-        input: 2,
-        offset: 0,
-        key: Some(b"L"),
-        payload: Some(&email),
-        timestamp: None,
-    };
-    let decoded = h.decoders[2].decode(msg.payload, None);
-    h.shard.push(&msg, decoded, &mut h.stats);
+    push(2, 0, Some(b"L"), &email);
     // Dead letters have no ids to compare: not counted.
-    let garbage = InMessage {
-        input: 0,
-        offset: 8,
-        key: None,
-        payload: Some(b"not json"),
-        timestamp: None,
-    };
-    let decoded = h.decoders[0].decode(garbage.payload, None);
-    h.shard.push(&garbage, decoded, &mut h.stats);
+    push(0, 8, None, b"not json");
     // e3 (the cookie), e5 (none), e6 (an email), e9 (none).
     assert_eq!(h.stats.mis_keyed.get(&0).copied(), Some(4));
     assert_eq!(h.stats.mis_keyed.get(&2).copied(), Some(1));
