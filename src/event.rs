@@ -682,7 +682,8 @@ pub fn format_rfc3339(millis: Millis) -> String {
             ] {
                 out[at] = sep;
             }
-            out.iter().map(|b| char::from(*b)).collect()
+            // ASCII digits and separators only: the check cannot fail.
+            std::str::from_utf8(&out).unwrap_or_default().to_owned()
         }
         Ok(t) => {
             let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());

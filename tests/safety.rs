@@ -399,6 +399,52 @@ fn an_erased_lead_is_gone_everywhere_and_stays_gone_across_restarts() {
     assert!(service.terminate().success());
 }
 
+/// The erasure markers travel with the partition: a member that takes the
+/// lead's partition over from the one that erased it (a rebalance, not a
+/// restart of the same process) drops a producer's retry and a late event
+/// about the erased lead too.
+#[test]
+fn an_erasure_holds_on_the_member_that_takes_the_partition_over() {
+    let (broker, redis, names) = setup(2);
+    let first = Service::start(&broker, &redis, &names, &[]);
+    let retry = event("w1", "L1", &ago(30_000), "booking_abandoned", &[]);
+    broker.produce(&names.web, &[("L1", retry.clone())]);
+    first.wait_consumed(1, WAIT);
+    first.wait_settled(WAIT);
+    assert!(redis.lead(&names.prefix, "L1").is_some());
+    let (status, body) = first.request("DELETE", "/v1/leads/L1", &[]).unwrap();
+    assert_eq!(status, 202, "{body}");
+    wait_for("L1 erased", WAIT, &first, || {
+        redis.lead(&names.prefix, "L1").is_none()
+    });
+    first.wait_settled(WAIT);
+
+    // A second member joins and the first leaves: the second owns both
+    // partitions, the erased lead's among them.
+    let second = Service::start(&broker, &redis, &names, &[]);
+    assert!(first.terminate().success());
+    wait_for(
+        "the second member owns both partitions",
+        WAIT,
+        &second,
+        || second.counter("leadscore_shards_owned") == 2,
+    );
+    let open = serde_json::json!({"event_id": "m1", "lead_id": "L1", "occurred_at": ago(20_000), "type": "open", "channel": "email"});
+    broker.produce(&names.web, &[("L1", retry)]);
+    broker.produce(&names.email, &[("L1", open.to_string().into_bytes())]);
+    wait_for(
+        "the retry and the late event dropped",
+        WAIT,
+        &second,
+        || second.counter("leadscore_events_after_erasure_total") >= 2,
+    );
+    second.wait_settled(WAIT);
+    assert_eq!(second.get("/v1/leads/L1").unwrap().0, 404);
+    assert!(redis.lead(&names.prefix, "L1").is_none());
+    assert_eq!(second.counter("leadscore_events_consumed_total"), 0);
+    assert!(second.terminate().success());
+}
+
 /// A Redis the service cannot keep its state in is refused at start, with
 /// the reason, instead of passing the start-up check and then retrying to
 /// take shards: a user without Lua scripting, a cluster node in single
