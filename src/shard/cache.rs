@@ -574,7 +574,7 @@ impl LeadCache {
     /// Sets a lead's state and timer, marking it dirty (inserted if absent,
     /// as a lead the store holds no timer for).
     pub fn put(&mut self, key: impl AsRef<str>, blob: &[u8], timer: Option<Millis>) {
-        self.put_with(key.as_ref(), blob, timer, true, None);
+        self.put_with(key.as_ref(), blob, timer, true, Stored::Known(None));
     }
 
     /// Where a key is held: a slot valid until the key is removed or evicted.
@@ -643,7 +643,7 @@ impl LeadCache {
         let key = key.as_ref();
         match slot.filter(|s| self.entry_at(*s, key).is_some()) {
             Some(i) => self.update(i, blob, timer, true),
-            None => self.put_with(key, blob, timer, true, None),
+            None => self.put_with(key, blob, timer, true, Stored::Known(None)),
         }
     }
 
@@ -737,20 +737,32 @@ impl LeadCache {
     /// Inserts a lead just loaded from the store, with the timer the store
     /// holds for it (`stored`); `dirty` if it must be written again (it was
     /// remapped to these rules).
+    ///
+    /// A stored timer due by `due_by` that is not the lead's next timer was
+    /// kept early (see [`Stored::write`]) and has nothing to fire: the lead
+    /// is written again, which corrects it. Left in the store, it would
+    /// bring the lead back from the store each time the lead left memory
+    /// before its next change, for as long as the shard runs.
     pub fn put_loaded(
         &mut self,
         key: impl AsRef<str>,
         blob: &[u8],
-        timer: Option<Millis>,
-        stored: Option<Millis>,
+        (timer, stored): (Option<Millis>, Option<Millis>),
         dirty: bool,
+        due_by: Millis,
     ) {
-        self.put_with(key.as_ref(), blob, timer, dirty, stored);
+        let stale = stored.is_some_and(|s| s <= due_by && timer != Some(s));
+        let stored = if stale {
+            Stored::Unknown
+        } else {
+            Stored::Known(stored)
+        };
+        self.put_with(key.as_ref(), blob, timer, dirty || stale, stored);
     }
 
     /// [`LeadCache::put_loaded`] of a clean lead whose stored timer is `timer`.
     pub fn put_clean(&mut self, key: impl AsRef<str>, blob: &[u8], timer: Option<Millis>) {
-        self.put_with(key.as_ref(), blob, timer, false, timer);
+        self.put_with(key.as_ref(), blob, timer, false, Stored::Known(timer));
     }
 
     fn put_with(
@@ -759,13 +771,13 @@ impl LeadCache {
         blob: &[u8],
         timer: Option<Millis>,
         dirty: bool,
-        stored: Option<Millis>,
+        stored: Stored,
     ) {
         if let Some(i) = self.find_str(key) {
             self.update(i, blob, timer, dirty);
             return;
         }
-        let entry = Entry::new(key, blob, None, Stored::Known(stored), dirty);
+        let entry = Entry::new(key, blob, None, stored, dirty);
         self.bytes += entry.room() + OVERHEAD;
         let i = match self.free.pop() {
             Some(i) => {
@@ -1228,7 +1240,7 @@ mod tests {
             bytes: usize::MAX,
         });
         let a = LeadKey::lead("a");
-        c.put_loaded(&a, b"s", Some(50), None, false);
+        c.put_loaded(&a, b"s", (Some(50), None), false, 0);
         assert!(
             evicted(&mut c).is_empty(),
             "not evicted: the store has no timer for it"

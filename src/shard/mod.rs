@@ -733,6 +733,7 @@ impl Shard {
         {
             ctx.engine.learn_layouts(ctx.store.layouts()?);
         }
+        let due_by = self.timers_until();
         let mut cache = self.cache.lock();
         for (key, found) in keys.iter().zip(loaded) {
             let Some(found) = found else {
@@ -750,7 +751,7 @@ impl Shard {
                     } else {
                         &found.state[..]
                     };
-                    cache.put_loaded(key, blob, timer, found.timer, remapped);
+                    cache.put_loaded(key, blob, (timer, found.timer), remapped, due_by);
                     self.timers.forget(key.as_str());
                 }
                 Err(error) => {

@@ -1558,3 +1558,103 @@ fn events_not_keyed_by_their_lead_are_counted_per_input() {
     assert_eq!(h.stats.mis_keyed.get(&2).copied(), Some(1));
     assert_eq!(h.stats.mis_keyed.len(), 2);
 }
+
+/// A stored timer kept early (the lead's next transition moved later before
+/// it came due, see `TimerWrite`) has nothing to fire when it comes due. A
+/// shard holding fewer leads than such timers loaded the lead for it, found
+/// nothing due, let it go again and loaded it again for the same timer,
+/// for as long as it ran (found by a user probe on 2026-12-07: an idle
+/// service with a 10-lead cache kept Redis busy). The lead is now written
+/// once, which corrects the stored timer, and an idle shard loads nothing
+/// more.
+#[test]
+fn a_stored_timer_kept_early_is_corrected_once_and_not_loaded_again() {
+    let config = ShardConfig {
+        cache: Limit {
+            leads: 1,
+            bytes: usize::MAX,
+        },
+        timer_page: 10,
+        ..ShardConfig::default()
+    };
+    let mut h = Harness::new(engine(), config);
+    let key = |lead: &str| LeadKey::lead(lead).as_str().to_owned();
+    let stored = |h: &Harness, lead: &str| h.store.timers_of(0).get(&key(lead)).copied();
+    let next = |h: &Harness, lead: &str| {
+        let state = h.engine.decode(&h.state()[&key(lead)]).unwrap();
+        h.engine.next_transition(&state)
+    };
+    let idle = |h: &mut Harness| {
+        for i in 0..4 {
+            h.shard.set_idle(i, true);
+        }
+    };
+    let feed = |h: &mut Harness, event: Vec<u8>| {
+        h.produce(0, event);
+        h.deliver(0, 1);
+        idle(h);
+        h.step();
+        h.write();
+    };
+    let menu = || serde_json::json!({"url": "/menu"});
+    // Three leads, each hot and then a little hotter: each one's decay
+    // moves later, and the store keeps the earlier timer.
+    let leads = ["A", "C", "D"];
+    let mut early = Vec::new();
+    for (n, lead) in (0..).zip(leads) {
+        let at = T0 + n * MIN;
+        let first = json(
+            &format!("{lead}1"),
+            Some(lead),
+            None,
+            at,
+            "booking_abandoned",
+            serde_json::json!({}),
+        );
+        feed(&mut h, first);
+        early.push(stored(&h, lead).expect("a hot lead has a decay timer"));
+        let second = json(
+            &format!("{lead}2"),
+            Some(lead),
+            None,
+            at + 10_000,
+            "page_view",
+            menu(),
+        );
+        feed(&mut h, second);
+        assert_eq!(stored(&h, lead), early.last().copied(), "kept early");
+    }
+    let due: Vec<Millis> = leads.iter().map(|l| next(&h, l).expect("decays")).collect();
+    assert!(
+        due.iter().zip(&early).all(|(d, e)| d > e),
+        "{due:?} {early:?}"
+    );
+    // Another lead takes their place in memory.
+    feed(
+        &mut h,
+        json("b1", Some("B"), None, T0 + 5 * MIN, "page_view", menu()),
+    );
+
+    // Idle, the clock past every early timer and short of the real ones.
+    let past = *early.iter().max().unwrap();
+    assert!(past < *due.iter().min().unwrap());
+    let mut loads = Vec::new();
+    for tick in 1..=6 {
+        idle(&mut h);
+        h.idle_tick(past + tick);
+        h.write();
+        loads.push(h.stats.misses);
+    }
+    assert_eq!(
+        loads[2], loads[5],
+        "nothing loaded again once corrected (loads after each tick: {loads:?})"
+    );
+    for (lead, due) in leads.iter().zip(&due) {
+        assert_eq!(
+            stored(&h, lead),
+            Some(*due),
+            "{lead}: corrected to its next transition"
+        );
+        assert_eq!(next(&h, lead), Some(*due), "{lead}: nothing fired");
+    }
+}
