@@ -1057,6 +1057,9 @@ impl Shard {
             *ctx.stats.duplicates.entry(input).or_default() += 1;
             return Ok(false);
         }
+        // Whether the lead is counted in a segment yet: before a visitor's
+        // history is merged into it, which makes a new lead look old.
+        let was_new = state.is_new();
         // The key outlives `stored` (the lookup buffer is written again below).
         let mut key = std::mem::take(&mut self.current);
         key.clear();
@@ -1097,7 +1100,6 @@ impl Shard {
             let vkey = LeadKey::visitor(anon);
             self.store_state(engine, vkey.as_str(), Which::Other, visitor_slot);
         }
-        let was_new = state.is_new();
         let before = Segment::of(&state);
         self.decisions.clear();
         let applied = engine.apply(&mut state, e, &mut self.decisions);

@@ -1658,3 +1658,98 @@ fn a_stored_timer_kept_early_is_corrected_once_and_not_loaded_again() {
         assert_eq!(next(&h, lead), Some(*due), "{lead}: nothing fired");
     }
 }
+
+/// The segment populations count every lead once, in the segment its state
+/// is in: a lead made by merging a visitor (an `identify`, or any event
+/// carrying both ids) too. Before, such a lead looked old once the
+/// visitor's history was merged into it, so it was never counted in the
+/// lowest tier, and its first change took one away from there (a user
+/// probe, 2026-12-07: `cold` at -1, stored so).
+#[test]
+fn segment_populations_count_leads_made_by_merging_a_visitor() {
+    let mut h = Harness::new(engine(), ShardConfig::default());
+    let pricing = || serde_json::json!({"url": "/pricing"});
+    for n in 0..6 {
+        let (lead, cookie) = (format!("q{n}"), format!("ck{n}"));
+        let at = T0 + n * MIN;
+        for i in 0..2 {
+            let id = format!("{lead}-v{i}");
+            h.produce(
+                0,
+                json(&id, None, Some(&cookie), at + i, "page_view", pricing()),
+            );
+        }
+        // Half identify, half carry both ids on an ordinary event.
+        let (kind, attrs) = if n % 2 == 0 {
+            ("identify", serde_json::json!({}))
+        } else {
+            ("page_view", pricing())
+        };
+        h.produce(
+            0,
+            json(
+                &format!("{lead}-i"),
+                Some(&lead),
+                Some(&cookie),
+                at + 10,
+                kind,
+                attrs,
+            ),
+        );
+    }
+    // Leads made without a visitor, a lead made hot, a visitor never identified.
+    h.produce(
+        0,
+        json(
+            "p1",
+            Some("plain"),
+            None,
+            T0 + 10 * MIN,
+            "page_view",
+            serde_json::json!({"url": "/menu"}),
+        ),
+    );
+    h.produce(
+        0,
+        json(
+            "h1",
+            Some("hot"),
+            None,
+            T0 + 11 * MIN,
+            "booking_abandoned",
+            serde_json::json!({}),
+        ),
+    );
+    h.produce(
+        0,
+        json(
+            "v1",
+            None,
+            Some("stranger"),
+            T0 + 12 * MIN,
+            "page_view",
+            pricing(),
+        ),
+    );
+    h.finish();
+
+    let rules = h.engine.rules().clone();
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for (key, blob) in h.state() {
+        if LeadKey::lead_id(&key).is_some() {
+            let state = h.engine.decode(&blob).unwrap();
+            *expected
+                .entry(Segment::of(&state).name(&rules).to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(expected.values().sum::<i64>(), 8, "{expected:?}");
+    let counted: BTreeMap<String, i64> = h
+        .shard
+        .population()
+        .iter()
+        .filter(|(_, n)| **n != 0)
+        .map(|(s, n)| (s.clone(), *n))
+        .collect();
+    assert_eq!(counted, expected);
+}
