@@ -260,6 +260,8 @@ pub async fn run(
         shard_config(&s),
         cancel.clone(),
     ));
+    // The start-up check above has just had its answers from the store.
+    rt.set_store_up();
     let (producer, sinks) = sink::sinks(
         &producer_config(&s.kafka),
         &s.kafka.topics,

@@ -625,6 +625,13 @@ fn an_unreachable_broker_stops_the_service_with_a_short_clear_log() {
     // after the wait.
     let mut service = Service::spawn_unready(&broker, &redis, &names, &settings);
     std::thread::sleep(Duration::from_secs(1));
+    // Not ready while it waits, and not for Redis, whose start-up check has
+    // passed (it said "Redis does not answer", with leadscore_redis_up 0).
+    let (code, body) = service.get("/readyz").expect("/readyz answers");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("the consumer is not running"), "{body}");
+    assert!(!body.contains("Redis"), "{body}");
+    assert_eq!(service.counter("leadscore_redis_up"), 1);
     service.signal("TERM");
     let (status, took) = wait_exit(&mut service, Duration::from_secs(20));
     let log = service.logs();

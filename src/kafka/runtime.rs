@@ -38,7 +38,9 @@ pub struct Health {
 }
 
 impl Health {
-    /// A health record with the store and registry assumed up.
+    /// A health record of a service starting: not running, and the store
+    /// not known to answer until the service's start-up check has had its
+    /// answers (the registry is assumed up until a worker finds it down).
     pub fn new() -> Self {
         Health {
             ..Health::default()
