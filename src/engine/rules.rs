@@ -510,14 +510,16 @@ impl Predicate {
             Predicate::OneOf(list) => list.iter().any(|s| s == value),
             Predicate::Contains(s) => value.contains(s.as_str()),
             Predicate::Regex(r) => r.is_match(value),
+            // A number is a finite one: "inf", "NaN" and "1e400" (which
+            // parses as infinity) are text that says no amount.
             Predicate::Number(op, bound) => match value.trim().parse::<f64>() {
-                Ok(n) => match op {
+                Ok(n) if n.is_finite() => match op {
                     NumOp::Gt => n > *bound,
                     NumOp::Gte => n >= *bound,
                     NumOp::Lt => n < *bound,
                     NumOp::Lte => n <= *bound,
                 },
-                Err(_) => false,
+                _ => false,
             },
         }
     }
@@ -1137,6 +1139,14 @@ when = [{ attribute = "url", regex = "(" }]
     fn predicates() {
         assert!(Predicate::Number(NumOp::Gte, 10.0).matches(" 10 "));
         assert!(!Predicate::Number(NumOp::Gt, 10.0).matches("ten"));
+        // Text that parses as no amount is no number (a user probe found
+        // "inf", "1e400" and "Infinity" earning a budget's points).
+        for junk in ["inf", "Infinity", "1e400", "NaN", "-inf"] {
+            for op in [NumOp::Gt, NumOp::Gte, NumOp::Lt, NumOp::Lte] {
+                assert!(!Predicate::Number(op, 10.0).matches(junk), "{junk}");
+            }
+        }
+        assert!(Predicate::Number(NumOp::Gte, 10.0).matches("1e300"));
         assert!(Predicate::OneOf(vec!["a".into(), "b".into()]).matches("b"));
         assert!(Predicate::Regex(compile_regex("^/menu").unwrap()).matches("/menu/x"));
     }
