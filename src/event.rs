@@ -223,6 +223,10 @@ pub enum ContractError {
         "attributes exceed the limits ({MAX_ATTRIBUTES} entries of at most {MAX_ATTRIBUTE_LEN} bytes)"
     )]
     AttributesTooLarge,
+    /// Two attributes of one name: which one a rule would read is not the
+    /// producer's to guess (JSON parsers differ: most keep the last).
+    #[error("attribute {0:?} appears more than once")]
+    DuplicateAttribute(String),
     /// An `identify` event without both ids.
     #[error("identify needs both lead_id and anonymous_id")]
     IdentifyWithoutBothIds,
@@ -316,6 +320,12 @@ impl<'a> Event<'a> {
                 .any(|(k, v)| k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN)
         {
             return Err(ContractError::AttributesTooLarge);
+        }
+        // At most MAX_ATTRIBUTES, and usually two or three: pairwise.
+        for (i, (name, _)) in self.attributes.iter().enumerate() {
+            if self.attributes[..i].iter().any(|(seen, _)| seen == name) {
+                return Err(ContractError::DuplicateAttribute(truncate(name, 64)));
+            }
         }
         if self
             .channel
@@ -852,6 +862,23 @@ mod tests {
         assert_eq!(
             e.validate(),
             Err(ContractError::IdTooLong { field: "lead_id" })
+        );
+        // A repeated attribute name: JSON parsers differ on which value
+        // wins, so a rule must not guess (a user probe found the first
+        // kept, where a producer's own parser sees the last).
+        let mut e = sample();
+        e.attributes = vec![
+            ("url".into(), "/blog".into()),
+            ("ref".into(), "x".into()),
+            ("url".into(), "/pricing".into()),
+        ];
+        assert_eq!(
+            e.validate(),
+            Err(ContractError::DuplicateAttribute("url".into()))
+        );
+        assert_eq!(
+            ContractError::DuplicateAttribute("url".into()).to_string(),
+            "attribute \"url\" appears more than once"
         );
     }
 

@@ -532,6 +532,15 @@ mod tests {
                 r#"{"event_id":"e","lead_id":"l","occurred_at":"1970-01-01T00:00:00Z","type":"page_view"}"#,
                 "occurred_at 1970-01-01T00:00:00.000Z is outside",
             ),
+            (
+                r#"{"event_id":"e","lead_id":"l","occurred_at":"2026-11-22T10:00:00Z","type":"page_view","attributes":{"url":"/blog","url":"/pricing"}}"#,
+                "contract violation: attribute \"url\" appears more than once",
+            ),
+            // The same through serde's path (an escape in a value).
+            (
+                r#"{"event_id":"e","lead_id":"l","occurred_at":"2026-11-22T10:00:00Z","type":"page_view","attributes":{"url":"/bl\u006fg","url":"/pricing"}}"#,
+                "attribute \"url\" appears more than once",
+            ),
             // Not an object: what was expected, in the contract's words.
             ("null", "expected an event: a JSON object with event_id"),
             (r#"["a"]"#, "expected an event: a JSON object with event_id"),
