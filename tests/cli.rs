@@ -126,12 +126,28 @@ fn replay_fails_early_and_with_the_exit_codes_of_run() {
     )
     .unwrap();
     let input = input.to_str().unwrap();
-    // Rules to compare with that cannot be read: nothing is scored first.
+    // Rules to compare with that cannot be read or compiled: invalid
+    // configuration (2, as a bad scoring.rules_file), nothing scored first.
     let (code, stdout, stderr) =
         leadscore(&["replay", "--input", input, "--compare", "nope.toml"], &[]);
-    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(code, 2, "{stderr}");
     assert!(stdout.is_empty(), "scored before failing: {stdout}");
-    assert!(stderr.contains("nope.toml"), "{stderr}");
+    assert!(stderr.contains("--compare: nope.toml"), "{stderr}");
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[[segments]]\nname = 3\n").unwrap();
+    let (code, stdout, stderr) = leadscore(
+        &[
+            "replay",
+            "--input",
+            input,
+            "--compare",
+            broken.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stdout.is_empty(), "scored before failing: {stdout}");
+    assert!(stderr.contains("broken.toml"), "{stderr}");
     // Invalid settings: 2, as for run and check-config.
     let (code, _, stderr) = leadscore(
         &["replay", "--input", input],
@@ -168,6 +184,21 @@ fn check_config_refuses_what_would_silence_the_log_or_stop_the_client() {
     );
     assert!(
         stderr.contains("kafka.producer.no.such.prop: No such configuration property"),
+        "{stderr}"
+    );
+}
+
+/// `demo --listen` on an address it cannot have stops at once and says so,
+/// rather than serving somewhere else without a word (it fell back to a
+/// free port on 127.0.0.1, dropping an asked-for 0.0.0.0).
+#[test]
+fn demo_refuses_a_listen_address_it_cannot_have() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) = leadscore(&["demo", "--listen", &addr], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--listen {addr}: cannot listen there")),
         "{stderr}"
     );
 }

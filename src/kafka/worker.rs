@@ -731,10 +731,17 @@ impl Worker {
     fn remove(&mut self, id: ShardId, why: &str) {
         if let Some(n) = self.shards.iter().position(|o| o.shard.id() == id) {
             let mut o = self.shards.remove(n);
-            let dropped = o.shard.clear();
+            // Messages read but not applied: not lost, the shard's next
+            // owner reads them again from the stored positions.
+            let to_reread = o.shard.clear();
             self.pending.remove(&id);
             self.rt.unregister_cache(id);
-            info!(shard = id, why, dropped, "Shard given up.");
+            info!(
+                shard = id,
+                why,
+                to_reread,
+                "Shard given up; its next owner reads again what it had not applied."
+            );
         }
     }
 

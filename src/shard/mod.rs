@@ -1381,10 +1381,12 @@ impl Shard {
         }
     }
 
-    /// Drops everything held (the shard was given up or fenced).
+    /// Drops everything held (the shard was given up or fenced); returns
+    /// how many messages it held unapplied.
     pub fn clear(&mut self) -> usize {
+        let ready = self.ready.len();
         self.ready.clear();
-        self.merge.clear()
+        ready + self.merge.clear()
     }
 }
 

@@ -36,15 +36,19 @@ pub struct DemoArgs {
     /// Simulated time per event, so that decay shows within the run.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub time_per_event: Duration,
-    /// HTTP listen address (port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: String,
+    /// HTTP listen address (port 0 picks a free one). Without it,
+    /// 127.0.0.1:8080, or a free port if that one is taken.
+    #[arg(long)]
+    pub listen: Option<String>,
     /// Print at most this many segment changes per second (hand-offs are always printed).
     #[arg(long, default_value_t = 8)]
     pub print_per_second: u32,
 }
 
 const PARTITIONS: i32 = 4;
+
+/// Where the demo serves HTTP unless told otherwise (a free port if taken).
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -65,10 +69,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .consumer
         .insert("fetch.wait.max.ms".into(), "10".into());
     settings.state.backend = Backend::Memory;
-    settings.http.listen = if std::net::TcpListener::bind(&args.listen).is_ok() {
-        args.listen.clone()
-    } else {
-        "127.0.0.1:0".into()
+    settings.http.listen = match &args.listen {
+        // An address asked for is used or the demo stops saying why.
+        Some(listen) => {
+            std::net::TcpListener::bind(listen)
+                .with_context(|| format!("--listen {listen}: cannot listen there"))?;
+            listen.clone()
+        }
+        None if std::net::TcpListener::bind(DEFAULT_LISTEN).is_ok() => DEFAULT_LISTEN.into(),
+        None => "127.0.0.1:0".into(),
     };
     let rules = Arc::new(Rules::default_rules());
     let loaded = Loaded {

@@ -18,7 +18,7 @@ use leadscore::decode::{Contract, Decoder, Format};
 use leadscore::engine::{Engine, EngineConfig, Kind, LeadState, Rules, Segment};
 use leadscore::event::Source;
 use leadscore::output::{Encoder, Record};
-use leadscore::settings::Settings;
+use leadscore::settings::{Settings, SettingsError};
 use leadscore::shard::cache::LeadKey;
 use leadscore::shard::{Ctx, InMessage, Shard, ShardConfig, StepStats};
 use leadscore::sink::MemorySink;
@@ -191,12 +191,14 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     // The rules to compare with are read before anything is scored: a
     // mistake in them fails at once, not after the whole file.
     let other = match &args.compare {
+        // A rules file that cannot be read or compiled is invalid
+        // configuration (exit 2), as `scoring.rules_file`'s is.
         Some(path) => {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-            Some(Arc::new(
-                Rules::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-            ))
+            let invalid = |e: &dyn std::fmt::Display| {
+                SettingsError(vec![format!("--compare: {}: {e}", path.display())])
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| invalid(&e))?;
+            Some(Arc::new(Rules::from_toml(&text).map_err(|e| invalid(&e))?))
         }
         None => None,
     };
