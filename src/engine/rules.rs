@@ -1012,6 +1012,8 @@ fn compile_tiers(segments: &[SegmentConfig], problems: &mut Vec<String>) -> Vec<
     }
     let mut tiers = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
+    // The previous segment's (enter, exit) as written.
+    let mut written: Option<(f64, f64)> = None;
     for (i, s) in segments.iter().enumerate() {
         let at = format!("segments[{i}] ({})", s.name);
         if s.name.is_empty() || crate::engine::Segment::is_reserved(&s.name) {
@@ -1044,15 +1046,17 @@ fn compile_tiers(segments: &[SegmentConfig], problems: &mut Vec<String>) -> Vec<
             if s.margin.is_some_and(|m| m < 0.0) {
                 problems.push(format!("{at}: margin must be ≥ 0"));
             }
-            if let Some(prev) = tiers.last().map(|t: &Tier| t.enter)
-                && enter <= prev
+            // Compared with the previous segment's thresholds as written,
+            // not as held (less the tolerance): the message quotes the file.
+            if let Some((prev, _)) = written
+                && enter <= prev - SCORE_TOLERANCE
             {
                 problems.push(format!(
                     "{at}: enter ({enter}) must be above the previous segment's ({prev})"
                 ));
             }
-            if let Some(prev_exit) = tiers.last().map(|t: &Tier| t.exit)
-                && exit <= prev_exit
+            if let Some((_, prev_exit)) = written
+                && exit <= prev_exit - SCORE_TOLERANCE
             {
                 problems.push(format!(
                     "{at}: exit ({exit}) must be above the previous segment's exit ({prev_exit})"
@@ -1060,6 +1064,7 @@ fn compile_tiers(segments: &[SegmentConfig], problems: &mut Vec<String>) -> Vec<
             }
             (enter, exit)
         };
+        written = Some((enter, exit));
         tiers.push(Tier {
             name: s.name.clone(),
             enter: enter - SCORE_TOLERANCE,
@@ -1118,7 +1123,9 @@ when = [{ attribute = "url", regex = "(" }]
         let all = err.0.join("\n");
         for needle in [
             "half_life",
-            "must be above the previous",
+            // The previous threshold as written, not less the tolerance
+            // (it said 49.999999).
+            "enter (20) must be above the previous segment's (50)",
             "rearm_below",
             "not a web event type",
             "cap.window",
