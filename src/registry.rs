@@ -6,14 +6,16 @@
 //! and the datum is resolved against leadscore's reader schema, so compatible
 //! upstream changes keep decoding. An id the registry does not know, or a
 //! writer schema leadscore cannot read, makes the message poison (dead-lettered
-//! with its reason); a registry that cannot be reached is retryable — the
-//! worker holds that input and retries, and nothing is dead-lettered. On
+//! with its reason); any other answer (none, a failure, a refusal such as a
+//! rotated credential, a 404 that is not the registry's "schema not found",
+//! a page that is not the registry's) is retryable — the worker holds that
+//! input and retries, and nothing is dead-lettered. On
 //! output, leadscore registers (or finds) its schemas under `<topic>-value`
 //! and frames what it produces.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apache_avro::Schema;
 use parking_lot::RwLock;
@@ -86,6 +88,25 @@ pub struct Registry {
     agent: ureq::Agent,
     auth: Option<String>,
     by_id: RwLock<HashMap<u32, Result<Arc<Schema>, RegistryError>>>,
+    /// Ids the registry said it does not know, and when it said so.
+    unknown: RwLock<HashMap<u32, Instant>>,
+}
+
+/// How long an id the registry does not know is taken as unknown before
+/// it is asked again (at most one request a second per such id, however
+/// many messages carry it).
+pub const UNKNOWN_RETRY: Duration = Duration::from_secs(1);
+
+/// The registry's error code for "schema not found" (Confluent's, also
+/// answered by Karapace, Redpanda and Apicurio's compatible API).
+const SCHEMA_NOT_FOUND: u64 = 40403;
+
+/// The `error_code` of a registry's error answer, if it is one.
+fn error_code(body: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()?
+        .get("error_code")?
+        .as_u64()
 }
 
 impl std::fmt::Debug for Registry {
@@ -139,6 +160,7 @@ impl Registry {
             agent: config.build().into(),
             auth,
             by_id: RwLock::new(HashMap::new()),
+            unknown: RwLock::new(HashMap::new()),
         })
     }
 
@@ -181,19 +203,47 @@ impl Registry {
         Ok((status, text))
     }
 
-    /// The writer schema of `id`, parsed; cached, except for failures to
-    /// reach the registry (those are retried on the next call).
+    /// The writer schema of `id`, parsed. A schema, or a schema leadscore
+    /// cannot read, is remembered; an id the registry says it does not know
+    /// (404 with its error code 40403) is asked again after
+    /// [`UNKNOWN_RETRY`] (a registry replica a moment behind, a schema
+    /// registered just after its first event). Any other answer says
+    /// nothing of the schema — no answer, a failure, a refusal (a rotated
+    /// credential), a 404 without the registry's error code (a wrong base
+    /// URL), a page that is not JSON (a proxy's) — and is retried: the
+    /// message waits, nothing is dead-lettered.
     pub fn schema(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
         if let Some(found) = self.by_id.read().get(&id) {
             return found.clone();
         }
+        if self
+            .unknown
+            .read()
+            .get(&id)
+            .is_some_and(|asked| asked.elapsed() < UNKNOWN_RETRY)
+        {
+            return Err(RegistryError::UnknownId(id));
+        }
+        let answer = |status: u16, body: &str| {
+            format!(
+                "schema {id}: HTTP {status}: {}",
+                crate::event::truncate(body, 200)
+            )
+        };
         let result = match self.get(&format!("/schemas/ids/{id}"))? {
             (200, body) => {
-                let v: serde_json::Value =
-                    serde_json::from_str(&body).map_err(|e| RegistryError::Unreadable {
-                        id,
-                        reason: format!("registry answer is not JSON: {e}"),
-                    })?;
+                let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+                    RegistryError::Unavailable(format!(
+                        "{} (not JSON: {e}; is schema_registry.url the registry's?)",
+                        answer(200, &body)
+                    ))
+                })?;
+                let Some(text) = v["schema"].as_str() else {
+                    return Err(RegistryError::Unavailable(format!(
+                        "{} (no schema in it; is schema_registry.url the registry's?)",
+                        answer(200, &body)
+                    )));
+                };
                 let kind = v["schemaType"].as_str().unwrap_or("AVRO");
                 if kind != "AVRO" {
                     Err(RegistryError::Unreadable {
@@ -201,7 +251,7 @@ impl Registry {
                         reason: format!("schema type {kind}, not AVRO"),
                     })
                 } else {
-                    Schema::parse_str(v["schema"].as_str().unwrap_or_default())
+                    Schema::parse_str(text)
                         .map(Arc::new)
                         .map_err(|e| RegistryError::Unreadable {
                             id,
@@ -209,26 +259,18 @@ impl Registry {
                         })
                 }
             }
-            (404, _) => Err(RegistryError::UnknownId(id)),
-            (status, body) if status >= 500 || status == 408 || status == 429 => {
+            (404, body) if error_code(&body) == Some(SCHEMA_NOT_FOUND) => {
+                self.unknown.write().insert(id, Instant::now());
+                return Err(RegistryError::UnknownId(id));
+            }
+            (404, body) => {
                 return Err(RegistryError::Unavailable(format!(
-                    "HTTP {status}: {}",
-                    crate::event::truncate(&body, 200)
+                    "{} (not the registry's 'schema not found', {SCHEMA_NOT_FOUND}: is schema_registry.url its base URL?)",
+                    answer(404, &body)
                 )));
             }
-            (status, body) => Err(RegistryError::Refused {
-                what: format!("schema {id}"),
-                status,
-                body: crate::event::truncate(&body, 200),
-            }),
+            (status, body) => return Err(RegistryError::Unavailable(answer(status, &body))),
         };
-        if let Err(RegistryError::Refused {
-            status: 401 | 403, ..
-        }) = &result
-        {
-            // Credentials may be fixed meanwhile: do not remember this.
-            return result;
-        }
         self.by_id.write().insert(id, result.clone());
         result
     }

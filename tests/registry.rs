@@ -440,3 +440,106 @@ fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consum
     assert_eq!(service.counter("leadscore_dead_lettered_total"), 2);
     assert_eq!(service.counter("leadscore_events_consumed_total"), 3);
 }
+
+/// Only the registry's own "schema not found" dead-letters a message. A
+/// refusal (a rotated credential), a 404 that is not the registry's (a
+/// wrong base URL) and an answer without a schema (a proxy's page) hold the
+/// input like an outage, and it is scored once the registry gives the
+/// schema (before, each was dead-lettered and the event lost). And an id
+/// not found once is asked again: the registry may learn it a moment later
+/// (before, the miss was remembered until a restart).
+#[test]
+fn only_the_registrys_schema_not_found_dead_letters_and_not_for_good() {
+    let (broker, redis, names, registry) = setup();
+    let service = Service::start(
+        &broker,
+        &redis,
+        &names,
+        &[
+            ("LEADSCORE__KAFKA__FORMATS__WEB", "avro-registry"),
+            ("LEADSCORE__SCHEMA_REGISTRY__URL", &registry.url),
+        ],
+    );
+    let faults = [
+        r#"{"status":401,"error_code":40101,"count":-1,"path_prefix":"/schemas/ids/","method":"GET"}"#,
+        r#"{"status":404,"error_code":404,"message":"HTTP 404 Not Found","count":-1,"path_prefix":"/schemas/ids/","method":"GET"}"#,
+        r#"{"status":200,"error_code":200,"message":"<html>","count":-1,"path_prefix":"/schemas/ids/","method":"GET"}"#,
+    ];
+    let (status, _) = registry.call("POST", "/__test/faults", Some(faults[0]));
+    assert_eq!(status, 200);
+    let first = produce_avro(
+        &broker,
+        &registry,
+        &names.web,
+        "events.web",
+        &[web(
+            "r1",
+            "refused",
+            &ago(10),
+            "booking_abandoned",
+            serde_json::json!({}),
+        )],
+        false,
+    );
+    for fault in faults {
+        registry.call("DELETE", "/__test/faults", None);
+        registry.call("POST", "/__test/faults", Some(fault));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while service.get("/readyz").map(|r| r.0) != Some(503) {
+            assert!(
+                Instant::now() < deadline,
+                "{fault}: still ready; log:\n{}",
+                service.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            service.counter("leadscore_dead_lettered_total"),
+            0,
+            "{fault}: {}",
+            service.logs()
+        );
+        assert_eq!(
+            service.counter("leadscore_events_consumed_total"),
+            0,
+            "{fault}"
+        );
+    }
+    registry.call("DELETE", "/__test/faults", None);
+    service.wait_consumed(1, Duration::from_secs(30));
+    assert_eq!(service.counter("leadscore_dead_lettered_total"), 0);
+
+    // The next id, before the registry has it: dead-lettered…
+    let next = first[0]["schema_id"].as_u64().unwrap() as u32 + 1;
+    let mut early = vec![0u8];
+    early.extend_from_slice(&next.to_be_bytes());
+    early.extend_from_slice(b"\x02\x06abc");
+    broker.produce(&names.web, &[("early", early)]);
+    let dead = broker.read(&names.dead, PARTITIONS, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    let reason = header(&dead[0], "leadscore.reason").unwrap();
+    assert!(
+        reason.contains(&format!("schema id {next} is not in")),
+        "{reason}"
+    );
+    // …then registered (an evolved version takes it): its events score.
+    let later = produce_avro(
+        &broker,
+        &registry,
+        &names.web,
+        "events.web",
+        &[web(
+            "r2",
+            "later",
+            &ago(5),
+            "booking_abandoned",
+            serde_json::json!({}),
+        )],
+        true,
+    );
+    assert_eq!(later[0]["schema_id"].as_u64(), Some(u64::from(next)));
+    service.wait_consumed(3, Duration::from_secs(30));
+    assert_eq!(service.counter("leadscore_dead_lettered_total"), 1);
+    assert_eq!(service.counter("leadscore_events_consumed_total"), 2);
+}

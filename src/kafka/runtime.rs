@@ -74,7 +74,10 @@ impl Health {
             why.push(store());
         }
         if self.registry_down.load(Ordering::SeqCst) > 0 {
-            why.push("the Schema Registry does not answer".to_owned());
+            why.push(
+                "the Schema Registry does not answer, fails or refuses (the log has its answer)"
+                    .to_owned(),
+            );
         }
         why
     }
@@ -399,7 +402,10 @@ mod tests {
         h.store_up.store(true, Ordering::SeqCst);
         assert!(h.ready());
         h.registry_down.store(2, Ordering::SeqCst);
-        assert_eq!(h.not_ready(), ["the Schema Registry does not answer"]);
+        assert_eq!(
+            h.not_ready(),
+            ["the Schema Registry does not answer, fails or refuses (the log has its answer)"]
+        );
         h.registry_down.store(0, Ordering::SeqCst);
         h.store_up.store(false, Ordering::SeqCst);
         assert_eq!(h.not_ready(), ["Redis does not answer"]);

@@ -417,7 +417,7 @@ impl Worker {
                     .health
                     .registry_down
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                warn!(%error, "Schema registry unreachable; holding the affected inputs until it answers (nothing is dead-lettered).");
+                warn!(%error, "Schema registry unusable (no answer, a failure or a refusal); holding the affected inputs until it gives schemas again (nothing is dead-lettered).");
                 self.rt.refresh_ready();
             }
             (None, true) if !held => {
