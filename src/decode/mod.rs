@@ -173,7 +173,18 @@ impl Decoder {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
         let event = match (&self.format, &self.avro) {
-            (Format::Avro, Some(schema)) => decode_avro(self.source, schema, None, bytes)?,
+            (Format::Avro, Some(schema)) => {
+                decode_avro(self.source, schema, None, bytes).map_err(|e| match e {
+                    // A Schema Registry frame read as a bare datum fails
+                    // somewhere in its id; say what it looks like.
+                    DecodeError::Avro(why) if bytes.len() > 5 && bytes[0] == registry::MAGIC => {
+                        DecodeError::Avro(format!(
+                            "{why} (it starts like a Schema Registry frame: is the topic's format avro-registry?)"
+                        ))
+                    }
+                    e => e,
+                })?
+            }
             (Format::AvroRegistry, Some(reader)) => {
                 let (id, datum) = registry::unframe(bytes).map_err(DecodeError::Registry)?;
                 let writer = self.writer_schema(id)?;
@@ -638,6 +649,16 @@ mod tests {
                 .decode(Some(&bytes), None)
                 .unwrap();
             assert_eq!(decoded, event);
+            // A Schema Registry frame on a bare `avro` topic: the error says
+            // what the bytes look like.
+            let framed = registry::frame(16, &bytes);
+            let err = Decoder::new(source, Format::Avro, Contract::default())
+                .decode(Some(&framed), None)
+                .unwrap_err();
+            assert!(
+                matches!(&err, DecodeError::Avro(why) if why.contains("is the topic's format avro-registry?")),
+                "{source}: {err}"
+            );
             let truncated = &bytes[..bytes.len() - 3];
             assert!(
                 Decoder::new(source, Format::Avro, Contract::default())
