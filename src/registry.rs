@@ -97,6 +97,10 @@ pub struct Registry {
 /// many messages carry it).
 pub const UNKNOWN_RETRY: Duration = Duration::from_secs(1);
 
+/// Most unknown ids remembered at once (beyond them, an unknown id is
+/// asked for each time it comes).
+const UNKNOWN_HELD: usize = 1024;
+
 /// The registry's error code for "schema not found" (Confluent's, also
 /// answered by Karapace, Redpanda and Apicurio's compatible API).
 const SCHEMA_NOT_FOUND: u64 = 40403;
@@ -260,7 +264,14 @@ impl Registry {
                 }
             }
             (404, body) if error_code(&body) == Some(SCHEMA_NOT_FOUND) => {
-                self.unknown.write().insert(id, Instant::now());
+                let mut unknown = self.unknown.write();
+                // Bounded however many ids a producer makes up.
+                if unknown.len() >= UNKNOWN_HELD {
+                    unknown.retain(|_, asked| asked.elapsed() < UNKNOWN_RETRY);
+                }
+                if unknown.len() < UNKNOWN_HELD {
+                    unknown.insert(id, Instant::now());
+                }
                 return Err(RegistryError::UnknownId(id));
             }
             (404, body) => {
@@ -333,5 +344,60 @@ mod tests {
         assert!(unframe(b"{\"json\"").unwrap_err().contains("magic byte"));
         assert_eq!(urlencode("events.web-value"), "events.web-value");
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+    }
+
+    /// A registry that answers "schema not found" to everything, on a
+    /// loopback port, counting the requests.
+    fn not_found() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&count);
+        std::thread::spawn(move || {
+            let body = r#"{"error_code":40403,"message":"Schema not found"}"#;
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (url, count)
+    }
+
+    /// An id the registry does not know is taken as unknown for a second,
+    /// then asked again; no more such ids are remembered than the bound,
+    /// however many a producer makes up.
+    #[test]
+    fn unknown_ids_are_asked_again_and_held_within_a_bound() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (url, requests) = not_found();
+        let registry = Registry::new(&SchemaRegistrySettings {
+            url: Some(url),
+            ..SchemaRegistrySettings::default()
+        })
+        .unwrap();
+        assert_eq!(registry.schema(7), Err(RegistryError::UnknownId(7)));
+        assert_eq!(registry.schema(7), Err(RegistryError::UnknownId(7)));
+        assert_eq!(requests.load(SeqCst), 1, "remembered");
+        std::thread::sleep(UNKNOWN_RETRY);
+        assert_eq!(registry.schema(7), Err(RegistryError::UnknownId(7)));
+        assert_eq!(requests.load(SeqCst), 2, "asked again");
+        for id in 0..UNKNOWN_HELD as u32 + 50 {
+            assert_eq!(registry.schema(id), Err(RegistryError::UnknownId(id)));
+        }
+        assert!(registry.unknown.read().len() <= UNKNOWN_HELD);
     }
 }
