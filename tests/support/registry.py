@@ -54,11 +54,13 @@ Test-only endpoints (not part of the Confluent API; also behind basic auth):
     DELETE /__test/requests   -> clears that log
     POST   /__test/faults     body {"status": 503, "error_code": 50003, "count": 2,
                                     "path_prefix": "/schemas/ids/", "method": "GET",
-                                    "delay_ms": 0, "message": "..."}   (all optional)
+                                    "delay_ms": 0, "message": "...",
+                                    "replace": false}   (all optional)
                               -> the next `count` matching requests get that error
                                  (defaults: status 503, error_code = status, count 1,
                                  any path/method; count -1 = until cleared;
-                                 status 0 = only the delay)
+                                 status 0 = only the delay; replace: true
+                                 clears the others in the same step)
     DELETE /__test/faults     -> clears all faults
 """
 
@@ -477,6 +479,9 @@ class Handler(BaseHTTPRequestHandler):
                     "method": body.get("method"),
                     "delay_ms": int(body.get("delay_ms", 0)),
                 }
+                if body.get("replace"):
+                    # One fault for another with no moment between them.
+                    st.faults.clear()
                 st.faults.append(fault)
                 return 200, fault
             if what == "faults" and method == "DELETE":
