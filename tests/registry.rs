@@ -313,6 +313,19 @@ fn confluent_avro_clients_interoperate_through_the_registry() {
     }
 }
 
+/// Waits up to 20 s for `/readyz` to answer `status`.
+fn wait_readyz(service: &Service, status: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while service.get("/readyz").map(|r| r.0) != Some(status) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: /readyz not {status}; log:\n{}",
+            service.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The service with only the web topic in Schema Registry framing.
 fn start_with_web_framed(
     broker: &Broker,
@@ -402,15 +415,7 @@ fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consum
         ],
         false,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while service.get("/readyz").map(|r| r.0) != Some(503) {
-        assert!(
-            Instant::now() < deadline,
-            "still ready; log:\n{}",
-            service.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_readyz(&service, 503, "not ready while the registry fails");
     let (_, why) = service.get("/readyz").unwrap();
     assert!(why.contains("the Schema Registry does not answer"), "{why}");
     std::thread::sleep(Duration::from_secs(3));
@@ -438,15 +443,7 @@ fn unknown_schema_ids_are_dead_lettered_and_an_unreachable_registry_holds_consum
         })
         .collect();
     assert_eq!(segments, ["warm", "hot"], "log:\n{}", service.logs());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while service.get("/readyz").map(|r| r.0) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "not ready again; log:\n{}",
-            service.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_readyz(&service, 200, "ready again");
     assert_eq!(service.counter("leadscore_dead_lettered_total"), 2);
     assert_eq!(service.counter("leadscore_events_consumed_total"), 3);
 }
@@ -487,15 +484,7 @@ fn only_the_registrys_schema_not_found_dead_letters_and_not_for_good() {
         // In place of the one before, with no moment without a fault.
         let (status, _) = registry.call("POST", "/__test/faults", Some(fault));
         assert_eq!(status, 200);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while service.get("/readyz").map(|r| r.0) != Some(503) {
-            assert!(
-                Instant::now() < deadline,
-                "{fault}: still ready; log:\n{}",
-                service.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_readyz(&service, 503, fault);
         std::thread::sleep(Duration::from_secs(2));
         assert_eq!(
             service.counter("leadscore_dead_lettered_total"),
