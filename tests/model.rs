@@ -373,6 +373,109 @@ fn a_hot_lead_in_a_partition_that_goes_quiet_decays_in_real_time() {
     assert!(service.terminate().success());
 }
 
+/// A write keeps a lead's stored decay timer when a later event only moves
+/// the decay later (it fires early and finds nothing, by design). An idle
+/// service whose cache holds fewer leads than such timers used to load
+/// those leads, find nothing due, evict them and page the same timers
+/// again, as fast as it could, until the real crossing (stop 43's user
+/// probe: about 30 k loads/s with no input). A loaded lead whose stored
+/// timer is due but is not its next one is now written once, which
+/// corrects the timer. Half-lives of 10 s, three leads, a cache of one.
+#[test]
+fn an_idle_service_with_a_small_cache_does_not_keep_loading_leads_for_early_timers() {
+    let broker = Broker::start();
+    let redis = Redis::start();
+    let names = Names::new();
+    broker.create_topics(&names.all(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let rules = fast_rules(dir.path());
+    let service = Service::start(
+        &broker,
+        &redis,
+        &names,
+        &[
+            ("LEADSCORE__SCORING__RULES_FILE", rules.to_str().unwrap()),
+            ("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "300"),
+            ("LEADSCORE__REDIS__FLUSH_INTERVAL_MS", "100"),
+            ("LEADSCORE__STATE__MAX_LEADS_IN_MEMORY", "1"),
+        ],
+    );
+    let leads = ["early-0", "early-1", "early-2"];
+    let now = leadscore::event::wall_clock_ms;
+    let at = leadscore::event::format_rfc3339;
+    // 40 points: warm, crossing warm's exit (20) 10 s later.
+    let t0 = now();
+    for lead in leads {
+        send(
+            &broker,
+            &names.web,
+            lead,
+            &[event(
+                &format!("{lead}-a"),
+                lead,
+                &at(t0),
+                "booking_abandoned",
+                &[],
+            )],
+        );
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while leads.iter().any(|l| redis.lead(&names.prefix, l).is_none()) {
+        assert!(std::time::Instant::now() < deadline, "{}", service.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A pricing view (15 points) moves each crossing later, and the write
+    // keeps the stored timer at the first crossing.
+    let t1 = now();
+    for lead in leads {
+        let view = event(
+            &format!("{lead}-b"),
+            lead,
+            &at(t1),
+            "page_view",
+            &[("url", "/pricing")],
+        );
+        send(&broker, &names.web, lead, &[view]);
+    }
+    let first = t0 + 10_000;
+    let score = 40.0 * (-((t1 - t0) as f64) / 10_000.0).exp2() + 15.0;
+    let second = t1 + (10_000.0 * (score / 20.0).log2()) as i64;
+    // Between the two crossings (with a second's margin each side) nothing
+    // is due: the leads are loaded for their early timers once, right after
+    // the first crossing, and then left alone.
+    let (from, to) = (first + 1_000, second - 1_000);
+    assert!(
+        to - from >= 2_000,
+        "the second events came too late ({} ms after the first)",
+        t1 - t0
+    );
+    std::thread::sleep(Duration::from_millis((from - now()).max(0) as u64));
+    let before = service.counter("leadscore_lead_cache_misses_total");
+    std::thread::sleep(Duration::from_millis((to - now()).max(0) as u64));
+    let during = service.counter("leadscore_lead_cache_misses_total") - before;
+    assert!(
+        during <= leads.len() as u64,
+        "{during} leads loaded from Redis in {} ms with nothing due",
+        to - from
+    );
+    // And the real crossing still comes: each lead leaves warm for cold.
+    for lead in leads {
+        let seq = wait_changes(&broker, &names, lead, 2, Duration::from_secs(30));
+        assert_eq!(
+            transitions(&seq),
+            [("cold", "warm", "event"), ("warm", "cold", "decay")],
+            "{lead}"
+        );
+        let crossing =
+            leadscore::event::parse_rfc3339(seq[1]["occurred_at"].as_str().unwrap()).unwrap();
+        assert!(
+            (crossing - second).abs() <= 1_000,
+            "{lead} left warm at {crossing}, not at {second}"
+        );
+    }
+    assert!(service.terminate().success());
+}
+
 /// Engagement is counted by the lead's segment at that moment and its
 /// first-touch source (configured names, others as `other`), so each rate
 /// is one PromQL division.

@@ -465,6 +465,9 @@ fn a_restarted_service_continues_from_redis_with_identical_scores() {
     assert_eq!(want.len(), 10, "{keys:?}");
     assert_eq!(common::visitors_and_aliases(&want), (1, 2), "{keys:?}");
     common::assert_same_leads(&got, &want, "a restart changes no state");
+    // Lead-3, made by merging its cookie's visitor, is counted in its segment.
+    common::assert_populations_match(&redis, &reference.prefix);
+    common::assert_populations_match(&redis, &names.prefix);
 }
 
 #[test]

@@ -1107,6 +1107,59 @@ pub fn assert_same_leads(
     );
 }
 
+/// Asserts that each shard's stored segment populations (the `pop:` fields
+/// of its record, which `leadscore_segment_population_leads` reports) equal
+/// a recount of the leads stored in that shard by segment, under the
+/// default rules. Segments stored with a count of 0 are left out.
+pub fn assert_populations_match(redis: &Redis, prefix: &str) {
+    use leadscore::engine::{Engine, EngineConfig, Kind, Rules, Segment};
+    use std::collections::BTreeMap;
+    let engine = Engine::new(
+        std::sync::Arc::new(Rules::default_rules()),
+        EngineConfig::default(),
+    );
+    let shard_of = |key: &str| {
+        key.trim_start_matches('{')
+            .split('}')
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut counted: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for (key, bytes) in redis.leads(prefix) {
+        let state = engine.decode(&bytes).unwrap();
+        if matches!(state.kind, Kind::Lead) {
+            let segment = Segment::of(&state).name(engine.rules()).to_owned();
+            *counted.entry((shard_of(&key), segment)).or_default() += 1;
+        }
+    }
+    let mut stored: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for mut conn in redis.primary_conns() {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}{{p*}}:meta"))
+            .query(&mut conn)
+            .unwrap();
+        for k in keys {
+            let shard = shard_of(&k[prefix.len()..]);
+            let fields: std::collections::HashMap<String, String> =
+                redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
+            for (f, v) in fields {
+                if let Some(segment) = f.strip_prefix("pop:") {
+                    let n: i64 = v.parse().unwrap();
+                    if n != 0 {
+                        stored.insert((shard.clone(), segment.to_owned()), n);
+                    }
+                }
+            }
+        }
+    }
+    assert!(!counted.is_empty(), "no leads stored under {prefix}");
+    assert_eq!(
+        stored, counted,
+        "stored segment populations (left) against a recount of the stored leads (right), by (shard, segment)"
+    );
+}
+
 /// How many stored states are anonymous visitors, and how many are visitors
 /// merged into a lead (aliases).
 pub fn visitors_and_aliases(
