@@ -402,8 +402,12 @@ fn decode_avro(
     bytes: &[u8],
 ) -> Result<Event<'static>, DecodeError> {
     let mut reader = bytes;
-    let value = apache_avro::from_avro_datum(writer, &mut reader, reader_schema)
-        .map_err(|e| DecodeError::Avro(e.to_string()))?;
+    let value = apache_avro::from_avro_datum(writer, &mut reader, reader_schema).map_err(|e| {
+        DecodeError::Avro(match reader_schema {
+            Some(ours) => unresolved(writer, ours, bytes).unwrap_or_else(|| e.to_string()),
+            None => e.to_string(),
+        })
+    })?;
     if !reader.is_empty() {
         return Err(DecodeError::Avro(format!(
             "{} trailing bytes after the datum",
@@ -450,6 +454,39 @@ fn decode_avro(
     let kind = kind.ok_or_else(|| DecodeError::Avro("missing field `type`".into()))?;
     event.kind = parse_type(source, &kind)?;
     Ok(event)
+}
+
+/// Why a datum that reads with its writer's schema does not resolve to
+/// ours, naming the field: apache-avro's own error names neither the field
+/// nor, for an enum, the problem (`None` when the datum does not read with
+/// its writer's schema either). Only on the error path: it decodes again.
+fn unresolved(writer: &Schema, ours: &Schema, bytes: &[u8]) -> Option<String> {
+    use apache_avro::error::Details;
+    let Ok(Value::Record(written)) = apache_avro::from_avro_datum(writer, &mut &bytes[..], None)
+    else {
+        return None;
+    };
+    let Schema::Record(ours) = ours else {
+        return None;
+    };
+    ours.fields.iter().find_map(|field| {
+        let value = match written.iter().find(|(name, _)| *name == field.name) {
+            Some((_, value)) => value.clone(),
+            None if field.default.is_some() => return None,
+            None => return Some(format!("field `{}`: missing from the writer's schema, and ours gives no default", field.name)),
+        };
+        let error = value.resolve(&field.schema).err()?;
+        let why = match error.details() {
+            Details::GetEnumDefault { symbol, symbols } => {
+                format!("{symbol:?} is not one of ours ({})", symbols.join(", "))
+            }
+            Details::GetString(Value::Null) => {
+                "a null where ours expects a string (a map's value, or a field that may not be null)".into()
+            }
+            other => other.to_string(),
+        };
+        Some(format!("field `{}`: {why}", field.name))
+    })
 }
 
 fn avro_opt_string(value: Value) -> Option<Cow<'static, str>> {
@@ -627,6 +664,89 @@ mod tests {
             d.decode(Some(event(now).as_bytes()), Some(now + month))
                 .is_ok()
         );
+    }
+
+    /// A producer's schema that does not resolve to ours: the error names
+    /// the field and says what is wrong in words (apache-avro's own message
+    /// for an unknown symbol speaks of an "Enum default", and for a null
+    /// map value names no field).
+    #[test]
+    fn a_writer_schema_that_does_not_resolve_names_the_field() {
+        let ours = input_schema(Source::Web);
+        let theirs = |from: &str, to: &str| {
+            let text = input_schema_text(Source::Web).replace(from, to);
+            assert_ne!(text, input_schema_text(Source::Web), "{from}");
+            Schema::parse_str(&text).unwrap()
+        };
+        let record = |kind: Value, attributes: Value| {
+            Value::Record(vec![
+                ("event_id".into(), Value::String("e-1".into())),
+                (
+                    "lead_id".into(),
+                    Value::Union(1, Box::new(Value::String("l-1".into()))),
+                ),
+                (
+                    "anonymous_id".into(),
+                    Value::Union(0, Box::new(Value::Null)),
+                ),
+                (
+                    "occurred_at".into(),
+                    Value::TimestampMillis(1_764_000_000_000),
+                ),
+                ("type".into(), kind),
+                ("attributes".into(), attributes),
+            ])
+        };
+        let why = |writer: &Schema, value: Value| {
+            let bytes = apache_avro::to_avro_datum(writer, value).unwrap();
+            match decode_avro(Source::Web, writer, Some(&ours), &bytes) {
+                Err(DecodeError::Avro(why)) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        // A symbol the producer added.
+        let added = theirs("\"purchase\"", "\"purchase\", \"video_play\"");
+        let got = why(
+            &added,
+            record(
+                Value::Enum(9, "video_play".into()),
+                Value::Map(Default::default()),
+            ),
+        );
+        assert!(
+            got.starts_with("field `type`: \"video_play\" is not one of ours (page_view, "),
+            "{got}"
+        );
+        // Map values that may be null.
+        let nullable = theirs(
+            "\"values\": \"string\"",
+            "\"values\": [\"null\", \"string\"]",
+        );
+        let attributes =
+            Value::Map([("url".to_owned(), Value::Union(0, Box::new(Value::Null)))].into());
+        let got = why(
+            &nullable,
+            record(Value::Enum(0, "page_view".into()), attributes),
+        );
+        assert!(
+            got.starts_with("field `attributes`: a null where ours expects a string"),
+            "{got}"
+        );
+        // A value that is there reads as before.
+        let attributes = Value::Map(
+            [(
+                "url".to_owned(),
+                Value::Union(1, Box::new(Value::String("/x".into()))),
+            )]
+            .into(),
+        );
+        let bytes = apache_avro::to_avro_datum(
+            &nullable,
+            record(Value::Enum(0, "page_view".into()), attributes),
+        )
+        .unwrap();
+        let event = decode_avro(Source::Web, &nullable, Some(&ours), &bytes).unwrap();
+        assert_eq!(event.attributes, vec![("url".into(), "/x".into())]);
     }
 
     #[test]
