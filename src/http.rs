@@ -463,38 +463,23 @@ fn check_id(id: &str) -> Result<(), Response> {
     Ok(())
 }
 
-/// Which shards hold a lead: in memory here, else in the store. Returns the
-/// shards and the state found first.
-async fn locate(s: &AppState, id: &str) -> Result<(Vec<ShardId>, Option<LeadState>), Response> {
+/// A lead's state: from this instance's memory if a shard here holds it,
+/// else from the first shard in the store that does.
+async fn locate(s: &AppState, id: &str) -> Result<Option<LeadState>, Response> {
     let key = LeadKey::lead(id);
     let engine = s.engine();
-    let mut shards = Vec::new();
-    let mut found: Option<LeadState> = None;
-    for (shard, cache) in s.rt.caches.read().iter() {
+    for cache in s.rt.caches.read().values() {
         if let Some(blob) = cache.lock().peek(&key) {
-            shards.push(*shard);
-            if found.is_none() {
-                found = engine.decode(&blob).ok();
-            }
+            return Ok(engine.decode(&blob).ok());
         }
-    }
-    if found.is_some() {
-        return Ok((shards, found));
     }
     let all: Vec<ShardId> = (0..s.rt.partitions()).collect();
     let store = s.store();
-    let k = key.clone();
-    let result = tokio::task::spawn_blocking(move || store.find(&k, &all)).await;
+    let result = tokio::task::spawn_blocking(move || store.find(&key, &all)).await;
     match result {
-        Ok(Ok(hits)) => {
-            for (shard, bytes) in hits {
-                shards.push(shard);
-                if found.is_none() {
-                    found = engine.decode(&bytes).ok();
-                }
-            }
-            Ok((shards, found))
-        }
+        Ok(Ok(hits)) => Ok(hits
+            .into_iter()
+            .find_map(|(_, bytes)| engine.decode(&bytes).ok())),
         Ok(Err(e)) => {
             s.rt.metrics.redis_errors.with_label_values(&["http"]).inc();
             Err(error(
@@ -509,7 +494,7 @@ async fn locate(s: &AppState, id: &str) -> Result<(Vec<ShardId>, Option<LeadStat
 async fn find(s: &AppState, id: &str) -> Result<LeadState, Response> {
     check_id(id)?;
     match locate(s, id).await? {
-        (_, Some(state)) if !state.is_new() && state.kind == Kind::Lead => Ok(state),
+        Some(state) if !state.is_new() && state.kind == Kind::Lead => Ok(state),
         _ => Err(error(StatusCode::NOT_FOUND, "unknown lead")),
     }
 }
@@ -580,18 +565,18 @@ async fn crm_schema_id(s: &AppState) -> Result<u32, Response> {
 }
 
 /// `DELETE /v1/leads/{id}`: erases a person. The request goes through the CRM
-/// topic (an `erasure_requested` event, to the partition that holds the
-/// lead), so it is applied in order by whichever member owns that shard,
-/// removes the lead and its linked anonymous ids from memory, Redis and the
-/// timers, and is never lost across restarts. Answers 202 once the broker
-/// has the request.
+/// topic (an `erasure_requested` event, to every partition), so each shard
+/// applies it in order, whichever member owns it: one that holds the lead
+/// removes it and its linked anonymous ids from memory, Redis and the
+/// timers, and remembers the erasure. Never lost across restarts; needs
+/// no Redis. Answers 202 once the broker has every copy of the request.
 #[utoipa::path(delete, path = "/v1/leads/{id}", tag = "leads", params(("id" = String, Path, description = "The lead id (1 to 256 bytes)")),
     security(("bearer" = [])),
     responses(
         (status = 202, description = "The erasure request is on the CRM topic", body = ErasureAccepted),
         (status = 400, description = "Bad lead id", body = ErrorBody),
         (status = 401, description = "A bearer token is required", body = ErrorBody),
-        (status = 503, description = "Redis or the broker unavailable", body = ErrorBody)))]
+        (status = 503, description = "The broker unavailable (or, for an avro-registry CRM topic, the Schema Registry)", body = ErrorBody)))]
 async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
     if let Err(r) = check_id(&id) {
         return r;
@@ -601,10 +586,6 @@ async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "no producer for erasure requests",
         );
-    };
-    let shards = match locate(&s, &id).await {
-        Ok((shards, _)) => shards,
-        Err(r) => return r,
     };
     let event_id = format!("erasure-{}", uuid::Uuid::new_v4());
     let event = Event {
@@ -632,10 +613,13 @@ async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
     };
-    let targets: Vec<Option<i32>> = if shards.is_empty() {
-        vec![None]
-    } else {
-        shards.into_iter().map(Some).collect()
+    // Every partition: a lead whose events reached several has a state in
+    // each, and only each shard's owner knows whether its shard holds one
+    // (this member's memory and Redis can both be behind it). A shard that
+    // holds nothing of the lead drops the request.
+    let targets: Vec<Option<i32>> = match s.rt.partitions() {
+        0 => vec![None],
+        n => (0..n).map(Some).collect(),
     };
     for partition in &targets {
         let mut record = FutureRecord::to(&s.crm_topic)
@@ -669,8 +653,8 @@ pub struct ErasureAccepted {
     pub erasure_event_id: String,
     /// The lead.
     pub lead_id: String,
-    /// CRM partitions the request went to (the shards holding the lead; empty:
-    /// keyed by the lead id).
+    /// CRM partitions the request went to: every one (empty: the partition
+    /// count was not known yet, and the request was keyed by the lead id).
     pub partitions: Vec<i32>,
 }
 

@@ -399,6 +399,72 @@ fn an_erased_lead_is_gone_everywhere_and_stays_gone_across_restarts() {
     assert!(service.terminate().success());
 }
 
+/// A lead whose events reached two partitions (a producer that keyed some
+/// of them by an email) has a state in each, and `DELETE` erases both, even
+/// when the member that answers holds only one of them in memory: after a
+/// restart, a new event reached one partition. Before, the request went
+/// only to the shards found in this member's memory (or, when none was, in
+/// Redis), so the other state survived (stop 44's user probe, on a single
+/// instance and in a group of two).
+#[test]
+fn a_delete_erases_the_lead_in_every_partition_that_holds_it() {
+    let (broker, redis, names) = setup(2);
+    let first = Service::start(&broker, &redis, &names, &[]);
+    let msgs = |items: &[(i32, &str, Vec<u8>)]| -> Vec<common::Msg> {
+        items
+            .iter()
+            .map(|(p, k, b)| (0, *p, (*k).to_owned(), b.clone()))
+            .collect()
+    };
+    broker.produce_msgs(
+        &names,
+        &msgs(&[
+            (
+                0,
+                "S",
+                event("s1", "S", &ago(30_000), "booking_abandoned", &[]),
+            ),
+            (
+                1,
+                "s@example.com",
+                event("s2", "S", &ago(29_000), "page_view", &[("url", "/pricing")]),
+            ),
+        ]),
+    );
+    first.wait_consumed(2, WAIT);
+    first.wait_settled(WAIT);
+    let held = || -> Vec<String> {
+        redis
+            .leads(&names.prefix)
+            .into_keys()
+            .filter(|k| k.ends_with(":l:S"))
+            .collect()
+    };
+    assert_eq!(held(), ["{p0}:l:S", "{p1}:l:S"]);
+    assert!(first.terminate().success());
+
+    let service = Service::start(&broker, &redis, &names, &[]);
+    broker.produce_msgs(
+        &names,
+        &msgs(&[(
+            0,
+            "S",
+            event("s3", "S", &ago(1_000), "page_view", &[("url", "/menu")]),
+        )]),
+    );
+    service.wait_consumed(1, WAIT);
+    let (status, body) = service.request("DELETE", "/v1/leads/S", &[]).unwrap();
+    assert_eq!(status, 202, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["partitions"], serde_json::json!([0, 1]), "{body}");
+    wait_for("both states erased", WAIT, &service, || held().is_empty());
+    service.wait_settled(WAIT);
+    assert!(held().is_empty(), "{:?}", held());
+    assert_eq!(service.get("/v1/leads/S").unwrap().0, 404);
+    assert_eq!(service.counter("leadscore_leads_erased_total"), 2);
+    assert!(service.terminate().success());
+}
+
 /// The erasure markers travel with the partition: a member that takes the
 /// lead's partition over from the one that erased it (a rebalance, not a
 /// restart of the same process) drops a producer's retry and a late event
