@@ -312,6 +312,8 @@ impl Worker {
                 }
                 o.last_poll[input] = now;
                 if o.shard.queued_in(input) >= batch {
+                    // Not read this round: quiet time cannot count.
+                    o.last_message[input] = now;
                     continue;
                 }
                 // Held messages first, in order; the input is read on only
@@ -329,6 +331,7 @@ impl Worker {
                     o.held[input].pop_front();
                 }
                 if holding {
+                    o.last_message[input] = now;
                     continue;
                 }
                 let read = q.read(&mut self.batch, batch);
@@ -359,10 +362,15 @@ impl Worker {
                 if read > 0 {
                     busy = true;
                 }
-                // Quiet time starts once the input has nothing new *and*
-                // nothing pending: an input whose last events still wait in
-                // the merge is not idle (its next ones may be on their way).
-                if read > 0 || o.shard.queued_in(input) > 0 {
+                // Quiet time starts at the last message read, whether or not
+                // the merge still holds it: an input counts as idle once its
+                // queue empties if nothing new came for the idle time (the
+                // merge never treats an input with a queue as idle). Counted
+                // from the queue's emptying instead, the inputs of a stream's
+                // end went idle one after another, each an idle time after
+                // the one before (a user probe: the last events of a stream
+                // waited three idle times).
+                if read > 0 {
                     o.last_message[input] = now;
                 }
                 // Idle: nothing read, quiet for the idle time (zero: at once)
