@@ -442,7 +442,7 @@ pub fn view(engine: &Engine, id: &str, state: &LeadState, at: i64) -> LeadView {
             .into_iter()
             .map(|s| SignalOut {
                 rule: s.rule,
-                points: s.points,
+                points: published(s.points),
                 last_at: format_rfc3339(s.last_at),
                 count: s.count,
             })

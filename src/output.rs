@@ -252,7 +252,7 @@ impl Encoder {
                     .iter()
                     .map(|s| SignalOut {
                         rule: s.rule.clone(),
-                        points: s.points,
+                        points: published(s.points),
                         last_at: format_rfc3339(s.last_at),
                         count: s.count,
                     })

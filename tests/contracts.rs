@@ -216,4 +216,43 @@ fn replay_output_and_the_documented_examples_match_the_json_schemas() {
         Some(broken.as_bytes()),
     );
     assert_eq!(code, 1, "an unknown reason must fail the contract");
+
+    // The documented outputs are what replay prints: every
+    // `docs/examples/leads.*.json` and every output shown in contracts.md
+    // (before 2026-12-07 they showed scores before rounding).
+    let printed: std::collections::HashMap<String, serde_json::Value> = outputs
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["event_id"].as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut shown: Vec<(String, serde_json::Value)> = Vec::new();
+    for entry in std::fs::read_dir(format!("{root}/docs/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("leads.") && name.ends_with(".json") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            shown.push((name, serde_json::from_str(&text).unwrap()));
+        }
+    }
+    let contracts = std::fs::read_to_string(format!("{root}/docs/contracts.md")).unwrap();
+    for block in contracts.split("```json\n").skip(1) {
+        let text = block.split("```").next().unwrap();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(text)
+            && v.get("rules_version").is_some()
+        {
+            shown.push(("docs/contracts.md".into(), v));
+        }
+    }
+    assert!(shown.len() >= 10, "{} documented outputs", shown.len());
+    for (whence, v) in &shown {
+        let id = v["event_id"].as_str().unwrap();
+        assert_eq!(
+            Some(v),
+            printed.get(id),
+            "{whence}: {id} is not what replay prints"
+        );
+    }
 }
