@@ -252,8 +252,9 @@ pub enum ContractError {
         occurred_at: String,
         /// How far ahead it is.
         ahead_ms: i64,
-        /// `the message's broker timestamp` or `the wall clock`.
-        against: &'static str,
+        /// `the message's broker timestamp` or `the wall clock`, with its
+        /// instant (RFC 3339).
+        against: String,
         /// The configured tolerance.
         tolerance_ms: i64,
     },

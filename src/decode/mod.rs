@@ -240,12 +240,14 @@ impl Decoder {
             Some(t) if t <= wall => (t, "the message's broker timestamp"),
             _ => (wall, "the wall clock"),
         };
+        // Both instants in the message: a broker timestamp of 1970 (a
+        // producer that sets it in the wrong unit) is plain to see.
         let ahead = event.occurred_at.saturating_sub(reference);
         if ahead > self.contract.future_tolerance_ms {
             return Err(ContractError::FromTheFuture {
                 occurred_at: crate::event::format_rfc3339(event.occurred_at),
                 ahead_ms: ahead,
-                against,
+                against: format!("{against} {}", crate::event::format_rfc3339(reference)),
                 tolerance_ms: self.contract.future_tolerance_ms,
             });
         }
@@ -359,7 +361,7 @@ fn decode_json(source: Source, bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 "invalid type: an array, expected {EXPECTED_EVENT}"
             )));
         }
-        None => serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?,
+        None => serde_json::from_str(text).map_err(json_error)?,
     };
     event_of(source, fields)
 }
@@ -393,6 +395,19 @@ fn parse_type(source: Source, kind: &str) -> Result<EventType, ContractError> {
         family: source,
         kind: truncate(kind, 64),
     })
+}
+
+/// serde_json's error, with a word on the one message that misleads: a
+/// `\u` escape of a lone UTF-16 surrogate (`"\ud800"`) is reported as "unexpected
+/// end of hex escape".
+fn json_error(e: serde_json::Error) -> DecodeError {
+    let text = e.to_string();
+    if text.contains("hex escape") {
+        return DecodeError::Json(format!(
+            "{text} (a \\u escape must be four hex digits, and a UTF-16 surrogate must come in a pair)"
+        ));
+    }
+    DecodeError::Json(text)
 }
 
 fn decode_avro(
@@ -584,6 +599,11 @@ mod tests {
                 r#"{"event_id":"e","lead_id":"l","occurred_at":"2026-11-22T10:00:00Z","type":"page_view","attributes":{"url":"/blog","url":"/pricing"}}"#,
                 "contract violation: attribute \"url\" appears more than once",
             ),
+            // A lone surrogate: serde_json's own words mislead.
+            (
+                r#"{"event_id":"e\ud800","lead_id":"l","occurred_at":"2026-11-22T10:00:00Z","type":"page_view"}"#,
+                "a UTF-16 surrogate must come in a pair",
+            ),
             // The same through serde's path (an escape in a value).
             (
                 r#"{"event_id":"e","lead_id":"l","occurred_at":"2026-11-22T10:00:00Z","type":"page_view","attributes":{"url":"/bl\u006fg","url":"/pricing"}}"#,
@@ -656,8 +676,19 @@ mod tests {
             .decode(Some(earlier.as_bytes()), Some(now - 2 * month))
             .unwrap_err()
             .to_string();
+        // The reference instant is in the message.
+        let reference = format!(
+            "after the message's broker timestamp {}",
+            crate::event::format_rfc3339(now - 2 * month)
+        );
+        assert!(err.contains(&reference), "{err}");
+        // A broker timestamp in the wrong unit shows as 1970.
+        let err = d
+            .decode(Some(earlier.as_bytes()), Some(1))
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("after the message's broker timestamp"),
+            err.contains("after the message's broker timestamp 1970-01-01T00:00:00.001Z"),
             "{err}"
         );
         assert!(
@@ -790,8 +821,7 @@ mod tests {
 
     /// What serde_json alone makes of a payload (the path before the scanner).
     fn via_serde(source: Source, text: &str) -> Result<Event<'_>, DecodeError> {
-        let raw: RawEvent<'_> =
-            serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let raw: RawEvent<'_> = serde_json::from_str(text).map_err(json_error)?;
         event_of(source, raw)
     }
 
