@@ -515,6 +515,23 @@ fn committed_offsets_never_run_ahead_of_redis() {
         }
         assert!(samples > 1);
     });
+    // Every commit's outcome is counted: everything was committed while the
+    // service ran, so `ok` moved (it stayed 0 before 2026-12-07: the
+    // outcome of an asynchronous commit never came back), and none failed.
+    let ok = |s: &Service| {
+        let (_, body) = s.get("/metrics").expect("metrics");
+        leadscore::metrics::sum_samples(&body, "leadscore_offset_commits_total{outcome=\"ok\"}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ok(&service) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok(&service) > 0, "no commit counted");
+    assert_eq!(
+        service.counter("leadscore_offset_commits_total"),
+        ok(&service),
+        "failed commits counted"
+    );
     assert!(service.terminate().success());
 }
 

@@ -221,9 +221,10 @@ impl GroupContext {
             self.rt.fail(format!(
                 "state lost: Redis has no state for shard {p} (partition {p} of the input topics), but the \
                  consumer group has committed offsets for it ({committed}). Redis was flushed, or failed \
-                 over to an empty replica, or redis.key_prefix changed. Restore Redis from a backup, or \
-                 reset the group's offsets to the beginning of the input topics to rescore from scratch \
-                 (kafka-consumer-groups --reset-offsets --to-earliest)."
+                 over to an empty replica, or redis.key_prefix changed. Restore Redis from a backup or \
+                 the replica that has the data (runbook: State lost). Rescoring from scratch instead \
+                 takes a consumer group with no committed offsets (a new kafka.group_id, or the group \
+                 deleted): resetting the group's offsets is not enough, they stay committed."
             ));
             return None;
         }
@@ -616,6 +617,80 @@ pub fn check_topics(
     Ok(Some(counts.first().map_or(0, |(_, n)| *n as i32)))
 }
 
+/// Commits the offsets the workers stored (each covered by a durable
+/// write) once a second, on a thread of its own. Each commit waits for the
+/// broker's answer, which is how its outcome is counted: librdkafka hands
+/// an asynchronous commit's result only to an `offset_commit_cb`, which the
+/// rdkafka crate does not set, so with `CommitMode::Async` no outcome came
+/// back and `leadscore_offset_commits_total{outcome="ok"}` stayed 0 (a user
+/// probe). A broker that does not answer holds this thread, not the
+/// consumer loop.
+struct Committer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    fn spawn(consumer: &Arc<BaseConsumer<GroupContext>>, rt: &Arc<Runtime>) -> Committer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (consumer, rt, stopping) = (consumer.clone(), rt.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::SeqCst) {
+                    let next = Instant::now() + Duration::from_secs(1);
+                    while Instant::now() < next && !stopping.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    if stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match consumer.commit_consumer_state(CommitMode::Sync) {
+                        Ok(()) => rt.metrics.commits.with_label_values(&["ok"]).inc(),
+                        // Nothing stored since the last commit.
+                        Err(e)
+                            if e.rdkafka_error_code()
+                                == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {}
+                        Err(e) => {
+                            rt.metrics.commits.with_label_values(&["error"]).inc();
+                            warn!(error = %e, "Offset commit failed; the next commit covers it.");
+                        }
+                    }
+                }
+            })
+            .ok();
+        if thread.is_none() {
+            warn!(
+                "Cannot start the commit thread; offsets are committed only as partitions are released."
+            );
+        }
+        Committer { stop, thread }
+    }
+
+    /// Stops the thread once its commit in flight, if any, has its answer
+    /// (or after 2 s: a broker that does not answer must not hold the drain).
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        let until = Instant::now() + Duration::from_secs(2);
+        while !t.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    /// A loop that ends in failure stops the thread too (without waiting).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Runs the consumer loop until cancelled or failed, then leaves the group
 /// (the final revocation drains and commits).
 pub fn run(
@@ -650,6 +725,7 @@ pub fn run(
         .collect();
     let segment_refs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let mut last_gauges = Instant::now();
+    let committer = Committer::spawn(consumer, rt);
     while !rt.cancel().is_cancelled() {
         rt.health.heartbeat_ms.store(
             crate::event::wall_clock_ms(),
@@ -670,17 +746,6 @@ pub fn run(
             None => {}
         }
         if last_gauges.elapsed() >= Duration::from_secs(1) {
-            // Offsets the workers stored (each covered by a durable write).
-            match consumer.commit_consumer_state(CommitMode::Async) {
-                Err(e)
-                    if e.rdkafka_error_code()
-                        != Some(rdkafka::types::RDKafkaErrorCode::NoOffset) =>
-                {
-                    rt.metrics.commits.with_label_values(&["error"]).inc();
-                    warn!(error = %e, "Offset commit failed; the next commit covers it.");
-                }
-                _ => {}
-            }
             consumer.context().retake_fenced(consumer);
             rt.publish_gauges(&segment_refs);
             rt.metrics.ready.set(i64::from(rt.health.ready()));
@@ -694,6 +759,8 @@ pub fn run(
     if let Some(f) = rt.fatal() {
         return Err(ConsumerError::Fatal(f));
     }
+    // No periodic commit in flight as the member leaves (see `consumer_config`).
+    committer.stop();
     // Leave the group: the revocation callback drains the shards and commits.
     info!("Draining before shutdown.");
     let unwritten = rt.unwritten();
