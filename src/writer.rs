@@ -110,9 +110,10 @@ impl Policy {
                  re-reads the events those writes covered"
             )),
             Written::Lost => Action::Fatal(
-                "the shard's state is gone from Redis (flushed, or failed over to an empty replica) \
-                 while Kafka holds committed offsets for it; restore Redis, or reset the consumer \
-                 group's offsets to rescore from the start"
+                "the shard's state is gone from Redis (flushed, evicted, or failed over to an empty \
+                 replica) while this member was writing it; restore Redis from a backup or the \
+                 replica that has the data (runbook: State lost). Going on from empty state would \
+                 lose every score: that takes a new consumer group (README: Upgrading)"
                     .into(),
             ),
         }

@@ -218,6 +218,22 @@ fn a_redis_that_may_evict_state_is_refused_unless_allowed() {
         &[("LEADSCORE__REDIS__ALLOW_EVICTION", "true")],
     );
     assert!(service.terminate().success());
+
+    // On a cluster each primary holds shards of its own: one that may
+    // evict is refused, by its address, whichever node the URL names (only
+    // the node the client happened to ask was checked before 2026-12-07).
+    let cluster = Redis::start_cluster(false);
+    let evicting = cluster.primaries()[1];
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query(&mut cluster.node_conn(evicting))
+        .unwrap();
+    let (status, log) = Service::run_to_exit(&broker, &cluster, &names, &[], WAIT);
+    assert!(!status.success());
+    assert!(log.contains("allkeys-lru"), "{log}");
+    assert!(log.contains(&format!(":{evicting}")), "{log}");
 }
 
 /// Rules with half-lives of seconds (and no dwell), for decay in real time.

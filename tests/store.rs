@@ -199,3 +199,38 @@ fn on_a_redis_cluster_stored_timers_and_erasure_markers_are_set_kept_and_cleared
     erasure_markers_are_kept_and_forgotten(&redis);
     stored_timers_are_set_kept_and_cleared(redis);
 }
+
+/// Redis (or a proxy in front of it) closes connections idle for longer
+/// than its `timeout`; the store's next read on its kept connection then
+/// fails with "unexpected end of file". A read is sent again once on a new
+/// connection instead of failing (a user probe: a third of the HTTP
+/// lookups after idle spells answered 503).
+#[test]
+fn reads_after_the_server_closed_an_idle_connection_succeed() {
+    let redis = Redis::start();
+    let names = Names::new();
+    let s = store(&redis, &names.prefix);
+    let owner = s.take_shard(2).unwrap();
+    assert_eq!(
+        write(
+            &s,
+            owner.epoch,
+            0,
+            vec![lead("a", b"state-a", TimerWrite::Keep)]
+        ),
+        Written::Ok
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("timeout")
+        .arg("1")
+        .query(&mut redis.conn())
+        .unwrap();
+    for _ in 0..3 {
+        // Redis checks idle clients about ten times a second.
+        std::thread::sleep(std::time::Duration::from_millis(2_200));
+        let found = s.find(&LeadKey::lead("a"), &[0, 1, 2, 3]).unwrap();
+        assert_eq!(found, vec![(2, b"state-a".to_vec())]);
+        s.ping().unwrap();
+    }
+}

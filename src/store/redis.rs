@@ -289,6 +289,101 @@ impl RedisStore {
         }
     }
 
+    /// [`RedisStore::with_conn`] for a read, which may be sent again: a
+    /// kept connection that the server (its `timeout`) or a proxy closed
+    /// while idle fails its next call with "unexpected end of file"; such a
+    /// read is retried once on a new connection (a user probe: a third of
+    /// HTTP lookups after idle spells got 503 from Redis's `timeout 2`).
+    /// Not after a timeout: a server that did not answer gets no second wait.
+    fn with_read<T>(
+        &self,
+        f: impl Fn(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let kept = self.conn.lock().is_some();
+        match self.with_conn(&f) {
+            Err(StoreError::Redis(e)) if kept && e.is_connection_dropped() && !e.is_timeout() => {
+                self.with_conn(&f)
+            }
+            other => other,
+        }
+    }
+
+    /// Configuration values (`CONFIG GET`) of the single server, or of each
+    /// primary of a cluster (named by its address; a single server's name
+    /// is empty). A value that cannot be read is `None`.
+    #[allow(clippy::type_complexity)]
+    fn config_everywhere(
+        &self,
+        names: &[&str],
+    ) -> Vec<(String, Box<dyn Fn(&str) -> Option<String>>)> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET");
+        for n in names {
+            cmd.arg(*n);
+        }
+        let as_map = |v: &Value| -> std::collections::HashMap<String, String> {
+            match v {
+                Value::Map(pairs) => pairs
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((
+                            redis::from_redis_value(k).ok()?,
+                            redis::from_redis_value(v).ok()?,
+                        ))
+                    })
+                    .collect(),
+                other => redis::from_redis_value::<Vec<String>>(other)
+                    .map(|flat| {
+                        flat.chunks_exact(2)
+                            .map(|kv| (kv[0].clone(), kv[1].clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        };
+        let lookup =
+            |m: std::collections::HashMap<String, String>| -> Box<dyn Fn(&str) -> Option<String>> {
+                Box::new(move |name: &str| m.get(name).cloned())
+            };
+        let mut guard = self.conn.lock();
+        if guard.is_none() {
+            match self.open() {
+                Ok(c) => *guard = Some(c),
+                Err(_) => return vec![(String::new(), lookup(Default::default()))],
+            }
+        }
+        let reply = match guard.as_mut().expect("connected above") {
+            Conn::Single(c) => cmd.query::<Value>(c).map(|v| vec![(String::new(), v)]),
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                c.route_command(
+                    &cmd,
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                )
+                .map(|v| match v {
+                    Value::Map(nodes) => nodes
+                        .into_iter()
+                        .map(|(node, v)| (redis::from_redis_value(&node).unwrap_or_default(), v))
+                        .collect(),
+                    other => vec![(String::new(), other)],
+                })
+            }
+        };
+        match reply {
+            Ok(mut nodes) => {
+                nodes.sort_by(|a, b| a.0.cmp(&b.0));
+                nodes
+                    .into_iter()
+                    .map(|(node, v)| (node, lookup(as_map(&v))))
+                    .collect()
+            }
+            Err(_) => {
+                *guard = None;
+                vec![(String::new(), lookup(Default::default()))]
+            }
+        }
+    }
+
     /// One shard's write as a transaction fenced by `WATCH` on its record:
     /// the epoch and positions are checked, then everything is written in
     /// one `MULTI`/`EXEC`, which Redis refuses if the record changed since
@@ -610,7 +705,7 @@ impl Store for RedisStore {
             for k in chunk {
                 inv.arg(k.as_str());
             }
-            let reply: Vec<Value> = self.with_conn(|c| inv.invoke(c))?;
+            let reply: Vec<Value> = self.with_read(|c| inv.invoke(c))?;
             if let Some(r) = refused(&reply) {
                 return Ok(Err(r));
             }
@@ -642,7 +737,7 @@ impl Store for RedisStore {
         } else {
             format!("({after}")
         };
-        let raw: Vec<(String, f64)> = self.with_conn(|c| {
+        let raw: Vec<(String, f64)> = self.with_read(|c| {
             redis::cmd("ZRANGEBYSCORE")
                 .arg(&key)
                 .arg(&min)
@@ -679,7 +774,7 @@ impl Store for RedisStore {
         let mut out = Vec::new();
         for shard in shards {
             let k = self.lead_key(*shard, key);
-            let v: Option<Vec<u8>> = self.with_conn(|c| redis::cmd("GET").arg(&k).query(c))?;
+            let v: Option<Vec<u8>> = self.with_read(|c| redis::cmd("GET").arg(&k).query(c))?;
             if let Some(v) = v {
                 out.push((*shard, v));
             }
@@ -690,7 +785,7 @@ impl Store for RedisStore {
     fn layouts(&self) -> Result<Vec<Layout>, StoreError> {
         let key = format!("{}layouts", self.prefix);
         let all: Vec<(String, String)> =
-            self.with_conn(|c| redis::cmd("HGETALL").arg(&key).query(c))?;
+            self.with_read(|c| redis::cmd("HGETALL").arg(&key).query(c))?;
         Ok(all
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_str(&v).ok())
@@ -711,7 +806,7 @@ impl Store for RedisStore {
     }
 
     fn ping(&self) -> Result<(), StoreError> {
-        self.with_conn(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
+        self.with_read(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
     }
 
     fn check(&self) -> Result<Health, StoreError> {
@@ -747,36 +842,33 @@ impl Store for RedisStore {
                 "this Redis user cannot run Lua scripts, which leadscore needs (EVAL and EVALSHA: ACL +@scripting): {e}"
             )));
         }
-        let config = |name: &str| -> Option<String> {
-            self.with_conn(|c| {
-                redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg(name)
-                    .query::<Vec<String>>(c)
-            })
-            .ok()
-            .and_then(|v| v.get(1).cloned())
-        };
-        match config("maxmemory-policy") {
-            Some(policy) if policy != "noeviction" => h.refuse.push(format!(
-                "Redis maxmemory-policy is {policy:?}: Redis may evict leadscore's state (leads, positions, \
-                 owner epochs) when it fills up, which silently loses scores. Set `maxmemory-policy noeviction` \
-                 (leadscore then holds consumption while Redis is full), or set redis.allow_eviction = true \
-                 to accept the risk."
-            )),
-            Some(_) => {}
-            None => h.warn.push(
-                "cannot read Redis's maxmemory-policy (CONFIG is disabled?): make sure it is noeviction".into(),
-            ),
-        }
-        let aof = config("appendonly");
-        let save = config("save");
-        if aof.as_deref() == Some("no") && save.as_deref().is_some_and(str::is_empty) {
-            h.warn.push(
-                "Redis persistence is off (appendonly no, no save points): a Redis restart loses every score; \
-                 leadscore will then refuse to continue (state lost) until the group's offsets are reset"
-                    .into(),
-            );
+        // Each primary of a cluster holds shards of its own: every one is asked.
+        for (node, get) in self.config_everywhere(&["maxmemory-policy", "appendonly", "save"]) {
+            let on = if node.is_empty() {
+                String::new()
+            } else {
+                format!(" on {node}")
+            };
+            match get("maxmemory-policy") {
+                Some(policy) if policy != "noeviction" => h.refuse.push(format!(
+                    "Redis maxmemory-policy is {policy:?}{on}: Redis may evict leadscore's state (leads, \
+                     positions, owner epochs) when it fills up, which silently loses scores. Set \
+                     `maxmemory-policy noeviction` (leadscore then holds consumption while Redis is full), \
+                     or set redis.allow_eviction = true to accept the risk."
+                )),
+                Some(_) => {}
+                None => h.warn.push(format!(
+                    "cannot read Redis's maxmemory-policy{on} (CONFIG is disabled?): make sure it is noeviction"
+                )),
+            }
+            let (aof, save) = (get("appendonly"), get("save"));
+            if aof.as_deref() == Some("no") && save.as_deref().is_some_and(str::is_empty) {
+                h.warn.push(format!(
+                    "Redis persistence is off{on} (appendonly no, no save points): a Redis restart loses every \
+                     score; leadscore will then stop (state lost) until Redis is restored or the consumer \
+                     group is replaced"
+                ));
+            }
         }
         Ok(h)
     }
