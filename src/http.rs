@@ -576,7 +576,7 @@ async fn crm_schema_id(s: &AppState) -> Result<u32, Response> {
         (status = 202, description = "The erasure request is on the CRM topic", body = ErasureAccepted),
         (status = 400, description = "Bad lead id", body = ErrorBody),
         (status = 401, description = "A bearer token is required", body = ErrorBody),
-        (status = 503, description = "The broker unavailable (or, for an avro-registry CRM topic, the Schema Registry)", body = ErrorBody)))]
+        (status = 503, description = "The broker unavailable (or, for an avro-registry CRM topic, the Schema Registry); some partitions may have the request already: send it again", body = ErrorBody)))]
 async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
     if let Err(r) = check_id(&id) {
         return r;
@@ -631,7 +631,10 @@ async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
         if let Err((e, _)) = producer.send(record, Duration::from_secs(10)).await {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot queue the erasure request: {e}"),
+                format!(
+                    "cannot queue the erasure request: {e}; it may have reached some partitions \
+                     already: send it again (an erasure is idempotent)"
+                ),
             );
         }
     }

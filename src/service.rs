@@ -320,6 +320,12 @@ pub async fn run(
         .with_context(|| format!("http.listen: cannot bind {}", s.http.listen))?;
     let http_addr = listener.local_addr()?;
     info!(%http_addr, workers, "HTTP server listening (/metrics, /healthz, /readyz, /v1/leads/{{id}}).");
+    if s.http.auth_token.is_none() && !http_addr.ip().is_loopback() {
+        warn!(
+            %http_addr,
+            "The lead API (/v1, erasure included) needs no token: set http.auth_token, or keep the port off every network but a trusted one."
+        );
+    }
     let app = AppState::new(Arc::clone(&rt), &stores, &s, registry.clone())?;
     let http_task = tokio::spawn(http::serve(listener, app, s.http.clone(), cancel.clone()));
     on_start(Running {

@@ -327,22 +327,27 @@ pub fn fast_rules(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// A service on [`fast_rules`] (written to `dir`), with `extra` settings.
+fn start_fast(
+    (broker, redis, names): (&Broker, &Redis, &Names),
+    dir: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> Service {
+    let rules = fast_rules(dir);
+    let rules = rules.to_str().unwrap();
+    let mut env = vec![("LEADSCORE__SCORING__RULES_FILE", rules)];
+    env.extend_from_slice(extra);
+    Service::start(broker, redis, names, &env)
+}
+
 #[test]
 fn a_hot_lead_in_a_partition_that_goes_quiet_decays_in_real_time() {
-    let broker = Broker::start();
-    let redis = Redis::start();
-    let names = Names::new();
-    broker.create_topics(&names.all(), 1);
+    let (broker, redis, names) = services();
     let dir = tempfile::tempdir().unwrap();
-    let rules = fast_rules(dir.path());
-    let service = Service::start(
-        &broker,
-        &redis,
-        &names,
-        &[
-            ("LEADSCORE__SCORING__RULES_FILE", rules.to_str().unwrap()),
-            ("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "500"),
-        ],
+    let service = start_fast(
+        (&broker, &redis, &names),
+        dir.path(),
+        &[("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "500")],
     );
     let now = leadscore::event::wall_clock_ms();
     let at = |ms: i64| leadscore::event::format_rfc3339(now + ms);
@@ -383,18 +388,12 @@ fn a_hot_lead_in_a_partition_that_goes_quiet_decays_in_real_time() {
 /// corrects the timer. Half-lives of 10 s, three leads, a cache of one.
 #[test]
 fn an_idle_service_with_a_small_cache_does_not_keep_loading_leads_for_early_timers() {
-    let broker = Broker::start();
-    let redis = Redis::start();
-    let names = Names::new();
-    broker.create_topics(&names.all(), 1);
+    let (broker, redis, names) = services();
     let dir = tempfile::tempdir().unwrap();
-    let rules = fast_rules(dir.path());
-    let service = Service::start(
-        &broker,
-        &redis,
-        &names,
+    let service = start_fast(
+        (&broker, &redis, &names),
+        dir.path(),
         &[
-            ("LEADSCORE__SCORING__RULES_FILE", rules.to_str().unwrap()),
             ("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "300"),
             ("LEADSCORE__REDIS__FLUSH_INTERVAL_MS", "100"),
             ("LEADSCORE__STATE__MAX_LEADS_IN_MEMORY", "1"),

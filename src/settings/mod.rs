@@ -706,14 +706,34 @@ impl Settings {
         if !(1..=1_000_000).contains(&k.batch_max_messages) {
             p.push("kafka.batch_max_messages: must be 1..=1000000".into());
         }
+        let mut each_valid = true;
         for (map, name) in [(&k.consumer, "consumer"), (&k.producer, "producer")] {
             for (key, value) in map {
                 if OWNED_PROPERTIES.contains(&key.as_str()) {
                     p.push(format!(
                         "kafka.{name}.{key}: set by leadscore itself and cannot be overridden"
                     ));
+                } else if let Some((_, why)) = REFUSED_PROPERTIES.iter().find(|(k, _)| k == key) {
+                    p.push(format!("kafka.{name}.{key}: {why}"));
                 } else if let Some(why) = librdkafka_refuses(key, value) {
                     p.push(format!("kafka.{name}.{key}: {why}"));
+                } else {
+                    continue;
+                }
+                each_valid = false;
+            }
+        }
+        // Properties librdkafka takes one by one but not together (acks=0
+        // with leadscore's idempotent producer, a SASL mechanism this build
+        // has no provider for) fail only as the client is made.
+        if each_valid {
+            for (config, name) in [
+                (crate::kafka::consumer_config(k), "consumer"),
+                (crate::kafka::producer_config(k), "producer"),
+            ] {
+                if let Some(why) = client_refuses(config, name == "consumer") {
+                    // Not "kafka.{name}: …": no one variable set this.
+                    p.push(format!("the kafka.{name} properties together: {why}"));
                 }
             }
         }
@@ -860,7 +880,14 @@ impl Settings {
                 p.push(format!("http.{name}: at least 100"));
             }
         }
-        if h.auth_token.as_deref().is_some_and(|t| t.len() < 16) {
+        if h.auth_token.as_deref().is_some_and(|t| t.trim() != t) {
+            // A client cannot send it (a header value is trimmed): every
+            // request would get 401. Typically a Secret made with `echo`.
+            p.push(
+                "http.auth_token: starts or ends with whitespace (a trailing newline?), which no client can send"
+                    .into(),
+            );
+        } else if h.auth_token.as_deref().is_some_and(|t| t.len() < 16) {
             p.push("http.auth_token: use at least 16 characters".into());
         }
         if self.http.listen.parse::<SocketAddr>().is_err() {
@@ -969,6 +996,46 @@ pub const OWNED_PROPERTIES: [&str; 6] = [
     "enable.idempotence",
     "partition.assignment.strategy",
 ];
+
+/// librdkafka properties leadscore refuses, and why.
+const REFUSED_PROPERTIES: [(&str, &str); 1] = [(
+    "transactional.id",
+    "leadscore does not use Kafka transactions (state and positions are made atomic in Redis), \
+     and a transactional producer refuses its sends",
+)];
+
+/// Why librdkafka would refuse to make a client of `config` (checks across
+/// properties), found without connecting anywhere: the client is made with
+/// no brokers and dropped at once.
+fn client_refuses(mut config: rdkafka::ClientConfig, consumer: bool) -> Option<String> {
+    /// Keeps the unconnected client's log ("no bootstrap.servers") quiet.
+    struct Quiet;
+    impl rdkafka::ClientContext for Quiet {
+        fn log(&self, _: rdkafka::config::RDKafkaLogLevel, _: &str, _: &str) {}
+        fn error(&self, _: rdkafka::error::KafkaError, _: &str) {}
+    }
+    impl rdkafka::consumer::ConsumerContext for Quiet {}
+    impl rdkafka::producer::ProducerContext for Quiet {
+        type DeliveryOpaque = ();
+        fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+    }
+    config.set("bootstrap.servers", "");
+    let made = if consumer {
+        config
+            .create_with_context::<_, rdkafka::consumer::BaseConsumer<Quiet>>(Quiet)
+            .map(drop)
+    } else {
+        config
+            .create_with_context::<_, rdkafka::producer::BaseProducer<Quiet>>(Quiet)
+            .map(drop)
+    };
+    match made {
+        Ok(()) => None,
+        Err(rdkafka::error::KafkaError::ClientCreation(why)) => Some(why),
+        Err(rdkafka::error::KafkaError::ClientConfig(_, why, ..)) => Some(why),
+        Err(e) => Some(e.to_string()),
+    }
+}
 
 /// Whether a librdkafka property holds a secret.
 fn is_secret(key: &str) -> bool {

@@ -29,6 +29,11 @@ fn file_then_env_override() {
         env(&[
             ("LEADSCORE__KAFKA__GROUP_ID", "123"),
             ("LEADSCORE__KAFKA__CONSUMER__SECURITY_PROTOCOL", "SASL_SSL"),
+            (
+                "LEADSCORE__KAFKA__CONSUMER__SASL_MECHANISMS",
+                "SCRAM-SHA-512",
+            ),
+            ("LEADSCORE__KAFKA__CONSUMER__SASL_USERNAME", "leadscore"),
             ("LEADSCORE__KAFKA__CONSUMER__SASL_PASSWORD", "hunter2"),
             ("LEADSCORE__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "30000"),
             ("LEADSCORE__REDIS__URL", "redis://:pw@host:6379/1"),
@@ -111,7 +116,11 @@ fn the_state_format_is_3_4_or_5() {
 fn a_drain_must_fit_in_half_the_poll_interval() {
     let err = Settings::load(
         None,
-        env(&[("LEADSCORE__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "8000")]),
+        env(&[
+            ("LEADSCORE__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "8000"),
+            // librdkafka wants the session within the poll interval.
+            ("LEADSCORE__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
+        ]),
     )
     .unwrap_err()
     .to_string();
@@ -123,6 +132,7 @@ fn a_drain_must_fit_in_half_the_poll_interval() {
         None,
         env(&[
             ("LEADSCORE__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "8000"),
+            ("LEADSCORE__KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
             ("LEADSCORE__SHUTDOWN__DRAIN_TIMEOUT_MS", "4000"),
         ]),
     )
@@ -163,6 +173,67 @@ fn librdkafka_properties_it_would_refuse_are_reported_before_start() {
         "{err}"
     );
     assert!(!err.contains("linger"), "{err}");
+}
+
+/// Properties librdkafka takes one at a time but not together, or that
+/// leadscore cannot work with, fail the check, not the first produce (a
+/// user probe: `check-config` passed them, `run` then died).
+#[test]
+fn properties_that_fail_only_together_or_at_the_first_send_are_reported_before_start() {
+    let problems = |vars: &[(&str, &str)]| match Settings::load(None, env(vars)) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    let err = problems(&[("LEADSCORE__KAFKA__PRODUCER__ACKS", "0")]);
+    assert!(
+        err.contains("the kafka.producer properties together: ") && err.contains("acks"),
+        "{err}"
+    );
+    let err = problems(&[("LEADSCORE__KAFKA__PRODUCER__TRANSACTIONAL_ID", "x")]);
+    assert!(
+        err.contains("kafka.producer.transactional.id: leadscore does not use Kafka transactions"),
+        "{err}"
+    );
+    // A mechanism this build has no provider for.
+    let err = problems(&[
+        (
+            "LEADSCORE__KAFKA__CONSUMER__SECURITY_PROTOCOL",
+            "SASL_PLAINTEXT",
+        ),
+        ("LEADSCORE__KAFKA__CONSUMER__SASL_MECHANISMS", "GSSAPI"),
+    ]);
+    assert!(
+        err.contains("the kafka.consumer properties together: ") && err.contains("GSSAPI"),
+        "{err}"
+    );
+    assert!(!err.contains("(set by"), "no one variable set it: {err}");
+    // What the clients take is still taken.
+    assert_eq!(problems(&[("LEADSCORE__KAFKA__PRODUCER__ACKS", "all")]), "");
+}
+
+/// A token from a Secret made with `echo` ends with a newline that no
+/// client can send: refused, not a service that answers 401 to everyone.
+#[test]
+fn an_auth_token_with_surrounding_whitespace_is_refused() {
+    let err = Settings::load(
+        None,
+        env(&[("LEADSCORE__HTTP__AUTH_TOKEN", "0123456789abcdef0123\n")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("http.auth_token: starts or ends with whitespace"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("0123456789abcdef"),
+        "the token is not printed: {err}"
+    );
+    Settings::load(
+        None,
+        env(&[("LEADSCORE__HTTP__AUTH_TOKEN", "0123456789abcdef0123")]),
+    )
+    .unwrap();
 }
 
 #[test]
