@@ -200,6 +200,10 @@ pub fn prepare_store(s: &Settings, store: &dyn Store, engine: Engine) -> anyhow:
             health.refuse.join("\n  - ")
         );
     }
+    // Accepted by setting, still worth a line in every start's log.
+    for r in &health.refuse {
+        warn!(risk = %r, "State store accepted with redis.allow_eviction = true.");
+    }
     store
         .register_layout(engine.layout())
         .context("registering the rules layout")?;

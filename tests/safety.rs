@@ -217,7 +217,12 @@ fn a_redis_that_may_evict_state_is_refused_unless_allowed() {
         &names,
         &[("LEADSCORE__REDIS__ALLOW_EVICTION", "true")],
     );
-    assert!(service.terminate().success());
+    // Accepted, and the risk is in the log.
+    let log = service.stop_cleanly("a start with eviction allowed");
+    assert!(
+        log.contains("accepted with redis.allow_eviction = true") && log.contains("allkeys-lru"),
+        "{log}"
+    );
 
     // On a cluster each primary holds shards of its own: one that may
     // evict is refused, by its address, whichever node the URL names (only
