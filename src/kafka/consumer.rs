@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -411,19 +410,7 @@ impl GroupContext {
                 .with_label_values(&["lost"])
                 .inc();
         } else {
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => self.rt.metrics.commits.with_label_values(&["ok"]).inc(),
-                Err(e) => {
-                    // Nothing stored since the last commit is not an error worth counting.
-                    if !matches!(
-                        e.rdkafka_error_code(),
-                        Some(rdkafka::types::RDKafkaErrorCode::NoOffset)
-                    ) {
-                        self.rt.metrics.commits.with_label_values(&["error"]).inc();
-                        warn!(error = %e, "Offset commit on revoke failed.");
-                    }
-                }
-            }
+            commit(consumer, &self.rt, "on revoke");
         }
         let tpl = self.partitions(shards);
         if let Err(e) = consumer.incremental_unassign(&tpl) {
@@ -538,21 +525,6 @@ impl ConsumerContext for GroupContext {
             }
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.rt.metrics.commits.with_label_values(&["ok"]).inc(),
-            Err(e)
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(rdkafka::types::RDKafkaErrorCode::NoOffset)
-                ) => {}
-            Err(e) => {
-                self.rt.metrics.commits.with_label_values(&["error"]).inc();
-                warn!(error = %e, "Offset commit failed; the next commit covers it.");
-            }
-        }
-    }
 }
 
 /// How long the start waits for the brokers to describe a topic.
@@ -617,6 +589,21 @@ pub fn check_topics(
     Ok(Some(counts.first().map_or(0, |(_, n)| *n as i32)))
 }
 
+/// Commits the stored offsets and waits for the answer, which it counts in
+/// `leadscore_offset_commits_total` (every commit leadscore makes goes
+/// through here: librdkafka reports no other).
+fn commit(consumer: &BaseConsumer<GroupContext>, rt: &Runtime, when: &str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => rt.metrics.commits.with_label_values(&["ok"]).inc(),
+        // Nothing stored since the last commit.
+        Err(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {}
+        Err(e) => {
+            rt.metrics.commits.with_label_values(&["error"]).inc();
+            warn!(error = %e, when, "Offset commit failed; the next commit covers it.");
+        }
+    }
+}
+
 /// Commits the offsets the workers stored (each covered by a durable
 /// write) once a second, on a thread of its own. Each commit waits for the
 /// broker's answer, which is how its outcome is counted: librdkafka hands
@@ -645,17 +632,7 @@ impl Committer {
                     if stopping.load(Ordering::SeqCst) {
                         break;
                     }
-                    match consumer.commit_consumer_state(CommitMode::Sync) {
-                        Ok(()) => rt.metrics.commits.with_label_values(&["ok"]).inc(),
-                        // Nothing stored since the last commit.
-                        Err(e)
-                            if e.rdkafka_error_code()
-                                == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {}
-                        Err(e) => {
-                            rt.metrics.commits.with_label_values(&["error"]).inc();
-                            warn!(error = %e, "Offset commit failed; the next commit covers it.");
-                        }
-                    }
+                    commit(&consumer, &rt, "periodic");
                 }
             })
             .ok();

@@ -16,6 +16,7 @@
 //! Scripts are idempotent (absolute values only), since a cluster client may
 //! send one again after a timeout.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -310,51 +311,30 @@ impl RedisStore {
 
     /// Configuration values (`CONFIG GET`) of the single server, or of each
     /// primary of a cluster (named by its address; a single server's name
-    /// is empty). A value that cannot be read is `None`.
-    #[allow(clippy::type_complexity)]
-    fn config_everywhere(
-        &self,
-        names: &[&str],
-    ) -> Vec<(String, Box<dyn Fn(&str) -> Option<String>>)> {
+    /// is empty). Values that cannot be read are missing.
+    fn config_everywhere(&self, names: &[&str]) -> Vec<(String, HashMap<String, String>)> {
         let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET");
-        for n in names {
-            cmd.arg(*n);
-        }
-        let as_map = |v: &Value| -> std::collections::HashMap<String, String> {
-            match v {
-                Value::Map(pairs) => pairs
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        Some((
-                            redis::from_redis_value(k).ok()?,
-                            redis::from_redis_value(v).ok()?,
-                        ))
-                    })
-                    .collect(),
-                other => redis::from_redis_value::<Vec<String>>(other)
-                    .map(|flat| {
+        cmd.arg("GET").arg(names);
+        let pairs = |v: &Value| -> HashMap<String, String> {
+            // RESP3 answers a map, RESP2 a flat list of names and values.
+            redis::from_redis_value::<HashMap<String, String>>(v)
+                .or_else(|_| {
+                    redis::from_redis_value::<Vec<String>>(v).map(|flat| {
                         flat.chunks_exact(2)
                             .map(|kv| (kv[0].clone(), kv[1].clone()))
                             .collect()
                     })
-                    .unwrap_or_default(),
-            }
+                })
+                .unwrap_or_default()
         };
-        let lookup =
-            |m: std::collections::HashMap<String, String>| -> Box<dyn Fn(&str) -> Option<String>> {
-                Box::new(move |name: &str| m.get(name).cloned())
-            };
         let mut guard = self.conn.lock();
         if guard.is_none() {
-            match self.open() {
-                Ok(c) => *guard = Some(c),
-                Err(_) => return vec![(String::new(), lookup(Default::default()))],
-            }
+            *guard = self.open().ok();
         }
-        let reply = match guard.as_mut().expect("connected above") {
-            Conn::Single(c) => cmd.query::<Value>(c).map(|v| vec![(String::new(), v)]),
-            Conn::Cluster(c) => {
+        let reply = match guard.as_mut() {
+            None => Err((redis::ErrorKind::IoError, "no connection").into()),
+            Some(Conn::Single(c)) => cmd.query::<Value>(c).map(|v| vec![(String::new(), v)]),
+            Some(Conn::Cluster(c)) => {
                 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
                 c.route_command(
                     &cmd,
@@ -369,19 +349,15 @@ impl RedisStore {
                 })
             }
         };
-        match reply {
-            Ok(mut nodes) => {
-                nodes.sort_by(|a, b| a.0.cmp(&b.0));
-                nodes
-                    .into_iter()
-                    .map(|(node, v)| (node, lookup(as_map(&v))))
-                    .collect()
-            }
-            Err(_) => {
-                *guard = None;
-                vec![(String::new(), lookup(Default::default()))]
-            }
+        if reply.is_err() {
+            *guard = None;
         }
+        let mut nodes: Vec<(String, HashMap<String, String>)> = match reply {
+            Ok(nodes) => nodes.iter().map(|(n, v)| (n.clone(), pairs(v))).collect(),
+            Err(_) => vec![(String::new(), HashMap::new())],
+        };
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        nodes
     }
 
     /// One shard's write as a transaction fenced by `WATCH` on its record:
@@ -843,7 +819,8 @@ impl Store for RedisStore {
             )));
         }
         // Each primary of a cluster holds shards of its own: every one is asked.
-        for (node, get) in self.config_everywhere(&["maxmemory-policy", "appendonly", "save"]) {
+        for (node, config) in self.config_everywhere(&["maxmemory-policy", "appendonly", "save"]) {
+            let get = |name: &str| config.get(name).cloned();
             let on = if node.is_empty() {
                 String::new()
             } else {
