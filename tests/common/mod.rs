@@ -451,8 +451,39 @@ impl Redis {
     /// Stored positions: `topic/partition` -> next offset.
     pub fn positions(&self, prefix: &str) -> std::collections::BTreeMap<String, i64> {
         let mut out = std::collections::BTreeMap::new();
+        for (shard, fields) in self.shard_records(prefix) {
+            let partition = shard.trim_start_matches('p');
+            for (f, v) in fields {
+                if let Some(topic) = f.strip_prefix("pos:") {
+                    out.insert(format!("{topic}/{partition}"), v.parse().unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every shard's stored record (`{prefix}{pN}:meta`) on every primary,
+    /// as (shard name `pN`, its fields).
+    pub fn shard_records(
+        &self,
+        prefix: &str,
+    ) -> Vec<(String, std::collections::HashMap<String, String>)> {
+        let mut out = Vec::new();
         for mut conn in self.primary_conns() {
-            positions_on(&mut conn, prefix, &mut out);
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}{{p*}}:meta"))
+                .query(&mut conn)
+                .unwrap();
+            for k in keys {
+                let shard = k[prefix.len()..]
+                    .trim_start_matches('{')
+                    .split('}')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let fields = redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
+                out.push((shard, fields));
+            }
         }
         out
     }
@@ -485,32 +516,6 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Stored positions on one server, added to `out` (`topic/partition` -> next offset).
-fn positions_on(
-    conn: &mut redis::Connection,
-    prefix: &str,
-    out: &mut std::collections::BTreeMap<String, i64>,
-) {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}{{p*}}:meta"))
-        .query(conn)
-        .unwrap();
-    for k in keys {
-        let shard: String = k[prefix.len() + 2..]
-            .split('}')
-            .next()
-            .unwrap_or("")
-            .to_owned();
-        let fields: std::collections::HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&k).query(conn).unwrap();
-        for (f, v) in fields {
-            if let Some(topic) = f.strip_prefix("pos:") {
-                out.insert(format!("{topic}/{shard}"), v.parse().unwrap());
-            }
-        }
     }
 }
 
@@ -1134,21 +1139,12 @@ pub fn assert_populations_match(redis: &Redis, prefix: &str) {
         }
     }
     let mut stored: BTreeMap<(String, String), i64> = BTreeMap::new();
-    for mut conn in redis.primary_conns() {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}{{p*}}:meta"))
-            .query(&mut conn)
-            .unwrap();
-        for k in keys {
-            let shard = shard_of(&k[prefix.len()..]);
-            let fields: std::collections::HashMap<String, String> =
-                redis::cmd("HGETALL").arg(&k).query(&mut conn).unwrap();
-            for (f, v) in fields {
-                if let Some(segment) = f.strip_prefix("pop:") {
-                    let n: i64 = v.parse().unwrap();
-                    if n != 0 {
-                        stored.insert((shard.clone(), segment.to_owned()), n);
-                    }
+    for (shard, fields) in redis.shard_records(prefix) {
+        for (f, v) in fields {
+            if let Some(segment) = f.strip_prefix("pop:") {
+                let n: i64 = v.parse().unwrap();
+                if n != 0 {
+                    stored.insert((shard.clone(), segment.to_owned()), n);
                 }
             }
         }
