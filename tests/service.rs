@@ -253,6 +253,44 @@ fn events_without_their_lead_as_key_score_and_are_counted_by_topic() {
     assert!(service.terminate().success());
 }
 
+/// `enable.partition.eof=true`, passed through by a user, makes librdkafka
+/// report each time an input reaches its partition's end. Those reports are
+/// not consumer errors: the events are scored and nothing is logged as one
+/// (before 2026-12-08 every report was a warning, several per second).
+#[test]
+fn a_users_partition_eof_setting_scores_and_logs_no_consumer_error() {
+    let (broker, redis, names) = setup();
+    let service = Service::start(
+        &broker,
+        &redis,
+        &names,
+        &[("LEADSCORE__KAFKA__CONSUMER__ENABLE_PARTITION_EOF", "true")],
+    );
+    let p = broker.producer();
+    use rdkafka::producer::{BaseRecord, Producer};
+    for (i, at) in ["2026-11-22T10:00:00Z", "2026-11-22T10:00:05Z"]
+        .iter()
+        .enumerate()
+    {
+        let payload = event(&format!("eof{i}"), "lead-eof", at, "page_view", &[]);
+        p.send(
+            BaseRecord::to(&names.web)
+                .partition(0)
+                .key("lead-eof")
+                .payload(&payload),
+        )
+        .unwrap();
+        p.flush(WAIT).unwrap();
+        service.wait_consumed(i as u64 + 1, WAIT);
+    }
+    // Every input of every shard has reached its end many times by now.
+    std::thread::sleep(Duration::from_secs(2));
+    let logs = service.logs();
+    assert!(!logs.contains("Consumer error"), "{logs}");
+    assert_eq!(service.counter("leadscore_events_consumed_total"), 2);
+    assert!(service.terminate().success());
+}
+
 /// A producer that sets the record timestamp to the event's own date
 /// (CreateTime) cannot get an event dated a month ahead past the check:
 /// through the real broker it is dead-lettered against the wall clock, and a

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
@@ -341,9 +342,16 @@ impl Worker {
                         o.held[input].push_back(m.detach(&self.rt.inputs[input]));
                         continue;
                     }
-                    if let Some(e) = m.error() {
-                        warn!(error = %e, shard = o.shard.id(), input, "Consumer error.");
-                        continue;
+                    match m.error() {
+                        None => {}
+                        // A user's `enable.partition.eof=true` reports each
+                        // time an input reaches its end: news, not an error
+                        // (it was logged as one, once per fetch).
+                        Some(KafkaError::PartitionEOF(_)) => continue,
+                        Some(e) => {
+                            warn!(error = %e, shard = o.shard.id(), input, "Consumer error.");
+                            continue;
+                        }
                     }
                     let msg = InMessage {
                         input,
