@@ -116,6 +116,73 @@ fn replay_prints_outputs_and_compares_rules() {
     assert_eq!(report["leads_moved"][0]["other_segment"], "cold");
 }
 
+/// `--input -` reads standard input, and a byte order mark before the
+/// first event (an editor's "UTF-8 with BOM") is not part of it: the same
+/// outputs as the file without the mark, and nothing rejected.
+#[test]
+fn replay_reads_standard_input_and_skips_a_byte_order_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    let text = [
+        r#"{"source":"web","event_id":"1","lead_id":"a","occurred_at":"2026-11-22T10:00:00Z","type":"booking_abandoned"}"#,
+        r#"{"source":"web","event_id":"2","lead_id":"a","occurred_at":"2026-11-22T10:01:00Z","type":"form_submit"}"#,
+    ]
+    .join("\n");
+    std::fs::write(&input, &text).unwrap();
+    let (code, from_file, stderr) = leadscore(&["replay", "--input", input.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!from_file.is_empty());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+        .args(["replay", "--input", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all("\u{feff}".as_bytes()).unwrap();
+    stdin.write_all(text.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("rejected"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), from_file);
+}
+
+/// The load generator refuses nonsense counts, and says so when the broker
+/// is not there instead of waiting without a word.
+#[test]
+fn loadgen_refuses_zero_leads_and_names_an_unreachable_broker() {
+    let (code, _, stderr) = leadscore(&["loadgen", "--mode", "prefill", "--leads", "0"], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--leads must be at least 1"), "{stderr}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let brokers = format!("127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = leadscore(
+        &[
+            "loadgen",
+            "--mode",
+            "prefill",
+            "--brokers",
+            &brokers,
+            "--events",
+            "10",
+        ],
+        &[("LEADSCORE__LOG__LEVEL", "off")],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(&format!("cannot create topics on {brokers}")),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(40));
+}
+
 #[test]
 fn replay_fails_early_and_with_the_exit_codes_of_run() {
     let dir = tempfile::tempdir().unwrap();

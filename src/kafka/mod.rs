@@ -83,8 +83,16 @@ pub async fn create_topics_with(
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&new, &options).await? {
+    // The request's own timeout too: without it an unreachable broker kept
+    // the call waiting for a connection with nothing said (a user probe).
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(15)));
+    let results = admin.create_topics(&new, &options).await.map_err(|e| {
+        let brokers = config.get("bootstrap.servers").unwrap_or("?");
+        anyhow::anyhow!("cannot create topics on {brokers} (is the broker there?): {e}")
+    })?;
+    for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),

@@ -113,7 +113,17 @@ pub enum Broker {
 
 /// Runs the load generator.
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
-    let topics = TopicSettings::default();
+    anyhow::ensure!(args.leads >= 1, "--leads must be at least 1");
+    anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
+    anyhow::ensure!(args.rate >= 1, "--rate must be at least 1 event/s");
+    // The topics the service reads and writes, as `leadscore run` takes
+    // them (defaults, then `LEADSCORE__TOPICS__…`): with the defaults alone
+    // a renamed topic was prefilled under the default name.
+    let topics = Settings::load(None, std::env::vars())
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .settings
+        .kafka
+        .topics;
     match args.mode {
         Mode::Prefill => {
             let mut all: Vec<&str> = topics.inputs().iter().map(|(_, t)| *t).collect();

@@ -31,7 +31,8 @@ pub struct ReplayArgs {
     /// Config file (its `scoring.rules_file` and `state.*` settings apply).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// NDJSON events, one per line, each with a `source` field.
+    /// NDJSON events, one per line, each with a `source` field; `-` reads
+    /// standard input.
     #[arg(long)]
     pub input: PathBuf,
     /// A second rules file: report which leads land in a different segment under it.
@@ -182,12 +183,24 @@ pub fn score(lines: &[String], rules: Arc<Rules>, config: EngineConfig) -> Score
 /// Runs `leadscore replay`.
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let loaded = Settings::load(args.config.as_deref(), std::env::vars())?;
-    let file =
-        std::fs::File::open(&args.input).with_context(|| format!("{}", args.input.display()))?;
-    let lines: Vec<String> = std::io::BufReader::new(file)
+    let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&args.input)
+            .with_context(|| format!("{}", args.input.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut lines: Vec<String> = reader
         .lines()
         .collect::<Result<_, _>>()
         .with_context(|| format!("reading {}", args.input.display()))?;
+    // A file saved by an editor that marks UTF-8 with a byte order mark:
+    // the mark is not part of the first event.
+    if let Some(first) = lines.first_mut()
+        && let Some(rest) = first.strip_prefix('\u{feff}')
+    {
+        *first = rest.to_owned();
+    }
     // The rules to compare with are read before anything is scored: a
     // mistake in them fails at once, not after the whole file.
     let other = match &args.compare {
