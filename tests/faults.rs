@@ -358,6 +358,10 @@ fn redis_down_for_20_seconds_pauses_commits_and_recovers_exactly() {
     redis.restart();
     wait_done(&broker, &names, Duration::from_secs(300), &[&service]);
     assert_eq!(service.get("/readyz").map(|r| r.0), Some(200));
+    // The outage's end is logged, with the last failure (it was not logged
+    // at all before 2026-12-08).
+    let logs = service.logs();
+    assert!(logs.contains("Redis answers again."), "{logs}");
     assert!(service.terminate().success());
     assert_same(&redis, &broker, &names);
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, info};
 
 use crate::engine::Engine;
 use crate::event::{Millis, Source};
@@ -252,7 +252,11 @@ impl Runtime {
 
     /// Records that the store answers (its last error is over).
     pub fn set_store_up(&self) {
-        self.health.store_error.lock().clear();
+        let failed = std::mem::take(&mut *self.health.store_error.lock());
+        if !failed.is_empty() {
+            // Each failure was logged where it happened; their end, once.
+            info!(last_error = %failed, "Redis answers again.");
+        }
         self.set_store(true);
     }
 
