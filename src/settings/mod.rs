@@ -848,6 +848,15 @@ impl Settings {
         if e.allowed_lateness_ms > 7 * 86_400_000 {
             p.push("event_time.allowed_lateness_ms: at most 7 days".into());
         }
+        // Beyond that a quiet partition would not decay for days: a unit
+        // mistake (seconds written as milliseconds × 1000), not a choice.
+        if e.idle_timeout_ms > 86_400_000 {
+            p.push("event_time.idle_timeout_ms: at most 1 day".into());
+        }
+        if !(1..=300_000).contains(&self.schema_registry.timeout_ms) {
+            // 0 timed every request out at once: every Avro input held.
+            p.push("schema_registry.timeout_ms: must be 1..=300000".into());
+        }
         if self.processing.workers > 256 {
             p.push("processing.workers: at most 256".into());
         }

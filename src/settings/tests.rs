@@ -82,6 +82,32 @@ fn every_problem_is_named() {
     }
 }
 
+/// Limits that only a unit mistake reaches are refused with the setting
+/// named (a user probe started with both; the registry's 0 held every Avro
+/// input).
+#[test]
+fn a_zero_registry_timeout_and_a_days_long_idle_timeout_are_refused() {
+    let err = Settings::load(
+        None,
+        env(&[
+            ("LEADSCORE__SCHEMA_REGISTRY__TIMEOUT_MS", "0"),
+            ("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "172800000"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("schema_registry.timeout_ms"), "{err}");
+    assert!(
+        err.contains("event_time.idle_timeout_ms: at most 1 day"),
+        "{err}"
+    );
+    Settings::load(
+        None,
+        env(&[("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "86400000")]),
+    )
+    .unwrap();
+}
+
 /// The state format a rolling upgrade writes: 3, 4 and 5 are taken, any
 /// other is refused with the setting named (not started with a format
 /// no member reads).
