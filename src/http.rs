@@ -621,6 +621,18 @@ async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
         0 => vec![None],
         n => (0..n).map(Some).collect(),
     };
+    let unavailable = |e: &dyn std::fmt::Display| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "cannot queue the erasure request: {e}; it may have reached some partitions \
+                 already: send it again (an erasure is idempotent)"
+            ),
+        )
+    };
+    // Every copy is queued before any acknowledgement is awaited: the
+    // request takes one broker round trip, not one per partition.
+    let mut deliveries = Vec::with_capacity(targets.len());
     for partition in &targets {
         let mut record = FutureRecord::to(&s.crm_topic)
             .key(id.as_bytes())
@@ -628,14 +640,16 @@ async fn erase(State(s): State<AppState>, LeadId(id): LeadId) -> Response {
         if let Some(p) = partition {
             record = record.partition(*p);
         }
-        if let Err((e, _)) = producer.send(record, Duration::from_secs(10)).await {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "cannot queue the erasure request: {e}; it may have reached some partitions \
-                     already: send it again (an erasure is idempotent)"
-                ),
-            );
+        match producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((e, _)) => return unavailable(&e),
+        }
+    }
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return unavailable(&e),
+            Err(_) => return unavailable(&"the producer stopped"),
         }
     }
     (
