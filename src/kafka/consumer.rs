@@ -219,7 +219,8 @@ impl GroupContext {
         {
             self.rt.fail(format!(
                 "state lost: Redis has no state for shard {p} (partition {p} of the input topics), but the \
-                 consumer group has committed offsets for it ({committed}). Redis was flushed, or failed \
+                 consumer group has committed offsets for it ({committed}). Redis was flushed, evicted keys \
+                 (a maxmemory-policy other than noeviction), or failed \
                  over to an empty replica, or redis.key_prefix changed. Restore Redis from a backup or \
                  the replica that has the data (runbook: State lost). Rescoring from scratch instead \
                  takes a consumer group with no committed offsets (a new kafka.group_id, or the group \
