@@ -211,6 +211,44 @@ pub fn prepare_store(s: &Settings, store: &dyn Store, engine: Engine) -> anyhow:
     Ok(engine.with_known_layouts(known))
 }
 
+/// Pings the store every `every` while the service runs, so that
+/// `leadscore_redis_up` and `/readyz` tell the truth while nothing else
+/// calls Redis (an idle service reported Redis up through an outage). A
+/// failed ping marks the store down; only the ping that follows one puts
+/// it back up: a store that answers pings but refuses writes (out of
+/// memory) stays down until a write goes through.
+async fn watch_store(
+    rt: Arc<Runtime>,
+    store: Arc<dyn crate::store::Store>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let s = Arc::clone(&store);
+        let answer = tokio::task::spawn_blocking(move || s.ping()).await;
+        match answer {
+            Ok(Ok(())) if failed => {
+                failed = false;
+                rt.set_store_up();
+            }
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if !failed {
+                    warn!(error = %e, "Redis does not answer a ping.");
+                }
+                failed = true;
+                rt.set_store_down(&e);
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// Runs the service until `cancel` fires (or a part fails). `on_start` is
 /// called once the HTTP server is bound and the consumer is starting.
 pub async fn run(
@@ -332,6 +370,12 @@ pub async fn run(
     }
     let app = AppState::new(Arc::clone(&rt), &stores, &s, registry.clone())?;
     let http_task = tokio::spawn(http::serve(listener, app, s.http.clone(), cancel.clone()));
+    tokio::spawn(watch_store(
+        Arc::clone(&rt),
+        setup_store,
+        Duration::from_secs(5),
+        cancel.clone(),
+    ));
     on_start(Running {
         metrics,
         health,

@@ -253,6 +253,63 @@ fn events_without_their_lead_as_key_score_and_are_counted_by_topic() {
     assert!(service.terminate().success());
 }
 
+/// A member that calls Redis for nothing still notices an outage: a second
+/// member of a group over one partition owns no shard, writes nothing, and
+/// its `leadscore_redis_up` goes to 0 and `/readyz` to 503 within seconds
+/// of Redis stopping; both come back, with a log line, when Redis answers
+/// again. Before 2026-12-08 only a load or a write could notice, so such a
+/// member reported Redis up through the whole outage (a user probe).
+#[test]
+fn a_member_with_nothing_to_write_reports_a_redis_outage_and_its_end() {
+    let broker = Broker::start();
+    let names = Names::new();
+    broker.create_topics(&names.all(), 1);
+    // Its data survives the restart (without it the owner stops: state lost).
+    let mut redis = Redis::start_persistent();
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what} within 30 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let metric = |service: &Service, line: &str| {
+        service
+            .get("/metrics")
+            .is_some_and(|(_, body)| body.lines().any(|l| l == line))
+    };
+    let owner = Service::start(&broker, &redis, &names, &[]);
+    wait_for("the owner's shard", &|| {
+        metric(&owner, "leadscore_shards_owned 1")
+    });
+    let idle = Service::start(&broker, &redis, &names, &[]);
+    wait_for("the second member ready", &|| {
+        idle.get("/readyz").map(|r| r.0) == Some(200)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(metric(&idle, "leadscore_shards_owned 0"));
+    assert!(metric(&owner, "leadscore_shards_owned 1"));
+    assert!(metric(&idle, "leadscore_redis_up 1"));
+    redis.stop();
+    wait_for("redis_up 0 on the member with no shard", &|| {
+        metric(&idle, "leadscore_redis_up 0")
+    });
+    let (status, why) = idle.get("/readyz").unwrap();
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("Redis"), "{why}");
+    assert_eq!(idle.get("/healthz").map(|r| r.0), Some(200));
+    redis.restart();
+    wait_for("redis_up 1", &|| metric(&idle, "leadscore_redis_up 1"));
+    wait_for("ready again", &|| {
+        idle.get("/readyz").map(|r| r.0) == Some(200)
+    });
+    let logs = idle.logs();
+    assert!(logs.contains("Redis does not answer a ping."), "{logs}");
+    assert!(logs.contains("Redis answers again."), "{logs}");
+    assert!(idle.terminate().success());
+    assert!(owner.terminate().success());
+}
+
 /// `enable.partition.eof=true`, passed through by a user, makes librdkafka
 /// report each time an input reaches its partition's end. Those reports are
 /// not consumer errors: the events are scored and nothing is logged as one
