@@ -118,6 +118,9 @@ fn main() -> ExitCode {
                 });
                 leadscore::service::run(loaded, cancel, |_| {}).await
             });
+            // Everything that writes has stopped by now; a Redis ping or a
+            // lookup still waiting on a hung Redis must not hold the exit.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
