@@ -346,7 +346,7 @@ impl Worker {
                         None => {}
                         // A user's `enable.partition.eof=true` reports each
                         // time an input reaches its end: news, not an error
-                        // (it was logged as one, once per fetch).
+                        // (each was logged as a warning).
                         Some(KafkaError::PartitionEOF(_)) => continue,
                         Some(e) => {
                             warn!(error = %e, shard = o.shard.id(), input, "Consumer error.");
