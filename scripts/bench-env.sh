@@ -1,4 +1,4 @@
-# Sourced by bench.sh, cpu.sh, memory.sh, latency.sh, restart.sh and scale.sh: installs what is missing, builds the
+# Sourced by bench.sh, cpu.sh, erase.sh, memory.sh, latency.sh, restart.sh and scale.sh: installs what is missing, builds the
 # release binary, starts a tansu broker and a Redis on spare loopback ports
 # (stopped on exit) and points the service at them. Sets BIN, KPORT, RPORT,
 # HPORT, WORK, EVENTS, LEADS, RUNS, RATE, PARTITIONS; defines median and port.
