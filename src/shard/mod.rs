@@ -286,6 +286,10 @@ pub struct Shard {
     cache: Arc<Mutex<LeadCache>>,
     timers: Timers,
     deletes: KeySet,
+    /// Keys deleted here whose deletion the store has not acknowledged yet
+    /// (pending in `deletes` or in a write in flight): the store still holds
+    /// their old state, which must not be loaded back.
+    unwritten_deletes: KeySet,
     /// Erasure markers: per erased key's hash, the erasure's time.
     erased: HashMap<u64, Millis>,
     /// Markers set or forgotten since the last write.
@@ -379,6 +383,7 @@ impl Shard {
             deletes: KeySet::default(),
             erased: meta.erased.clone(),
             erasures: HashMap::new(),
+            unwritten_deletes: KeySet::default(),
             population: meta.population.clone(),
             population_dirty: false,
             decisions: Vec::new(),
@@ -711,8 +716,22 @@ impl Shard {
         if keys.is_empty() {
             return Ok(());
         }
-        ctx.stats.misses += keys.len() as u64;
-        let refs: Vec<&LeadKey> = keys.iter().collect();
+        // A key deleted here (expired, erased) whose deletion is not written
+        // yet is gone, whatever the store still holds: loaded back, a lead
+        // that expired was expired again, and its segment counted out twice
+        // (a user probe: negative populations with a small cache and retention).
+        let mut refs: Vec<&LeadKey> = Vec::with_capacity(keys.len());
+        for key in keys {
+            if self.unwritten_deletes.contains(key) {
+                self.absent.insert(key.clone());
+            } else {
+                refs.push(key);
+            }
+        }
+        if refs.is_empty() {
+            return Ok(());
+        }
+        ctx.stats.misses += refs.len() as u64;
         let loaded = match ctx.store.load(self.id, self.epoch, &refs)? {
             Ok(v) => v,
             Err(outcome) => {
@@ -735,7 +754,7 @@ impl Shard {
         }
         let due_by = self.timers_until();
         let mut cache = self.cache.lock();
-        for (key, found) in keys.iter().zip(loaded) {
+        for (key, found) in refs.into_iter().zip(loaded) {
             let Some(found) = found else {
                 self.absent.insert(key.clone());
                 continue;
@@ -994,7 +1013,9 @@ impl Shard {
     fn delete(&mut self, key: &str) {
         self.cache.lock().remove(key);
         self.timers.forget(key);
-        self.deletes.insert(LeadKey::from_stored(key));
+        let key = LeadKey::from_stored(key);
+        self.unwritten_deletes.insert(key.clone());
+        self.deletes.insert(key);
     }
 
     fn count_segment(&mut self, rules: &crate::engine::Rules, segment: Segment, delta: i64) {
@@ -1307,7 +1328,9 @@ impl Shard {
         let slots = self.cache.lock().take_dirty(self.clock, &mut write);
         let mut deletes = std::mem::take(&mut self.deletes);
         for lead in &write.leads {
+            // Made again since its deletion: this write stores it.
             deletes.remove(&lead.key);
+            self.unwritten_deletes.remove(&lead.key);
         }
         let deletes: Vec<LeadKey> = deletes.into_iter().collect();
         let written = write
@@ -1367,7 +1390,14 @@ impl Shard {
         }
         let mut cache = self.cache.lock();
         cache.written(&pending.leads, &pending.slots, ok);
-        if !ok {
+        if ok {
+            for d in &pending.deletes {
+                // Unless deleted again since (then pending again).
+                if !self.deletes.contains(d) {
+                    self.unwritten_deletes.remove(d);
+                }
+            }
+        } else {
             for d in pending.deletes {
                 if !cache.contains(&d) {
                     self.deletes.insert(d);

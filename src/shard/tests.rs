@@ -1753,3 +1753,82 @@ fn segment_populations_count_leads_made_by_merging_a_visitor() {
         .collect();
     assert_eq!(counted, expected);
 }
+
+/// A lead deleted by retention is gone until its deletion is written, even
+/// for a shard that holds few leads: an event for it in a later round of
+/// the same write interval starts it afresh instead of loading its old
+/// state back from the store (which still held it). Loaded back, the lead
+/// was expired a second time and its segment counted out twice: a user
+/// probe (2026-12-08) saw `cold` at −2,154 with a 1,000-lead cache and a
+/// 2-minute retention, and `leads_expired_total` above the leads that
+/// expired.
+#[test]
+fn a_lead_expired_but_not_yet_written_is_not_loaded_back() {
+    const DAY: Millis = 86_400_000;
+    let engine = Engine::new(
+        Arc::new(Rules::default_rules()),
+        EngineConfig {
+            retention_ms: Some(30 * DAY),
+            ..EngineConfig::default()
+        },
+    );
+    let config = ShardConfig {
+        cache: Limit {
+            leads: 1,
+            bytes: usize::MAX,
+        },
+        ..ShardConfig::default()
+    };
+    let mut h = Harness::new(engine, config);
+    let idle = |h: &mut Harness| {
+        for i in 0..4 {
+            h.shard.set_idle(i, true);
+        }
+    };
+    // Two leads written; the cache keeps only the later one.
+    h.produce(0, page_view("a1", Some("A"), None, T0));
+    h.produce(0, page_view("b1", Some("B"), None, T0 + 1));
+    h.finish();
+    // Written, so evictable: the next round leaves one lead held.
+    h.produce(0, page_view("c1", Some("C"), None, T0 + 2));
+    h.finish();
+    assert!(!h.shard.cache().lock().contains(&LeadKey::lead("A")));
+    // A year on, B's event lets the retention timers fire: the three
+    // leads are deleted (B starts again), and nothing is written yet.
+    h.produce(0, page_view("b2", Some("B"), None, T0 + 400 * DAY));
+    h.deliver(0, 1);
+    idle(&mut h);
+    h.step();
+    assert_eq!(h.stats.expired, 3, "A, B and C expired");
+    assert!(
+        h.state().contains_key("l:A"),
+        "the deletion is not written yet"
+    );
+    // A comes back in a later round of the same interval: a new lead.
+    h.produce(0, page_view("a2", Some("A"), None, T0 + 400 * DAY + 1));
+    h.deliver(0, 1);
+    idle(&mut h);
+    h.step();
+    h.write();
+    assert_eq!(h.stats.expired, 3, "A expired once");
+    let rules = h.engine.rules().clone();
+    let a = h.engine.decode(&h.state()["l:A"]).unwrap();
+    assert_eq!(a.recent.len(), 1, "A started afresh: {:?}", a.recent);
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for (key, blob) in h.state() {
+        if LeadKey::lead_id(&key).is_some() {
+            let state = h.engine.decode(&blob).unwrap();
+            *expected
+                .entry(Segment::of(&state).name(&rules).to_owned())
+                .or_default() += 1;
+        }
+    }
+    let counted: BTreeMap<String, i64> = h
+        .shard
+        .population()
+        .iter()
+        .filter(|(_, n)| **n != 0)
+        .map(|(s, n)| (s.clone(), *n))
+        .collect();
+    assert_eq!(counted, expected);
+}
