@@ -1792,7 +1792,7 @@ fn a_lead_expired_but_not_yet_written_is_not_loaded_back() {
     // Written, so evictable: the next round leaves one lead held.
     h.produce(0, page_view("c1", Some("C"), None, T0 + 2));
     h.finish();
-    assert!(!h.shard.cache().lock().contains(&LeadKey::lead("A")));
+    assert!(!h.shard.cache().lock().contains(LeadKey::lead("A")));
     // A year on, B's event lets the retention timers fire: the three
     // leads are deleted (B starts again), and nothing is written yet.
     h.produce(0, page_view("b2", Some("B"), None, T0 + 400 * DAY));
