@@ -835,8 +835,9 @@ impl Settings {
         if self.state.max_leads_in_memory == 0 {
             p.push("state.max_leads_in_memory: must be at least 1".into());
         }
-        if self.state.max_memory_mb == 0 {
-            p.push("state.max_memory_mb: must be at least 1".into());
+        if !(1..=1 << 24).contains(&self.state.max_memory_mb) {
+            // Above 16 TiB it can only be a unit mistake (bytes for megabytes).
+            p.push("state.max_memory_mb: must be 1..=16777216 (16 TiB)".into());
         }
         if !(self.state.expire_below.is_finite() && self.state.expire_below >= 0.0) {
             p.push("state.expire_below: must be a finite number ≥ 0".into());

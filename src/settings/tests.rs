@@ -86,12 +86,13 @@ fn every_problem_is_named() {
 /// named (a user probe started with both; the registry's 0 held every Avro
 /// input).
 #[test]
-fn a_zero_registry_timeout_and_a_days_long_idle_timeout_are_refused() {
+fn limits_only_a_unit_mistake_reaches_are_refused() {
     let err = Settings::load(
         None,
         env(&[
             ("LEADSCORE__SCHEMA_REGISTRY__TIMEOUT_MS", "0"),
             ("LEADSCORE__EVENT_TIME__IDLE_TIMEOUT_MS", "172800000"),
+            ("LEADSCORE__STATE__MAX_MEMORY_MB", "18446744073709551615"),
         ]),
     )
     .unwrap_err()
