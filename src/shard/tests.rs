@@ -845,13 +845,7 @@ fn erasure_removes_the_lead_and_its_cookies() {
 #[test]
 fn events_from_before_an_erasure_do_not_bring_the_lead_back() {
     const DAY: Millis = 86_400_000;
-    let engine = Engine::new(
-        Arc::new(Rules::default_rules()),
-        EngineConfig {
-            retention_ms: Some(30 * DAY),
-            ..EngineConfig::default()
-        },
-    );
+    let engine = with_retention(30 * DAY);
     let mut h = Harness::new(engine, ShardConfig::default());
     let erase = |id: &str, lead: &str, at: Millis| {
         json(
@@ -1733,6 +1727,14 @@ fn segment_populations_count_leads_made_by_merging_a_visitor() {
     );
     h.finish();
 
+    let (counted, expected) = populations(&h);
+    assert_eq!(expected.values().sum::<i64>(), 8, "{expected:?}");
+    assert_eq!(counted, expected);
+}
+
+/// The shard's segment populations (zeros left out), and a recount of the
+/// stored leads by segment.
+fn populations(h: &Harness) -> (BTreeMap<String, i64>, BTreeMap<String, i64>) {
     let rules = h.engine.rules().clone();
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();
     for (key, blob) in h.state() {
@@ -1743,15 +1745,25 @@ fn segment_populations_count_leads_made_by_merging_a_visitor() {
                 .or_default() += 1;
         }
     }
-    assert_eq!(expected.values().sum::<i64>(), 8, "{expected:?}");
-    let counted: BTreeMap<String, i64> = h
+    let counted = h
         .shard
         .population()
         .iter()
         .filter(|(_, n)| **n != 0)
         .map(|(s, n)| (s.clone(), *n))
         .collect();
-    assert_eq!(counted, expected);
+    (counted, expected)
+}
+
+/// The default rules with a retention.
+fn with_retention(retention_ms: Millis) -> Engine {
+    Engine::new(
+        Arc::new(Rules::default_rules()),
+        EngineConfig {
+            retention_ms: Some(retention_ms),
+            ..EngineConfig::default()
+        },
+    )
 }
 
 /// A lead deleted by retention is gone until its deletion is written, even
@@ -1765,13 +1777,7 @@ fn segment_populations_count_leads_made_by_merging_a_visitor() {
 #[test]
 fn a_lead_expired_but_not_yet_written_is_not_loaded_back() {
     const DAY: Millis = 86_400_000;
-    let engine = Engine::new(
-        Arc::new(Rules::default_rules()),
-        EngineConfig {
-            retention_ms: Some(30 * DAY),
-            ..EngineConfig::default()
-        },
-    );
+    let engine = with_retention(30 * DAY);
     let config = ShardConfig {
         cache: Limit {
             leads: 1,
@@ -1811,24 +1817,8 @@ fn a_lead_expired_but_not_yet_written_is_not_loaded_back() {
     h.step();
     h.write();
     assert_eq!(h.stats.expired, 3, "A expired once");
-    let rules = h.engine.rules().clone();
     let a = h.engine.decode(&h.state()["l:A"]).unwrap();
     assert_eq!(a.recent.len(), 1, "A started afresh: {:?}", a.recent);
-    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
-    for (key, blob) in h.state() {
-        if LeadKey::lead_id(&key).is_some() {
-            let state = h.engine.decode(&blob).unwrap();
-            *expected
-                .entry(Segment::of(&state).name(&rules).to_owned())
-                .or_default() += 1;
-        }
-    }
-    let counted: BTreeMap<String, i64> = h
-        .shard
-        .population()
-        .iter()
-        .filter(|(_, n)| **n != 0)
-        .map(|(s, n)| (s.clone(), *n))
-        .collect();
+    let (counted, expected) = populations(&h);
     assert_eq!(counted, expected);
 }
