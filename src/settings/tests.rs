@@ -83,7 +83,7 @@ fn every_problem_is_named() {
 }
 
 /// Limits that only a unit mistake reaches are refused with the setting
-/// named (a user probe started with both; the registry's 0 held every Avro
+/// named (user probes started with each; the registry's 0 held every Avro
 /// input).
 #[test]
 fn limits_only_a_unit_mistake_reaches_are_refused() {
@@ -100,6 +100,10 @@ fn limits_only_a_unit_mistake_reaches_are_refused() {
     assert!(err.contains("schema_registry.timeout_ms"), "{err}");
     assert!(
         err.contains("event_time.idle_timeout_ms: at most 1 day"),
+        "{err}"
+    );
+    assert!(
+        err.contains("state.max_memory_mb: must be 1..=16777216"),
         "{err}"
     );
     Settings::load(
