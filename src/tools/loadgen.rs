@@ -116,14 +116,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.leads >= 1, "--leads must be at least 1");
     anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
     anyhow::ensure!(args.rate >= 1, "--rate must be at least 1 event/s");
-    // The topics the service reads and writes, as `leadscore run` takes
-    // them (defaults, then `LEADSCORE__TOPICS__…`): with the defaults alone
-    // a renamed topic was prefilled under the default name.
-    let topics = Settings::load(None, std::env::vars())
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .settings
-        .kafka
-        .topics;
+    // The settings `leadscore run` would take (defaults, then `LEADSCORE__`
+    // variables), read once: the topics (with the defaults alone a renamed
+    // topic was prefilled under the default name), the store, the consumer
+    // properties and the rules.
+    let loaded = Settings::load(None, std::env::vars())?;
+    let topics = loaded.settings.kafka.topics.clone();
     match args.mode {
         Mode::Prefill => {
             let mut all: Vec<&str> = topics.inputs().iter().map(|(_, t)| *t).collect();
@@ -131,10 +129,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             leadscore::kafka::create_topics(&args.brokers, &all, args.partitions).await?;
             tokio::task::spawn_blocking(move || prefill(&args, &topics)).await?
         }
-        Mode::PrefillState => tokio::task::spawn_blocking(move || prefill_state(&args)).await?,
+        Mode::PrefillState => {
+            tokio::task::spawn_blocking(move || prefill_state(&args, loaded)).await?
+        }
         Mode::Drain => drain(&args).await,
-        Mode::Read => tokio::task::spawn_blocking(move || read(&args, &topics)).await?,
-        Mode::Latency if args.broker == Broker::Mock => latency_on_mock(args, topics).await,
+        Mode::Read => tokio::task::spawn_blocking(move || read(&args, &loaded.settings)).await?,
+        Mode::Latency if args.broker == Broker::Mock => latency_on_mock(args, loaded).await,
         Mode::Latency => tokio::task::spawn_blocking(move || latency(&args, &topics)).await?,
     }
 }
@@ -154,7 +154,8 @@ const TAIL: Duration = Duration::from_secs(3);
 /// The latency mode with its own broker: librdkafka's mock cluster in this
 /// process (unlike tansu's, its fetches do not slow as topics grow), the topics
 /// created on it, and the service run in this process against it.
-async fn latency_on_mock(mut args: LoadgenArgs, topics: TopicSettings) -> anyhow::Result<()> {
+async fn latency_on_mock(mut args: LoadgenArgs, mut loaded: Loaded) -> anyhow::Result<()> {
+    let topics = loaded.settings.kafka.topics.clone();
     let cluster = MockCluster::new(1).context("starting the in-process broker")?;
     for t in topics
         .inputs()
@@ -164,7 +165,6 @@ async fn latency_on_mock(mut args: LoadgenArgs, topics: TopicSettings) -> anyhow
     {
         cluster.create_topic(t, args.partitions, 1)?;
     }
-    let mut loaded = Settings::load(None, std::env::vars())?;
     // The mock broker answers a fetch that finds no data only after the
     // whole fetch.wait.max.ms, even if data arrives meanwhile (a real broker
     // answers at once; see rdkafka_mock_handlers.c), so librdkafka's 500 ms
@@ -260,9 +260,9 @@ fn prefill(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
 /// shard's segment counts, clock and positions (0 on every input unless
 /// already stored; every write carries them, unchanged), through
 /// the store's own fenced writes. Event times spread over the last 30 days.
-fn prefill_state(args: &LoadgenArgs) -> anyhow::Result<()> {
+fn prefill_state(args: &LoadgenArgs, loaded: Loaded) -> anyhow::Result<()> {
     const BATCH: usize = 2_000;
-    let Loaded { settings, rules } = Settings::load(None, std::env::vars())?;
+    let Loaded { settings, rules } = loaded;
     let store = RedisStore::connect(&settings.redis)?;
     let engine = Engine::new(rules, leadscore::service::engine_config(&settings));
     store.register_layout(engine.layout())?;
@@ -566,13 +566,11 @@ fn latency(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read(args: &LoadgenArgs, topics: &TopicSettings) -> anyhow::Result<()> {
+fn read(args: &LoadgenArgs, settings: &Settings) -> anyhow::Result<()> {
     // The service's own consumer properties (defaults, then LEADSCORE__
     // variables, as `leadscore run` reads them), in a group of its own, so
     // that the two differ only in the work done per event.
-    let settings = Settings::load(None, std::env::vars())
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .settings;
+    let topics = &settings.kafka.topics;
     let consumer: BaseConsumer = leadscore::kafka::consumer_config(&settings.kafka)
         .set("bootstrap.servers", &args.brokers)
         .set(
